@@ -1,0 +1,205 @@
+"""Reading and checking checkpoints: the authors' ``.th`` files, ``.pt/.ckpt``, ``.safetensors``,
+and the fixtures' seeded weight recipe. Never unpickles code (``weights_only=True``)."""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .model import DiffPortrait360
+
+# Saved by the authors' pinned transformers 4.30 as a persistent buffer; later versions drop it.
+IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+MOTION_MARKER = "model.diffusion_model.input_blocks_motion_module."
+KIND_FILES = {"nvs": "model_state-340000.th", "backview": "back_head-230000.th"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message names the problem and the fix."""
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.th/.pt/.ckpt/.pth`` (``torch.load(weights_only=True, mmap=True)``)
+    or ``.safetensors``. A ``{"state_dict": ...}`` wrapper is unwrapped. Raises
+    :class:`CheckpointError` with the cause and a fix for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes). Fix: download the checkpoint again")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({e}). It may be truncated; "
+                                  "fix: re-create it with `dp360rt convert`") from e
+    else:
+        sd = _torch_load(path)
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict of named tensors. "
+                              "Fix: pass the authors' checkpoint file (a bare state_dict)")
+    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {_short(bad)}. Fix: pass a plain state_dict")
+    return dict(sd)
+
+
+def _torch_load(path: Path) -> Any:
+    is_zip = zipfile.is_zipfile(path)
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if not is_zip and not magic.startswith(b"\x80"):
+        hint = ""
+        if magic[:2] == b"PK":
+            hint = " It looks like a damaged or truncated zip archive."
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                              f"legacy pickle).{hint} Fix: pass the .th/.pt/.ckpt file the authors published, "
+                              "or a .safetensors file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path} was refused by torch.load(weights_only=True): it contains pickled Python objects other "
+            f"than tensors ({msg}). dp360rt never unpickles arbitrary code. Fix: load it once in a trusted "
+            "environment and re-save only its state_dict, or convert it to .safetensors") from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                              "The file is probably truncated or corrupted. Fix: download it again") from e
+
+
+def detect_kind(sd: Mapping[str, Tensor]) -> str | None:
+    """``"nvs"`` when the 360° motion-module keys are present, ``"backview"`` when only the UNet is,
+    None when it is not a DiffPortrait360 state dict at all."""
+    if any(k.startswith(MOTION_MARKER) for k in sd):
+        return "nvs"
+    if any(k.startswith("model.diffusion_model.") for k in sd):
+        return "backview"
+    return None
+
+
+def check_state_dict(model: DiffPortrait360, sd: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
+    """Strictly match ``sd`` against ``model``: same kind, same keys, same shapes, finite values.
+    Returns the state dict to load (ignored keys removed). Raises :class:`CheckpointError`."""
+    kind = detect_kind(sd)
+    if kind is None:
+        raise CheckpointError(f"{source} is not a DiffPortrait360 checkpoint (no 'model.diffusion_model.*' keys; "
+                              f"first keys: {_short(sorted(sd), 3)}). Fix: pass {KIND_FILES[model.kind]}")
+    if kind != model.kind:
+        raise CheckpointError(
+            f"{source} is the {'360° view' if kind == 'nvs' else 'back-view'} generator ({KIND_FILES[kind]}), "
+            f"but the {'360° view' if model.kind == 'nvs' else 'back-view'} model ({KIND_FILES[model.kind]}) "
+            f"was expected (told apart by the motion-module keys). Fix: swap the two checkpoint arguments")
+    sd = {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the {model.kind} model built from the config: {len(missing)} missing key(s)"
+            f"{': ' + _short(missing) if missing else ''}; {len(unexpected)} unexpected key(s)"
+            f"{': ' + _short(unexpected) if unexpected else ''}. Fix: use the checkpoint that belongs to this "
+            "config (official files need config='full')")
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source}: {len(wrong)} tensor(s) have the wrong shape (file vs model): "
+                              f"{_short(wrong, 3)}. Fix: build the model with the config these weights were "
+                              "trained with (official files: config='full')")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) contain NaN or Inf: {_short(bad, 3)}. "
+                              "The file is corrupted; fix: download it again")
+    return sd
+
+
+def load_checkpoint(model: DiffPortrait360, source: str | Path | Mapping[str, Tensor]) -> DiffPortrait360:
+    """Load weights strictly into ``model`` from a file path or an in-memory state dict.
+
+    Keeps each parameter's dtype and device (weights are cast on copy). Raises
+    :class:`CheckpointError` naming the problem and its fix.
+    """
+    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    sd = read_state_dict(source) if not isinstance(source, Mapping) else source
+    sd = check_state_dict(model, sd, name)
+    schedule = {k for k, _ in model.named_buffers() if "." not in k}
+    for k in schedule:
+        if sd[k].dtype != model.state_dict()[k].dtype:
+            raise CheckpointError(f"{name}: schedule table '{k}' is {sd[k].dtype}, expected "
+                                  f"{model.state_dict()[k].dtype} (the reference keeps these tables exact)")
+    model.load_state_dict(sd, strict=True, assign=False)
+    return model
+
+
+# -- the fixtures' seeded recipe -------------------------------------------------------------------
+RECIPE_OFFSET = {"nvs": 1, "backview": 2}
+
+
+def materialize_recipe(fixture_dir: str | Path, kind: str) -> dict[str, Tensor]:
+    """Rebuild a fixture set's state dict of ``kind`` bit-exactly from ``init.json`` + ``buffers.pt``.
+
+    Each parameter is ``float32(mean + std * z)`` with ``z`` from a legacy numpy RandomState seeded
+    by ``(crc32(key) + seed + offset) mod 2^32`` (offset 1 for nvs, 2 for backview).
+    """
+    d = Path(fixture_dir)
+    try:
+        init = json.loads((d / "init.json").read_text())
+        buffers = torch.load(d / "buffers.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{d}: weight recipe incomplete ({e.filename} missing). Fix: a fixture set needs "
+                              "init.json + buffers.pt, or nvs_tiny.th / backview_tiny.th") from e
+    except (json.JSONDecodeError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{d}: init.json or buffers.pt is malformed ({e})") from e
+    if init.get("format") != "dp360-init-v1" or kind not in init.get("models", {}) or kind not in buffers:
+        raise CheckpointError(f"{d}/init.json is not a dp360-init-v1 recipe holding model {kind!r}")
+    seed = int(init["seed"])
+    sd: dict[str, Tensor] = {}
+    for key, e in init["models"][kind].items():
+        s = (zlib.crc32(key.encode("utf-8")) + seed + RECIPE_OFFSET[kind]) % 2 ** 32
+        z = np.random.RandomState(s).standard_normal(e["shape"])
+        sd[key] = torch.from_numpy(np.asarray(e["mean"] + e["std"] * z, dtype=np.float32).reshape(e["shape"]))
+    overlap = set(sd) & set(buffers[kind])
+    if overlap:
+        raise CheckpointError(f"{d}: recipe and buffers.pt both define {_short(sorted(overlap))}")
+    sd.update(buffers[kind])
+    return sd
+
+
+def fixture_state_dict(fixture_dir: str | Path, kind: str) -> dict[str, Tensor]:
+    """A fixture set's weights: ``{kind}_tiny.th`` when present, else the seeded recipe."""
+    f = Path(fixture_dir) / f"{kind}_tiny.th"
+    return read_state_dict(f) if f.is_file() else materialize_recipe(fixture_dir, kind)
+
+
+def convert(src: str | Path, dst: str | Path, fp16: bool = False) -> dict[str, Any]:
+    """Convert a checkpoint to ``.safetensors`` (optionally float32 weights -> float16; the float16
+    schedule tables stay as they are). Returns a small summary dict."""
+    from safetensors.torch import save_file
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"output must end in .safetensors, got {dst.name}")
+    sd = read_state_dict(src)
+    kind = detect_kind(sd)
+    if kind is None:
+        raise CheckpointError(f"{src} is not a DiffPortrait360 checkpoint (no 'model.diffusion_model.*' keys)")
+    sd = {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
+    if fp16:
+        sd = {k: (v.half() if v.dtype == torch.float32 and k != "logvar" else v) for k, v in sd.items()}
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(dst), metadata={"format": "pt", "kind": kind, "source": Path(src).name})
+    return {"kind": kind, "tensors": len(sd), "bytes": dst.stat().st_size}

@@ -1,0 +1,150 @@
+"""The ``dp360rt`` command line (also ``python -m dp360rt``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .images import ImageError
+
+
+def _progress_bar():
+    from tqdm import tqdm
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, i: int, n: int) -> None:
+        bar = bars.get(stage)
+        if bar is None or bar.n >= bar.total:
+            if bar is not None:
+                bar.close()
+            bar = bars[stage] = tqdm(total=n, desc=stage, unit="step", leave=False)
+        bar.update(1)
+
+    return update
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .verify import HEADER, format_row, verify
+    print(f"verifying {a.fixture_dir} (engine: {a.engine})")
+    print(HEADER)
+    results = verify(a.fixture_dir, engine=a.engine, on_result=lambda r: print(format_row(r), flush=True))
+    failed = [r.name for r in results if not r.ok]
+    print(f"{len(results) - len(failed)}/{len(results)} cases passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed or not results else 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from . import _C_status
+    from .config import load_config
+    from .model import build_model, state_summary
+    print(f"dp360rt {__import__('dp360rt').__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"CUDA: {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+    print(f"compiled extension dp360rt._C: {_C_status()}")
+    cfgs = load_config(a.config)
+    summary = {}
+    for kind, cfg in cfgs.items():
+        s = state_summary(build_model(kind, cfg, device="meta"))
+        summary[kind] = s
+        print(f"\n{kind} ({'360° view generator' if kind == 'nvs' else 'back-view generator'}), config {a.config}:")
+        print(f"  {'module':<26} {'keys':>6} {'elements':>15}")
+        for p, n in s["elements_per_prefix"].items():
+            print(f"  {p:<26} {s['keys_per_prefix'][p]:>6} {n:>15,}")
+        print(f"  {'total':<26} {s['num_keys']:>6} {s['num_elements']:>15,}  ({s['num_parameters']:,} parameters)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .checkpoint import convert
+    t = time.perf_counter()
+    s = convert(a.input, a.output, fp16=a.fp16)
+    print(f"wrote {a.output}: {s['kind']} checkpoint, {s['tensors']} tensors, {s['bytes'] / 2**20:.1f} MiB "
+          f"({time.perf_counter() - t:.1f} s)")
+    return 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+    pipe = Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, device=a.device, dtype=_dtype(a.dtype),
+                                     engine=a.engine)
+    res = pipe(a.portrait, a.conditions, steps=a.steps, seed=a.seed, progress=_progress_bar())
+    out = res.save(a.out)
+    print(f"wrote back view + {len(res.views)} views to {out}; timings (s): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(a.out, steps=a.steps, seed=a.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dp360rt", description="Fast, exact DiffPortrait360 inference.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    v = sub.add_parser("verify", help="recompute a fixture set's golden cases and compare")
+    v.add_argument("fixture_dir")
+    v.add_argument("--engine", default="reference", choices=["reference"])
+    v.set_defaults(fn=cmd_verify)
+
+    i = sub.add_parser("info", help="versions, devices, per-module parameter counts of a config")
+    i.add_argument("--config", default="full", help="'full', 'tiny' or a config.json (default: full)")
+    i.add_argument("--json", help="also write the counts to this JSON file")
+    i.set_defaults(fn=cmd_info)
+
+    c = sub.add_parser("convert", help="convert a checkpoint to .safetensors")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--fp16", action="store_true", help="store float32 weights as float16")
+    c.set_defaults(fn=cmd_convert)
+
+    g = sub.add_parser("generate", help="portrait -> back view + 32 views (official checkpoints)")
+    g.add_argument("portrait")
+    g.add_argument("--nvs", required=True, help="model_state-340000.th (or .safetensors)")
+    g.add_argument("--backview", required=True, help="back_head-230000.th (or .safetensors)")
+    g.add_argument("--conditions", required=True, help="the authors' cam_condition/sphere32 folder")
+    g.add_argument("--out", required=True)
+    g.add_argument("--config", default="full")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--engine", default="reference", choices=["reference"])
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="the whole pipeline on a tiny random-weight model (no checkpoints needed)")
+    d.add_argument("--out", default="dp360rt_demo")
+    d.add_argument("--steps", type=int, default=10)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CheckpointError, ConfigError, ImageError, FileNotFoundError) as e:
+        print(f"dp360rt {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"dp360rt {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

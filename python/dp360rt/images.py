@@ -1,0 +1,141 @@
+"""Image input/output: portraits, the authors' camera condition folders, 8-bit round trips.
+
+Policy for portraits (any size, any mode): converted to RGB (alpha composited on white), center
+cropped to a square, resized to the model resolution (512 for the official checkpoints) with
+Pillow's bicubic filter, mapped to [-1, 1]. For a square input this equals the authors' transform.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+CONDITION_COUNT = 32
+BACK_CONDITION_INDEX = 18          # 0000018.png is the view from behind (the back-view hint)
+MAX_PIXELS = 100_000_000
+
+
+class ImageError(ValueError):
+    """An input image or folder cannot be used; the message names the problem and the fix."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path} is empty (0 bytes). Fix: pass a PNG or JPEG image")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        img = Image.open(path)
+        img.load()
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{path} is not an image Pillow can read. Fix: pass a PNG or JPEG file") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path} is too large ({e}). Fix: downscale it below {MAX_PIXELS} pixels") from e
+    except OSError as e:
+        raise ImageError(f"{path} could not be decoded ({e}); it may be truncated. Fix: re-export the image") from e
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB; transparent pixels become white (the generated views' background)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image -> [3, H, W] float32 in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return (a - 0.5) / 0.5
+
+
+def load_portrait(source: str | Path | Image.Image | Tensor, size: int = 512) -> Tensor:
+    """A portrait as the model sees it: [1, 3, size, size] in [-1, 1].
+
+    Accepts a path, a PIL image, or a tensor [3, H, W] / [1, 3, H, W] already in [-1, 1].
+    """
+    if isinstance(source, Tensor):
+        t = source[None] if source.dim() == 3 else source
+        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != 3:
+            raise ImageError(f"portrait tensor must be [3, H, W] or [1, 3, H, W], got {tuple(source.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ImageError("portrait tensor contains NaN or Inf. Fix: pass finite values in [-1, 1]")
+        if t.shape[2:] != (size, size):
+            raise ImageError(f"portrait tensor is {tuple(t.shape[2:])}, the model needs {size}x{size}. "
+                             "Fix: pass an image file or PIL image (resized automatically)")
+        return t.float()
+    img = source if isinstance(source, Image.Image) else open_image(source)
+    if img.width < 1 or img.height < 1:
+        raise ImageError("portrait image is empty (0 pixels)")
+    img = to_rgb(img)
+    s = min(img.width, img.height)
+    left, top = (img.width - s) // 2, (img.height - s) // 2
+    img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+    return pil_to_tensor(img)[None]
+
+
+def condition_files(folder: str | Path, count: int = CONDITION_COUNT) -> list[Path]:
+    """The authors' camera condition files ``0000000.png`` ... in order; validates the folder."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise ImageError(f"condition folder not found: {d}. Fix: pass the authors' cam_condition/sphere32 folder")
+    files = [d / f"{i:07d}.png" for i in range(count)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        found = len(list(d.glob("*.png")))
+        raise ImageError(f"condition folder {d} must hold {count} files 0000000.png ... {count - 1:07d}.png; "
+                         f"missing {len(missing)} (e.g. {', '.join(missing[:3])}), {found} PNGs found. "
+                         "Fix: pass the authors' sphere32 folder unchanged")
+    return files
+
+
+def load_conditions(folder: str | Path, size: int = 512, count: int = CONDITION_COUNT) -> Tensor:
+    """The camera condition images as pose hints: [count, 3, size, size] in [-1, 1]."""
+    out = []
+    first = None
+    for f in condition_files(folder, count):
+        img = open_image(f)
+        if first is None:
+            first = img.size
+        elif img.size != first:
+            raise ImageError(f"condition images differ in size: {f.name} is {img.size}, the first is {first}. "
+                             "Fix: use one consistent set of condition renders")
+        out.append(pil_to_tensor(to_rgb(img).resize((size, size), Image.BICUBIC)))
+    return torch.stack(out)
+
+
+def load_frames(folder: str | Path, size: int = 512, count: int = CONDITION_COUNT) -> Tensor:
+    """Feature images for the 3D-aware start (PNG frames in name order): [count, 3, size, size]."""
+    d = Path(folder)
+    files = sorted(d.glob("*.png")) + sorted(d.glob("*.jpg"))
+    if len(files) != count:
+        raise ImageError(f"feature folder {d} must hold exactly {count} PNG/JPEG frames, found {len(files)}")
+    return torch.stack([pil_to_tensor(to_rgb(open_image(f)).resize((size, size), Image.BICUBIC)) for f in files])
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """Model output in about [-1, 1] -> [0, 1] (clamped), as the authors save views."""
+    return ((images.float().clamp(-1, 1) + 1) / 2)
+
+
+def to_uint8(images01: Tensor) -> Tensor:
+    """[..., 3, H, W] in [0, 1] -> uint8 HWC-ready values, with torchvision's save_image rounding."""
+    return (images01 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def quantize8(images: Tensor) -> Tensor:
+    """Round trip through an 8-bit PNG (the authors save the back view and re-read it): [-1,1] -> [-1,1]."""
+    return (to_uint8(to_unit(images)).float() / 255.0 - 0.5) / 0.5
+
+
+def save_png(image01: Tensor, path: str | Path) -> None:
+    """Save one [3, H, W] image in [0, 1] as an 8-bit PNG."""
+    arr = to_uint8(image01.detach().cpu()).permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)

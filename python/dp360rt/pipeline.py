@@ -1,0 +1,241 @@
+"""The end-to-end pipeline: portrait in, back view and 32 views out (the authors' driver, §7 of
+SEMANTICS.md), over an exchangeable sampling engine."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .checkpoint import load_checkpoint
+from .config import ModelConfig, load_config
+from .images import (BACK_CONDITION_INDEX, ImageError, load_conditions, load_portrait, quantize8, save_png,
+                     to_unit)
+from .model import DiffPortrait360, build_model
+from .sampler.noise import NoiseSource, RecordedNoise, as_noise
+from .sampler.reference import sample_reference
+from .text.clip import empty_prompt_ids
+
+
+@dataclass
+class Window:
+    """One window of frames to sample: hints [F, 3, H, W], optional feature latent, its noises."""
+
+    index: int
+    hint: Tensor
+    feature_latent: Tensor | None
+    noise: RecordedNoise
+
+
+@dataclass
+class GenerationResult:
+    """Output of :meth:`Pipeline.__call__`.
+
+    back_view: [3, H, W] in [0, 1] (8-bit exact, as the authors save it); views: [N, 3, H, W] in
+    [0, 1]; cameras: [N, 25] PanoHead labels when known; timings: seconds per stage.
+    """
+
+    back_view: Tensor
+    views: Tensor
+    cameras: Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    unet_calls: int = 0
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``back_view.png``, ``000.png`` ... and ``cameras.json`` (the NeRF views layout)."""
+        d = Path(out_dir)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            save_png(self.back_view, d / "back_view.png")
+            entries = []
+            for i, v in enumerate(self.views):
+                name = f"{i:03d}.png"
+                save_png(v, d / name)
+                entry: dict[str, Any] = {"file": name}
+                if self.cameras is not None:
+                    entry["camera"] = [float(x) for x in self.cameras[i]]
+                entries.append(entry)
+            (d / "cameras.json").write_text(json.dumps({"views": entries}, indent=1))
+            (d / "timings.json").write_text(json.dumps(self.timings, indent=1))
+        except OSError as e:
+            raise OSError(f"cannot write results to {d}: {e.strerror or e}. Fix: pass a writable --out directory") from e
+        return d
+
+
+SampleWindows = Callable[..., list[Tensor]]
+
+
+def sample_windows_reference(model: DiffPortrait360, windows: list[Window], *, context: Tensor, ref_front: Tensor,
+                             ref_back: list[Tensor], steps: int, eta: float, cfg_scale: float,
+                             progress: Callable[[int, int], None] | None = None) -> tuple[list[Tensor], int]:
+    """The authors' loop: each window sampled on its own with references repeated over the batch."""
+    out, calls = [], 0
+    for w in windows:
+        f = w.hint.shape[0]
+        r = sample_reference(model, context=context.expand(f, -1, -1), hint=w.hint,
+                             ref_front=ref_front.expand(f, -1, -1, -1),
+                             ref_back=[b.expand(f, -1, -1, -1) for b in ref_back],
+                             steps=steps, eta=eta, cfg_scale=cfg_scale, feature_latent=w.feature_latent,
+                             noise=w.noise, progress=progress)
+        out.append(r.latent)
+        calls += r.unet_calls
+    return out, calls
+
+
+ENGINES: dict[str, SampleWindows] = {"reference": sample_windows_reference}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def plan_windows(model: DiffPortrait360, conditions: Tensor, features: Tensor | None, steps: int,
+                 noise: NoiseSource) -> list[Window]:
+    """Encode feature frames and pre-draw every window's noises in the reference's draw order:
+    per window, [feature posterior], start latent, [q_sample noise], one draw per step."""
+    f = model.frames
+    n = conditions.shape[0]
+    if n % f:
+        raise ImageError(f"{n} condition images cannot be split into windows of {f} frames")
+    dev = conditions.device
+    h, w = conditions.shape[2] // 8, conditions.shape[3] // 8
+    shape = (f, model.cfg.unet.in_channels, h, w)
+    windows = []
+    for i in range(n // f):
+        feat = None
+        if features is not None:
+            mean, logvar = model.encode_image(features[i * f:(i + 1) * f])
+            feat = model.sample_latent(mean, logvar, noise(mean.shape, dev))
+        draws = [noise(shape, dev) for _ in range(steps + 1 + (feat is not None))]
+        windows.append(Window(i, conditions[i * f:(i + 1) * f], feat, RecordedNoise(draws)))
+    return windows
+
+
+class Pipeline:
+    """DiffPortrait360 end to end. Build with :meth:`from_checkpoints` or :meth:`from_models`.
+
+    ``pipe(portrait, conditions)`` -> :class:`GenerationResult` with the back view and all views.
+    """
+
+    def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, engine: str = "reference"):
+        if nvs.kind != "nvs" or backview.kind != "backview":
+            raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.engine = engine
+        self.nvs = nvs.to(self.device)
+        self.backview = backview.to(self.device)
+        self.image_size = nvs.cfg.image_size
+
+    @classmethod
+    def from_checkpoints(cls, nvs: str | Path | Mapping[str, Tensor], backview: str | Path | Mapping[str, Tensor], *,
+                         config: str | Path | Mapping[str, Any] = "full", device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32, engine: str = "reference") -> "Pipeline":
+        """Load the two official checkpoint files (or state dicts) strictly."""
+        cfgs = load_config(config)
+        models = {}
+        for kind, src in (("nvs", nvs), ("backview", backview)):
+            m = build_model(kind, cfgs[kind])
+            models[kind] = load_checkpoint(m, src)
+        return cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine)
+
+    @classmethod
+    def random(cls, config: str | Path | Mapping[str, Any] | dict[str, ModelConfig], seed: int = 0,
+               **kw: Any) -> "Pipeline":
+        """Random-weight models (for demos, tests and benchmarks): real speed, meaningless pictures."""
+        cfgs = config if isinstance(config, dict) and all(isinstance(v, ModelConfig) for v in config.values()) \
+            else load_config(config)
+        torch.manual_seed(seed)
+        models = {k: build_model(k, cfgs[k]) for k in ("nvs", "backview")}
+        for m in models.values():
+            _init_random(m)
+        return cls(models["nvs"], models["backview"], **kw)
+
+    def text_context(self, model: DiffPortrait360) -> Tensor:
+        return model.encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
+
+    @torch.no_grad()
+    def __call__(self, portrait: Any, conditions: str | Path | Tensor, *, features: Tensor | None = None,
+                 steps: int = 50, eta: float = 0.5, cfg_scale: float = 3.0,
+                 seed: int | torch.Generator | NoiseSource | None = 0,
+                 progress: Callable[[str, int, int], None] | None = None) -> GenerationResult:
+        """Generate the back view, then all views.
+
+        portrait: path / PIL image / [1, 3, S, S] tensor; conditions: the authors' condition folder
+        or a tensor [N, 3, S, S] in [-1, 1] (N a multiple of 8; index 18 is the back-view hint);
+        features: optional [N, 3, S, S] frames for the 3D-aware start. Randomness from ``seed``
+        (an int, a CPU ``torch.Generator``, or a noise source).
+        """
+        s = self.image_size
+        timings: dict[str, float] = {}
+        tic = time.perf_counter()
+        img = load_portrait(portrait, s).to(self.device)
+        cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
+        if cond.dim() != 4 or cond.shape[1:] != (3, s, s):
+            raise ImageError(f"conditions must be [N, 3, {s}, {s}], got {tuple(cond.shape)}")
+        if not bool(torch.isfinite(cond).all()):
+            raise ImageError("condition images contain NaN or Inf")
+        if cond.shape[0] <= BACK_CONDITION_INDEX:
+            raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images (index "
+                             f"{BACK_CONDITION_INDEX} is the back-view hint), got {cond.shape[0]}")
+        cond = cond.to(self.device)
+        if features is not None:
+            if features.shape != cond.shape:
+                raise ImageError(f"feature frames {tuple(features.shape)} must match conditions {tuple(cond.shape)}")
+            features = features.to(self.device)
+        noise = as_noise(seed)
+        timings["preprocess"] = time.perf_counter() - tic
+        report = (lambda stage: (lambda i, n: progress(stage, i, n))) if progress else (lambda stage: None)
+        with _autocast(self.device, self.dtype):
+            tic = time.perf_counter()
+            bv = self.backview
+            ctx_b = self.text_context(bv)
+            mean, logvar = bv.encode_image(img)
+            ref = bv.sample_latent(mean, logvar, noise(mean.shape, self.device))
+            r = sample_reference(bv, context=ctx_b, hint=cond[BACK_CONDITION_INDEX:BACK_CONDITION_INDEX + 1],
+                                 ref_front=ref, steps=steps, eta=eta, cfg_scale=cfg_scale, noise=noise,
+                                 progress=report("back view"))
+            back = quantize8(bv.decode_latent(r.latent).float())
+            calls = r.unet_calls
+            timings["back_view"] = time.perf_counter() - tic
+
+            tic = time.perf_counter()
+            m = self.nvs
+            ctx = self.text_context(m)
+            mean, logvar = m.encode_image(img)
+            ref_front = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
+            mean, logvar = m.encode_image(back.to(self.device))
+            ref_back = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
+            windows = plan_windows(m, cond, features, steps, noise)
+            timings["encode"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            latents, n_calls = ENGINES[self.engine](
+                m, windows, context=ctx, ref_front=ref_front, ref_back=[ref_back], steps=steps, eta=eta,
+                cfg_scale=cfg_scale, progress=report("views"))
+            timings["views"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            views = torch.cat([to_unit(m.decode_latent(z).float()) for z in latents]).cpu()
+            timings["decode"] = time.perf_counter() - tic
+        return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, timings=timings,
+                                unet_calls=calls + n_calls)
+
+
+def _init_random(model: DiffPortrait360) -> None:
+    """Fill parameters like the fixtures' recipe rule: norms ~N(1, 0.1), 1-D ~N(0, 0.1), else N(0, 1/fan_in)."""
+    norms = {id(m.weight) for m in model.modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, p[0].numel() ** -0.5)
+        else:
+            p.normal_(1.0 if id(p) in norms else 0.0, 0.1)

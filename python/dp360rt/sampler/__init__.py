@@ -1,0 +1,1 @@
+"""DDIM samplers: the reference-semantics loop (ground truth) and noise sources."""

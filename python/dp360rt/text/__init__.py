@@ -1,0 +1,1 @@
+"""The CLIP text tower (cond_stage_model)."""

@@ -1,0 +1,1 @@
+"""UNet-shaped networks: the denoiser, the appearance net (bank writer), the pose ControlNet."""

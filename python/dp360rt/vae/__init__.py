@@ -1,0 +1,1 @@
+"""The KL autoencoder (first_stage_model)."""

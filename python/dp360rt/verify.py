@@ -1,0 +1,198 @@
+"""``dp360rt verify FIXTURE_DIR``: recompute every golden case of a fixture set and compare.
+
+A fixture set holds ``config.json``, the weights (``{kind}_tiny.th`` or the seeded recipe
+``init.json`` + ``buffers.pt``) and ``cases.pt`` (inputs, recorded noises, expected outputs of the
+authors' code). Error of a tensor = max|ours - ref| / max|ref|; a case passes when every tensor
+is within the tolerance (1e-5 for single calls, 1e-4 for whole DDIM runs, as measured in the
+fixtures' README).
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError, fixture_state_dict, load_checkpoint
+from .config import ConfigError
+from .model import DiffPortrait360, build_model
+from .sampler.noise import RecordedNoise
+from .sampler.reference import sample_reference
+
+TOL_CALL = 1e-5
+TOL_DDIM = 1e-4
+STANDARD_CASES = ("text_encode", "vae_encode", "vae_decode", "nvs_apply_cond", "nvs_apply_uncond", "nvs_ddim",
+                  "backview_apply_cond", "backview_apply_uncond", "backview_ddim")
+
+
+@dataclass
+class CaseResult:
+    name: str
+    ok: bool
+    max_abs: float = float("nan")
+    rel: float = float("nan")
+    tol: float = float("nan")
+    worst: str = ""
+    message: str = ""
+
+
+def tensor_error(ours: Tensor, ref: Tensor) -> tuple[float, float]:
+    """(max abs diff, max abs diff / max |ref|); shapes must match."""
+    if tuple(ours.shape) != tuple(ref.shape):
+        raise ValueError(f"shape {tuple(ours.shape)} vs expected {tuple(ref.shape)}")
+    d = (ours.detach().double().cpu() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    scale = ref.double().abs().max().item() if ref.numel() else 0.0
+    if d != d:  # NaN
+        return float("inf"), float("inf")
+    return d, (d / scale if scale > 0 else d)
+
+
+def _flatten(name: str, v: Any) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(v, Tensor):
+        yield name, v
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            yield from _flatten(f"{name}[{i}]", x)
+
+
+def compare(ours: dict[str, Any], expected: dict[str, Any], tol: float, name: str) -> CaseResult:
+    """Compare every expected output tensor with ours; a missing output fails the case."""
+    worst = CaseResult(name, True, 0.0, 0.0, tol)
+    for key, ref in expected.items():
+        if key not in ours:
+            return CaseResult(name, False, tol=tol, message=f"output '{key}' not produced")
+        ref_items, our_items = list(_flatten(key, ref)), dict(_flatten(key, ours[key]))
+        for k, r in ref_items:
+            if k not in our_items:
+                return CaseResult(name, False, tol=tol, message=f"output '{k}' not produced")
+            try:
+                a, rel = tensor_error(our_items[k], r)
+            except ValueError as e:
+                return CaseResult(name, False, tol=tol, message=f"{k}: {e}")
+            if rel > worst.rel or worst.worst == "":
+                worst.max_abs, worst.rel, worst.worst = a, rel, k
+    worst.ok = worst.rel <= tol
+    return worst
+
+
+class _Runner:
+    """Builds models lazily and runs each case kind."""
+
+    def __init__(self, fixture_dir: Path, engine: str):
+        self.dir, self.engine = fixture_dir, engine
+        self.models: dict[str, DiffPortrait360] = {}
+
+    def model(self, kind: str) -> DiffPortrait360:
+        if kind not in self.models:
+            m = build_model(kind, self.dir)
+            load_checkpoint(m, fixture_state_dict(self.dir, kind))
+            self.models[kind] = m
+        return self.models[kind]
+
+    @torch.no_grad()
+    def run(self, name: str, case: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        inp, noise = case["inputs"], case.get("noise", [])
+        if name.startswith("text_encode"):
+            return {"context": self.model("nvs").encode_text(inp["token_ids"])}, TOL_CALL
+        if name.startswith("vae_encode"):
+            m = self.model("nvs")
+            mean, logvar = m.encode_image(inp["image"])
+            latent = m.sample_latent(mean, logvar, RecordedNoise(noise)(mean.shape))
+            return {"mean": mean, "logvar": logvar, "latent": latent}, TOL_CALL
+        if name.startswith("vae_decode"):
+            return {"image": self.model("nvs").decode_latent(inp["latent"])}, TOL_CALL
+        kind = next((k for k in ("nvs", "backview") if name.startswith(k + "_")), None)
+        if kind is None:
+            raise KeyError(name)
+        m = self.model(kind)
+        ref_back = [inp["ref_back"]] if "ref_back" in inp else []
+        if "_apply_" in name:
+            uc = "_apply_uncond" in name
+            out = self.apply(m, inp, ref_back, uc)
+            return {"eps": out.eps, "bank": out.bank, "pose_residuals": out.pose_residuals}, TOL_CALL
+        if "_ddim" in name:
+            r = self.sample(m, inp, ref_back, RecordedNoise(noise))
+            t = r.tables
+            return {"x_T": r.x_T, "x_steps": r.x_steps, "pred_x0_steps": r.pred_x0_steps, "final_latent": r.latent,
+                    "ddim_timesteps": t.timesteps, "ddim_alphas": t.alphas, "ddim_alphas_prev": t.alphas_prev,
+                    "ddim_sigmas": t.sigmas, "ddim_sqrt_one_minus_alphas": t.sqrt_one_minus_alphas}, TOL_DDIM
+        raise KeyError(name)
+
+    def apply(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], uc: bool):
+        return m.apply_model(inp["x_noisy"], inp["t"], inp["context"], inp["hint"],
+                             None if uc else inp.get("ref_front"), ref_back, uc=uc)
+
+    def sample(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], noise: RecordedNoise):
+        return sample_reference(
+            m, context=inp["context"], hint=inp["hint"], ref_front=inp["ref_front"], ref_back=ref_back,
+            latent_hw=tuple(int(v) for v in inp["latent_hw"]), steps=int(inp["steps"]), eta=float(inp["eta"]),
+            cfg_scale=float(inp["cfg_scale"]), feature_latent=inp.get("feature_latent"), noise=noise, record=True)
+
+
+def verify(fixture_dir: str | Path, engine: str = "reference",
+           on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    """Recompute every case of a fixture set; returns one :class:`CaseResult` per case.
+
+    Missing standard cases, unknown case names and malformed files are failed results, never
+    exceptions (except a missing directory).
+    """
+    d = Path(fixture_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"fixture directory not found: {d}")
+    results: list[CaseResult] = []
+
+    def add(r: CaseResult) -> None:
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+
+    try:
+        cases = torch.load(d / "cases.pt", map_location="cpu", weights_only=True)
+        if not isinstance(cases, dict):
+            raise ValueError("top level is not a dict of cases")
+    except (FileNotFoundError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        add(CaseResult("cases.pt", False, message=f"unreadable: {e}"))
+        return results
+    runner = _Runner(d, engine)
+    for name in STANDARD_CASES:
+        if name not in cases:
+            add(CaseResult(name, False, message="case missing from cases.pt"))
+    for name, case in cases.items():
+        if name.startswith("_"):
+            continue
+        try:
+            if not isinstance(case, dict) or "inputs" not in case or "outputs" not in case:
+                raise ValueError("case lacks 'inputs'/'outputs'")
+            ours, tol = runner.run(name, case)
+            add(compare(ours, case["outputs"], tol, name))
+        except KeyError as e:
+            msg = "unknown case kind" if e.args and e.args[0] == name else f"missing field {e}"
+            add(CaseResult(name, False, message=msg))
+        except (CheckpointError, ConfigError) as e:
+            add(CaseResult(name, False, message=str(e)))
+        except (ValueError, RuntimeError, TypeError) as e:
+            add(CaseResult(name, False, message=f"{type(e).__name__}: {e}"))
+    meta = cases.get("_meta", {})
+    if isinstance(meta, dict) and isinstance(meta.get("backview_text_context"), Tensor):
+        try:
+            m = runner.model("backview")
+            ref = meta["backview_text_context"]
+            from .text.clip import empty_prompt_ids
+            ids = empty_prompt_ids(ref.shape[1]).expand(ref.shape[0], -1)
+            add(compare({"context": m.encode_text(ids)}, {"context": ref}, TOL_CALL, "_meta.backview_text_context"))
+        except (CheckpointError, ConfigError, ValueError, RuntimeError) as e:
+            add(CaseResult("_meta.backview_text_context", False, message=str(e)))
+    return results
+
+
+def format_row(r: CaseResult) -> str:
+    status = "PASS" if r.ok else "FAIL"
+    if r.message:
+        return f"{r.name:<30} {'-':>10} {'-':>10} {'-':>8}  {status}  {r.message}"
+    return f"{r.name:<30} {r.max_abs:10.3e} {r.rel:10.3e} {r.tol:8.0e}  {status}  worst: {r.worst}"
+
+
+HEADER = f"{'case':<30} {'max abs':>10} {'rel err':>10} {'tol':>8}  result"

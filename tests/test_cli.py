@@ -1,0 +1,115 @@
+"""Every CLI verb, run for real through ``dp360rt.cli.main`` (and once as a subprocess)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FIXTURES, SET_A
+from dp360rt.cli import main
+
+
+def test_verify_passes_setA(capsys):
+    assert main(["verify", str(SET_A)]) == 0
+    out = capsys.readouterr().out
+    assert "10/10 cases passed" in out
+    assert out.count("PASS") == 10
+
+
+def test_verify_fails_on_changed_case(tmp_path, cases, capsys):
+    d = tmp_path / "setA_bad"
+    shutil.copytree(SET_A, d)
+    bad = dict(cases)
+    bad["nvs_apply_uncond"] = {**cases["nvs_apply_uncond"], "outputs": dict(cases["nvs_apply_uncond"]["outputs"])}
+    eps = bad["nvs_apply_uncond"]["outputs"]["eps"].clone()
+    eps[0, 0, 0, 0] += 1e-2
+    bad["nvs_apply_uncond"]["outputs"]["eps"] = eps
+    torch.save(bad, d / "cases.pt")
+    assert main(["verify", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: nvs_apply_uncond" in out
+    assert [l for l in out.splitlines() if l.startswith("nvs_apply_uncond")][0].split()[4] == "FAIL"
+
+
+def test_verify_missing_case_and_malformed(tmp_path, cases, capsys):
+    d = tmp_path / "setA_missing"
+    shutil.copytree(SET_A, d)
+    torch.save({k: v for k, v in cases.items() if k != "vae_decode"}, d / "cases.pt")
+    assert main(["verify", str(d)]) == 1
+    assert "vae_decode" in capsys.readouterr().out
+    (d / "cases.pt").write_bytes(b"garbage")
+    assert main(["verify", str(d)]) == 1
+    assert "unreadable" in capsys.readouterr().out
+
+
+def test_verify_uses_tiny_th_when_present(tmp_path, recipe, capsys):
+    d = tmp_path / "setA_th"
+    shutil.copytree(SET_A, d)
+    (d / "init.json").unlink()
+    (d / "buffers.pt").unlink()
+    for kind in ("nvs", "backview"):
+        torch.save(recipe[kind], d / f"{kind}_tiny.th")
+    assert main(["verify", str(d)]) == 0
+
+
+def test_info_full_counts(tmp_path, capsys):
+    out_json = tmp_path / "info.json"
+    assert main(["info", "--config", "full", "--json", str(out_json)]) == 0
+    expected = json.loads((FIXTURES / "manifest_summary.json").read_text())
+    got = json.loads(out_json.read_text())
+    for kind in ("nvs", "backview"):
+        assert got[kind]["elements_per_prefix"] == expected[kind]["elements_per_prefix"]
+        assert got[kind]["num_parameters"] == expected[kind]["num_parameters"]
+    text = capsys.readouterr().out
+    assert "1,277,503,364" in text and "2,705,018,627" in text
+
+
+def test_convert(tmp_path, recipe, capsys):
+    src = tmp_path / "bv.th"
+    torch.save(recipe["backview"], src)
+    assert main(["convert", str(src), str(tmp_path / "bv.safetensors"), "--fp16"]) == 0
+    assert "backview checkpoint" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "missing.th"), str(tmp_path / "x.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_generate_with_checkpoints(tmp_path, recipe, capsys):
+    """`generate` with tiny checkpoints and a condition folder written as the authors ship it."""
+    from PIL import Image
+    from dp360rt.demo import synthetic_conditions, synthetic_portrait
+    from dp360rt.images import save_png, to_unit
+    for kind in ("nvs", "backview"):
+        torch.save(recipe[kind], tmp_path / f"{kind}.th")
+    cond_dir = tmp_path / "sphere32"
+    cond_dir.mkdir()
+    for i, c in enumerate(synthetic_conditions(32, 64)):
+        save_png(to_unit(c), cond_dir / f"{i:07d}.png")
+    save_png(to_unit(synthetic_portrait(80)[0]), tmp_path / "portrait.png")
+    out = tmp_path / "out"
+    rc = main(["generate", str(tmp_path / "portrait.png"), "--nvs", str(tmp_path / "nvs.th"),
+               "--backview", str(tmp_path / "backview.th"), "--conditions", str(cond_dir), "--out", str(out),
+               "--config", str(SET_A / "config.json"), "--steps", "2"])
+    assert rc == 0, capsys.readouterr().err
+    files = json.loads((out / "cameras.json").read_text())["views"]
+    assert [f["file"] for f in files] == [f"{i:03d}.png" for i in range(32)]
+    assert Image.open(out / "000.png").size == (64, 64)
+    # swapped checkpoints: a clear error, exit code 2
+    rc = main(["generate", str(tmp_path / "portrait.png"), "--nvs", str(tmp_path / "backview.th"),
+               "--backview", str(tmp_path / "nvs.th"), "--conditions", str(cond_dir), "--out", str(out),
+               "--config", str(SET_A / "config.json"), "--steps", "2"])
+    assert rc == 2 and "swap" in capsys.readouterr().err
+
+
+def test_demo_subprocess(tmp_path):
+    """`python -m dp360rt demo` as a user runs it."""
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "dp360rt", "demo", "--out", str(out), "--steps", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "official checkpoints" in r.stdout
+    for f in ("back_view.png", "000.png", "031.png", "contact_sheet.png", "timings.json", "cameras.json"):
+        assert (out / f).is_file(), f
