@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="recompute a fixture set's golden cases and compare")
     v.add_argument("fixture_dir")
-    v.add_argument("--engine", default="reference", choices=["reference"])
+    v.add_argument("--engine", default="reference", choices=["reference", "fast"])
     v.set_defaults(fn=cmd_verify)
 
     i = sub.add_parser("info", help="versions, devices, per-module parameter counts of a config")

@@ -14,10 +14,12 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint
 from .config import ModelConfig, load_config
-from .images import (BACK_CONDITION_INDEX, ImageError, load_conditions, load_portrait, quantize8, save_png,
+from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, load_conditions, load_portrait, quantize8, save_png,
                      to_unit)
 from .model import DiffPortrait360, build_model
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
+from .sampler.fast import sample_windows_fast
+from .sampler.plan import BatchPlan, plan_batches
 from .sampler.reference import sample_reference
 from .text.clip import empty_prompt_ids
 
@@ -37,12 +39,14 @@ class GenerationResult:
     """Output of :meth:`Pipeline.__call__`.
 
     back_view: [3, H, W] in [0, 1] (8-bit exact, as the authors save it); views: [N, 3, H, W] in
-    [0, 1]; cameras: [N, 25] PanoHead labels when known; timings: seconds per stage.
+    [0, 1]; cameras: [N, 25] PanoHead labels when known; latents: [N, 4, h, w] final latents;
+    timings: seconds per stage.
     """
 
     back_view: Tensor
     views: Tensor
     cameras: Tensor | None = None
+    latents: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     unet_calls: int = 0
 
@@ -67,7 +71,7 @@ class GenerationResult:
         return d
 
 
-SampleWindows = Callable[..., list[Tensor]]
+CONDITION_WINDOWS = CONDITION_COUNT // 8
 
 
 def sample_windows_reference(model: DiffPortrait360, windows: list[Window], *, context: Tensor, ref_front: Tensor,
@@ -87,7 +91,7 @@ def sample_windows_reference(model: DiffPortrait360, windows: list[Window], *, c
     return out, calls
 
 
-ENGINES: dict[str, SampleWindows] = {"reference": sample_windows_reference}
+ENGINES = ("fast", "reference")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -96,7 +100,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def plan_windows(model: DiffPortrait360, conditions: Tensor, features: Tensor | None, steps: int,
+def prepare_windows(model: DiffPortrait360, conditions: Tensor, features: Tensor | None, steps: int,
                  noise: NoiseSource) -> list[Window]:
     """Encode feature frames and pre-draw every window's noises in the reference's draw order:
     per window, [feature posterior], start latent, [q_sample noise], one draw per step."""
@@ -119,13 +123,16 @@ def plan_windows(model: DiffPortrait360, conditions: Tensor, features: Tensor | 
 
 
 class Pipeline:
-    """DiffPortrait360 end to end. Build with :meth:`from_checkpoints` or :meth:`from_models`.
+    """DiffPortrait360 end to end. Build with :meth:`from_checkpoints` or :meth:`random`.
 
     ``pipe(portrait, conditions)`` -> :class:`GenerationResult` with the back view and all views.
+    ``engine="fast"`` (default) computes the reference's numbers with the shared-bank schedule;
+    ``engine="reference"`` runs the authors' loop as it is (the ground truth). ``max_memory``
+    (bytes) bounds the fast engine's batch (see ``pipe.plan``).
     """
 
     def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, engine: str = "reference"):
+                 dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None):
         if nvs.kind != "nvs" or backview.kind != "backview":
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
@@ -136,18 +143,31 @@ class Pipeline:
         self.nvs = nvs.to(self.device)
         self.backview = backview.to(self.device)
         self.image_size = nvs.cfg.image_size
+        self.max_memory = max_memory
+        self.plan: BatchPlan | None = None
+        if engine == "fast":
+            dbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+            lat = self.image_size // 8
+            self.plan = plan_batches(nvs.cfg, CONDITION_WINDOWS, nvs.frames, lat, lat, dbytes, max_memory)
 
+    def _engine(self, model: DiffPortrait360, windows: list[Window], **kw: Any) -> tuple[list[Tensor], int]:
+        if self.engine == "fast":
+            plan = self.plan if model.kind == "nvs" else None
+            return sample_windows_fast(model, windows, plan=plan, **kw)
+        return sample_windows_reference(model, windows, **kw)
     @classmethod
     def from_checkpoints(cls, nvs: str | Path | Mapping[str, Tensor], backview: str | Path | Mapping[str, Tensor], *,
                          config: str | Path | Mapping[str, Any] = "full", device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32, engine: str = "reference") -> "Pipeline":
+                         dtype: torch.dtype = torch.float32, engine: str = "fast",
+                         max_memory: int | None = None) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly."""
         cfgs = load_config(config)
         models = {}
         for kind, src in (("nvs", nvs), ("backview", backview)):
             m = build_model(kind, cfgs[kind])
             models[kind] = load_checkpoint(m, src)
-        return cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine)
+        return cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
+                   max_memory=max_memory)
 
     @classmethod
     def random(cls, config: str | Path | Mapping[str, Any] | dict[str, ModelConfig], seed: int = 0,
@@ -202,11 +222,12 @@ class Pipeline:
             ctx_b = self.text_context(bv)
             mean, logvar = bv.encode_image(img)
             ref = bv.sample_latent(mean, logvar, noise(mean.shape, self.device))
-            r = sample_reference(bv, context=ctx_b, hint=cond[BACK_CONDITION_INDEX:BACK_CONDITION_INDEX + 1],
-                                 ref_front=ref, steps=steps, eta=eta, cfg_scale=cfg_scale, noise=noise,
-                                 progress=report("back view"))
-            back = quantize8(bv.decode_latent(r.latent).float())
-            calls = r.unet_calls
+            hint_b = cond[BACK_CONDITION_INDEX:BACK_CONDITION_INDEX + 1]
+            shape_b = (1, bv.cfg.unet.in_channels, s // 8, s // 8)
+            bv_window = Window(0, hint_b, None, RecordedNoise([noise(shape_b, self.device) for _ in range(steps + 1)]))
+            (z_b,), calls = self._engine(bv, [bv_window], context=ctx_b, ref_front=ref, ref_back=[], steps=steps,
+                                         eta=eta, cfg_scale=cfg_scale, progress=report("back view"))
+            back = quantize8(bv.decode_latent(z_b).float())
             timings["back_view"] = time.perf_counter() - tic
 
             tic = time.perf_counter()
@@ -216,17 +237,18 @@ class Pipeline:
             ref_front = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
             mean, logvar = m.encode_image(back.to(self.device))
             ref_back = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
-            windows = plan_windows(m, cond, features, steps, noise)
+            windows = prepare_windows(m, cond, features, steps, noise)
             timings["encode"] = time.perf_counter() - tic
             tic = time.perf_counter()
-            latents, n_calls = ENGINES[self.engine](
+            latents, n_calls = self._engine(
                 m, windows, context=ctx, ref_front=ref_front, ref_back=[ref_back], steps=steps, eta=eta,
                 cfg_scale=cfg_scale, progress=report("views"))
             timings["views"] = time.perf_counter() - tic
             tic = time.perf_counter()
             views = torch.cat([to_unit(m.decode_latent(z).float()) for z in latents]).cpu()
             timings["decode"] = time.perf_counter() - tic
-        return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, timings=timings,
+        return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, latents=torch.cat(latents).cpu(),
+                                timings=timings,
                                 unet_calls=calls + n_calls)
 
 

@@ -25,11 +25,11 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 class Bank(Protocol):
-    """What a transformer block sees of the reference bank (see :mod:`dp360rt.unet.bank`)."""
+    """How a transformer block's self-attention meets the reference bank (see :mod:`dp360rt.unet.bank`)."""
 
-    def visit(self, x_norm: Tensor) -> Tensor | None:
-        """Called once per transformer block with ``norm1(x)`` [B, N, C]; returns extra key/value
-        tokens [B, M, C] to attend to, or None."""
+    def self_attention(self, attn: "Attention", x_norm: Tensor) -> Tensor:
+        """Called once per transformer block, in execution order, with its ``attn1`` and
+        ``norm1(x)`` [B, N, C]; returns the self-attention output [B, N, C]."""
 
 
 class Attention(nn.Module):
@@ -92,9 +92,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, bank: Bank | None = None) -> Tensor:
         n = self.norm1(x)
-        extra = bank.visit(n) if bank is not None else None
-        kv = n if extra is None else torch.cat([n, extra], dim=1)
-        x = self.attn1(n, kv) + x
+        x = (self.attn1(n) if bank is None else bank.self_attention(self.attn1, n)) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 

@@ -105,7 +105,8 @@ class UNet(nn.Module):
     x: [B, 4, h, w] noisy latents (360° model: B = windows x frames, frames consecutive);
     t: [B] timesteps; context: [B, 77, Cc]; bank: a reader of the reference bank (conditional
     branch) or None (unconditional branch: plain self-attention); pose_residuals: the 13 pose
-    ControlNet outputs (conditional branch) or None. Returns eps [B, 4, h, w].
+    ControlNet outputs (conditional branch) or None; they may cover only the first rows of the
+    batch (conditional rows of a batched guidance pass). Returns eps [B, 4, h, w].
     """
 
     def __init__(self, cfg: UNetConfig, motion: MotionConfig | None = None):
@@ -137,15 +138,23 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, context, bank)
         res = list(pose_residuals) if pose_residuals is not None else None
         if res is not None:
-            h = h + res.pop()
+            h = _add_rows(h, res.pop())
         for k, block in enumerate(self.output_blocks):
             skip = hs.pop()
             if res is not None:
-                skip = skip + res.pop()
+                skip = _add_rows(skip, res.pop())
             h = block(torch.cat([h, skip], dim=1), emb, context, bank)
             if self.motion is not None:
                 h = self.output_blocks_motion_module[k](h)
         return self.out(h)
+
+
+def _add_rows(h: Tensor, r: Tensor) -> Tensor:
+    """``h + r`` where ``r`` may cover only the first rows of the batch (the conditional rows of a
+    batched guidance pass; the unconditional rows take no pose residuals)."""
+    if r.shape[0] == h.shape[0]:
+        return h + r
+    return torch.cat([h[: r.shape[0]] + r, h[r.shape[0]:]])
 
 
 class _StopAfterLastWrite(Exception):
@@ -189,11 +198,12 @@ class _EarlyStopWriter:
     def __init__(self, writer, total: int):
         self.writer, self.total, self.count = writer, total, 0
 
-    def visit(self, x_norm: Tensor) -> None:
-        self.writer.visit(x_norm)
+    def self_attention(self, attn, x_norm: Tensor) -> Tensor:
+        self.writer.record(x_norm)
         self.count += 1
         if self.count == self.total:
             raise _StopAfterLastWrite
+        return attn(x_norm)
 
 
 class PoseControlNet(nn.Module):

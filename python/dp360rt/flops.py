@@ -1,0 +1,121 @@
+"""FLOP counters: per denoising step and per whole run, per module, for both engines.
+
+Counted with ``torch.utils.flop_counter`` on meta tensors (no memory, no GPU, any size):
+convolutions, matmuls and attention, 2 FLOP per multiply-add. ``UNET_EQUIVALENT`` is one plain
+SD1.5 UNet pass at batch 1 on a 64x64 latent (0.803 TFLOP), the unit the design brief uses.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import ModelConfig, get_model_config
+from .model import DiffPortrait360, build_model
+from .sampler.fast import guided_eps, write_shared_bank
+from .unet.bank import SharedBank
+
+UNET_EQUIVALENT = 0.803e12
+MODULES = {"AppearanceNet": "appearance net", "PoseControlNet": "pose net", "UNet": "UNet",
+           "AutoencoderKL": "VAE", "Encoder": "VAE", "Decoder": "VAE", "FrozenCLIPEmbedder": "text"}
+
+
+def count(fn: Callable[[], object]) -> dict[str, float]:
+    """FLOPs of ``fn()`` per top-level module (``total`` included)."""
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    out: dict[str, float] = {}
+    for name, ops in fc.get_flop_counts().items():
+        if name == "Global":
+            out["total"] = float(sum(ops.values()))
+        elif "." not in name and name in MODULES:
+            key = MODULES[name]
+            out[key] = out.get(key, 0.0) + float(sum(ops.values()))
+    out.setdefault("total", 0.0)
+    return out
+
+
+def _add(a: dict[str, float], b: dict[str, float], k: float = 1.0) -> dict[str, float]:
+    out = dict(a)
+    for key, v in b.items():
+        out[key] = out.get(key, 0.0) + k * v
+    return out
+
+
+@lru_cache(maxsize=8)
+def _meta_model(kind: str, cfg: ModelConfig) -> DiffPortrait360:
+    return build_model(kind, cfg, device="meta")
+
+
+def step_flops(cfg: ModelConfig, engine: str, windows: int = 4, frames: int | None = None,
+               batch_cfg: bool = True, cfg_scale: float = 3.0) -> dict[str, float]:
+    """FLOPs of one denoising step over ``windows`` windows (back-view model: one sample).
+
+    engine ``"reference"``: per window, the authors' two ``apply_model`` calls (appearance net on
+    the references repeated over the frames, pose net twice); ``"fast"``: the shared-bank step.
+    """
+    m = _meta_model(cfg.kind, cfg)
+    f = frames or m.frames
+    s = cfg.latent_size
+    refs = 2 if cfg.kind == "nvs" else 1
+    dev = "meta"
+    ctx = torch.empty(1, cfg.text.max_position_embeddings, cfg.unet.context_dim, device=dev)
+    x = torch.empty(f, cfg.unet.in_channels, s, s, device=dev)
+    hint = torch.empty(f, 3, 8 * s, 8 * s, device=dev)
+    t = torch.full((f,), 981, dtype=torch.long, device=dev)
+    if engine == "reference":
+        def one_window():
+            back = [x] * (refs - 1)
+            m.apply_model(x, t, ctx.expand(f, -1, -1), hint, x, back)
+            if cfg_scale != 1.0:
+                m.apply_model(x, t, ctx.expand(f, -1, -1), hint, None, uc=True)
+        per = count(one_window)
+        return {k: v * windows for k, v in per.items()}
+    if engine == "fast":
+        xw = x.repeat(windows, 1, 1, 1)
+        hw = hint.repeat(windows, 1, 1, 1)
+
+        def step():
+            one = torch.empty(1, cfg.unet.in_channels, s, s, device=dev)
+            bank = SharedBank(write_shared_bank(m, [one] * refs, t[:1], ctx), [0])
+            guided_eps(m, xw, t[:1].expand(xw.shape[0]), ctx, hw, bank, cfg_scale, batch_cfg)
+        return count(step)
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+def run_flops(config: str | ModelConfig | dict = "full", engine: str = "reference", steps: int = 50,
+              views: int = 32) -> dict[str, dict[str, float]]:
+    """FLOPs of a whole generation: text, VAE encodes, back view, ``views`` views, VAE decodes.
+
+    Returns ``{"nvs_step": ..., "backview_step": ..., "run": ...}``, each a per-module dict.
+    """
+    nvs = get_model_config("nvs", config) if not isinstance(config, ModelConfig) else config
+    bv = get_model_config("backview", config) if not isinstance(config, ModelConfig) else config
+    windows = views // (nvs.motion.video_length if nvs.motion else 8)
+    n_step = step_flops(nvs, engine, windows)
+    b_step = step_flops(bv, engine, 1)
+    m = _meta_model("nvs", nvs)
+    s = nvs.image_size
+    img = torch.empty(1, 3, s, s, device="meta")
+    lat = torch.empty(1, nvs.unet.in_channels, nvs.latent_size, nvs.latent_size, device="meta")
+    ids = torch.zeros(1, nvs.text.max_position_embeddings, dtype=torch.long, device="meta")
+    enc = count(lambda: m.first_stage_model.encode(img))
+    dec = count(lambda: m.first_stage_model.decode(lat))
+    txt = count(lambda: m.cond_stage_model(ids))
+    run = {k: v * steps for k, v in _add(n_step, b_step).items()}
+    run = _add(run, enc, 3)            # portrait for each model, the back view for the 360° model
+    run = _add(run, dec, views + 1)    # every view and the back view
+    run = _add(run, txt, 2)
+    return {"nvs_step": n_step, "backview_step": b_step, "run": run}
+
+
+def per_window(step: dict[str, float], windows: int) -> dict[str, float]:
+    return {k: v / windows for k, v in step.items()}
+
+
+def format_flops(d: dict[str, float], unit: float = 1e12, suffix: str = "TFLOP") -> str:
+    keys = [k for k in ("appearance net", "pose net", "UNet", "VAE", "text") if k in d]
+    parts = [f"{k} {d[k] / unit:.2f}" for k in keys]
+    return f"{d['total'] / unit:.2f} {suffix} ({', '.join(parts)}; {d['total'] / UNET_EQUIVALENT:.1f} UNet-eq)"

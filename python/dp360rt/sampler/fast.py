@@ -1,0 +1,164 @@
+"""The fast exact engine: the reference's numbers with only the unavoidable work.
+
+Per denoising step (all windows in lockstep):
+1. the appearance net runs once, at batch 1 per reference (front and back together), and stops
+   after its last bank write; the bank's keys/values are projected once per layer
+   (:class:`~dp360rt.unet.bank.SharedBank`) and read by every frame of every window;
+2. the pose ControlNet runs for the conditional rows only (the reference discards it for the
+   unconditional branch);
+3. conditional and unconditional rows of up to all windows go through one UNet call
+   (:class:`~dp360rt.sampler.plan.BatchPlan` decides how many fit the memory budget);
+4. the DDIM update is applied per window with that window's own recorded noises, so the draws
+   and thus the numbers equal the reference loop's.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..model import DiffPortrait360
+from ..scheduler.schedule import ddim_tables
+from ..unet.bank import BankWriter, SharedBank
+from .plan import BatchPlan
+from .reference import ddim_step, q_sample_999
+
+
+def write_shared_bank(model: DiffPortrait360, refs: list[Tensor], t: Tensor, context: Tensor) -> list[Tensor]:
+    """Bank entries at batch 1: the appearance net on all references at once (one row each),
+    stopped after its last write; each entry is ``[1, R*HW, C]`` (front tokens, then back).
+
+    refs: R latents [1, 4, h, w]; t: [1]; context: [1, 77, C].
+    """
+    r = len(refs)
+    writer = BankWriter()
+    model.control_model(torch.cat(refs), t.expand(r), context.expand(r, -1, -1), writer, stop_early=True)
+    return [e.reshape(1, r * e.shape[1], e.shape[2]) for e in writer.entries]
+
+
+def guided_eps(model: DiffPortrait360, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, bank: SharedBank,
+               cfg_scale: float, batch_cfg: bool) -> tuple[Tensor, int]:
+    """Classifier-free guided eps for B conditional rows; returns (eps [B, 4, h, w], UNet calls).
+
+    x: [B, 4, h, w]; t: [B]; context: [1, 77, C]; hint: [B, 3, 8h, 8w].
+    """
+    b = x.shape[0]
+    ctx = context.expand(b, -1, -1)
+    pose = model.pose_control_model(x, hint, t, ctx)
+    if cfg_scale == 1.0:
+        return model.unet(x, t, ctx, bank=bank.for_call([b]), pose_residuals=pose), 1
+    if batch_cfg:
+        e = model.unet(torch.cat([x, x]), torch.cat([t, t]), context.expand(2 * b, -1, -1),
+                       bank=bank.for_call([b]), pose_residuals=pose)
+        e_c, e_u = e[:b], e[b:]
+        calls = 1
+    else:
+        e_c = model.unet(x, t, ctx, bank=bank.for_call([b]), pose_residuals=pose)
+        e_u = model.unet(x, t, ctx)
+        calls = 2
+    return e_u + cfg_scale * (e_c - e_u), calls
+
+
+@torch.no_grad()
+def sample_windows_fast(model: DiffPortrait360, windows: list, *, context: Tensor, ref_front: Tensor,
+                        ref_back: list[Tensor], steps: int, eta: float, cfg_scale: float,
+                        plan: BatchPlan | None = None,
+                        progress: Callable[[int, int], None] | None = None,
+                        record: list[tuple[Tensor, Tensor]] | None = None) -> tuple[list[Tensor], int]:
+    """Sample all windows together; same signature and results as the reference engine.
+
+    windows: :class:`~dp360rt.pipeline.Window` list (hints [F, 3, H, W], optional feature latent,
+    recorded noises in the reference order); context: [1, 77, C]; ref_front and each ref_back:
+    [1, 4, h, w]. Returns (final latents per window, UNet calls). ``record`` collects
+    ``(x, pred_x0)`` of all windows after every step, and ``(x_T, x_T)`` first.
+    """
+    if not windows:
+        return [], 0
+    f = windows[0].hint.shape[0]
+    h, w = windows[0].hint.shape[2] // 8, windows[0].hint.shape[3] // 8
+    shape = (f, model.cfg.unet.in_channels, h, w)
+    dev = context.device
+    xs = []
+    for win in windows:
+        x = win.noise(shape, dev)
+        if win.feature_latent is not None:
+            x = q_sample_999(model, win.feature_latent, win.noise(shape, dev))
+        xs.append(x)
+    x = torch.cat(xs)
+    if record is not None:
+        record.append((x, x))
+    hint = torch.cat([win.hint for win in windows])
+    plan = plan or BatchPlan(windows_per_call=len(windows), batch_cfg=True)
+    tables = ddim_tables(model.alphas_cumprod, steps, eta)
+    refs = [ref_front[:1]] + [r[:1] for r in ref_back]
+    ctx1 = context[:1]
+    calls = 0
+    rows = plan.windows_per_call * f
+    for n, i in enumerate(reversed(range(tables.steps))):
+        t1 = torch.full((1,), int(tables.timesteps[i]), dtype=torch.long, device=dev)
+        bank = SharedBank(write_shared_bank(model, refs, t1, ctx1), [0])
+        eps = []
+        for s in range(0, x.shape[0], rows):
+            xb = x[s:s + rows]
+            e, c = guided_eps(model, xb, t1.expand(xb.shape[0]), ctx1, hint[s:s + rows], bank, cfg_scale,
+                              plan.batch_cfg)
+            eps.append(e)
+            calls += c
+        eps_all = torch.cat(eps)
+        step_noise = torch.cat([win.noise(shape, dev) for win in windows])
+        x, pred_x0 = ddim_step(x, eps_all, tables, i, step_noise)
+        if record is not None:
+            record.append((x, pred_x0))
+        if progress is not None:
+            progress(n + 1, tables.steps)
+    return list(x.split(f)), calls
+
+
+def _single_reference(ref: Tensor, what: str) -> Tensor:
+    """The fast engine holds one reference per request; a batch of repeats collapses to row 0."""
+    if ref.shape[0] > 1 and not bool((ref == ref[:1]).all()):
+        raise ValueError(f"{what}: the fast engine shares one reference across the batch, but the rows differ; "
+                         "use engine='reference' for per-sample references")
+    return ref[:1]
+
+
+@torch.no_grad()
+def apply_fast(model: DiffPortrait360, x: Tensor, t: Tensor, context: Tensor, hint: Tensor,
+               ref_front: Tensor | None, ref_back: list[Tensor]):
+    """One denoiser call through the fast path, for checking against the reference ``apply_model``.
+
+    With ``ref_front``: conditional branch (shared bank at batch 1, pose residuals); without:
+    unconditional branch (no bank, no pose pass). Returns an :class:`~dp360rt.model.ApplyOutput`
+    whose ``bank`` is expanded (a view) over the batch for comparison.
+    """
+    from ..model import ApplyOutput
+    if ref_front is None:
+        return ApplyOutput(eps=model.unet(x, t, context), bank=None, pose_residuals=[])
+    if not bool((t == t[:1]).all()) or not bool((context == context[:1]).all()):
+        raise ValueError("the fast engine's shared bank needs one timestep and one text context per request")
+    refs = [_single_reference(ref_front, "ref_front")] + [_single_reference(r, "ref_back") for r in ref_back]
+    entries = write_shared_bank(model, refs, t[:1], context[:1])
+    pose = model.pose_control_model(x, hint, t, context)
+    eps = model.unet(x, t, context, bank=SharedBank(entries, [x.shape[0]]), pose_residuals=pose)
+    return ApplyOutput(eps=eps, bank=[e.expand(x.shape[0], -1, -1) for e in entries], pose_residuals=pose)
+
+
+def sample_fast_recorded(model: DiffPortrait360, inp: dict, ref_back: list[Tensor], noise):
+    """Run one fixture DDIM case through the fast engine; returns a reference-like SampleResult."""
+    from .reference import SampleResult
+    from ..pipeline import Window
+    lat = tuple(int(v) for v in inp["latent_hw"])
+    hint = inp["hint"]
+    if (hint.shape[2] // 8, hint.shape[3] // 8) != lat:
+        raise ValueError(f"hint {tuple(hint.shape)} does not match latent size {lat}")
+    win = Window(0, hint, inp.get("feature_latent"), noise)
+    rec: list[tuple[Tensor, Tensor]] = []
+    (z,), calls = sample_windows_fast(
+        model, [win], context=_single_reference(inp["context"], "context"),
+        ref_front=_single_reference(inp["ref_front"], "ref_front"),
+        ref_back=[_single_reference(r, "ref_back") for r in ref_back], steps=int(inp["steps"]),
+        eta=float(inp["eta"]), cfg_scale=float(inp["cfg_scale"]), record=rec)
+    tables = ddim_tables(model.alphas_cumprod, int(inp["steps"]), float(inp["eta"]))
+    return SampleResult(latent=z, x_T=rec[0][0], tables=tables, x_steps=[r[0] for r in rec[1:]],
+                        pred_x0_steps=[r[1] for r in rec[1:]], unet_calls=calls)

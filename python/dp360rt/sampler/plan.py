@@ -1,0 +1,78 @@
+"""Memory planner of the fast engine: how many windows and guidance branches share a UNet call.
+
+Estimates are analytic (weights + the activations a UNet call keeps alive), deliberately on the
+safe side; ``plan_batches`` picks the largest batch that fits the budget and says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """``windows_per_call`` windows of F frames per UNet call; ``batch_cfg``: conditional and
+    unconditional rows in the same call (else two calls)."""
+
+    windows_per_call: int
+    batch_cfg: bool
+    estimated_bytes: int = 0
+    budget_bytes: int | None = None
+
+    def describe(self, windows: int, frames: int) -> str:
+        calls = -(-windows // self.windows_per_call) * (1 if self.batch_cfg else 2)
+        rows = self.windows_per_call * frames * (2 if self.batch_cfg else 1)
+        budget = f" within {self.budget_bytes / 2**30:.2f} GiB" if self.budget_bytes else ""
+        return (f"{calls} UNet call(s) per step of {rows} rows ({self.windows_per_call} window(s) x {frames} frames"
+                f"{' x 2 guidance branches' if self.batch_cfg else ''}); estimated peak "
+                f"{self.estimated_bytes / 2**30:.2f} GiB{budget}")
+
+
+class MemoryBudgetError(ValueError):
+    """Even the smallest batch does not fit ``max_memory``."""
+
+
+def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+    from ..model import build_model
+    m = build_model(cfg.kind, cfg, device="meta")
+    return sum(p.numel() for p in m.parameters()) * dtype_bytes
+
+
+def activation_bytes(cfg: ModelConfig, rows: int, h: int, w: int, dtype_bytes: int) -> int:
+    """Activations of one UNet call over ``rows`` latents of h x w: all skip tensors kept for the
+    decoder, plus the largest transient (the GEGLU intermediate and the attention working set at
+    the top level, with the shared bank of 2*HW tokens), doubled for the call's temporaries."""
+    u = cfg.unet
+    skips, hh, ww, ch = 0, h, w, u.model_channels
+    skips += ch * hh * ww
+    for level, mult in enumerate(u.channel_mult):
+        ch = mult * u.model_channels
+        skips += u.num_res_blocks * ch * hh * ww
+        if level != len(u.channel_mult) - 1:
+            hh, ww = (hh + 1) // 2, (ww + 1) // 2
+            skips += ch * hh * ww
+    c0, n0 = u.model_channels, h * w
+    ff = 8 * c0 * n0 + 4 * c0 * n0
+    attn = 3 * c0 * n0 * 3 + min(n0, 1024) * 3 * n0 * u.num_heads * 4 // dtype_bytes
+    per_row = skips + 2 * max(ff, attn) + 6 * c0 * n0
+    return rows * per_row * dtype_bytes
+
+
+def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dtype_bytes: int,
+                 max_memory: int | None = None) -> BatchPlan:
+    """The largest batch (all windows, both branches, preferred) within ``max_memory`` bytes
+    (None: no limit). Raises :class:`MemoryBudgetError` with the minimum needed otherwise."""
+    weights = weight_bytes(cfg, dtype_bytes)
+    fixed = weights + activation_bytes(cfg, 2, h, w, dtype_bytes)  # appearance net on 2 references
+    options = [(wpc, cfg_b) for wpc in range(windows, 0, -1) for cfg_b in (True, False)]
+    smallest = None
+    for wpc, cfg_b in options:
+        rows = wpc * frames * (2 if cfg_b else 1)
+        need = fixed + activation_bytes(cfg, rows, h, w, dtype_bytes)
+        smallest = need
+        if max_memory is None or need <= max_memory:
+            return BatchPlan(wpc, cfg_b, need, max_memory)
+    raise MemoryBudgetError(
+        f"max_memory={max_memory / 2**30:.2f} GiB is too small: one window of {frames} frames needs about "
+        f"{smallest / 2**30:.2f} GiB ({weights / 2**30:.2f} GiB of weights). Fix: raise max_memory or use fp16")
