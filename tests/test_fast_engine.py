@@ -37,16 +37,18 @@ def test_lse_math_path_matches_sdpa():
 def test_whole_generation_fast_equals_reference():
     """4 windows x 8 frames with the back view first, same noises, both engines."""
     cond, por = synthetic_conditions(32, 64), synthetic_portrait(64)
-    out = {}
+    out, plans = {}, {}
     for engine in ("reference", "fast"):
         pipe = Pipeline.random("tiny", seed=1, engine=engine)
         out[engine] = pipe(por, cond, steps=4, seed=7)
+        plans[engine] = pipe.plan
     ref, fast = out["reference"], out["fast"]
     assert torch.equal(fast.back_view, ref.back_view) or rel_err(fast.back_view, ref.back_view) < 1e-4
     assert rel_err(fast.latents, ref.latents) < 1e-4, rel_err(fast.latents, ref.latents)
     assert (fast.views - ref.views).abs().max() < 1e-4
     assert ref.unet_calls == 2 * 4 * (1 + 4)          # two calls per step, back view + 4 windows
-    assert fast.unet_calls == 4 * 2                   # one batched call per step per stage
+    per_step = 4 // plans["fast"].windows_per_call * (1 if plans["fast"].batch_cfg else 2)
+    assert fast.unet_calls == 4 * (1 + per_step)      # guidance branches batched, back view in one call
 
 
 def test_windows_at_different_timesteps_share_a_call(models):

@@ -19,7 +19,7 @@ from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, load_con
 from .model import DiffPortrait360, build_model
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
-from .sampler.plan import BatchPlan, plan_batches
+from .sampler.plan import BatchPlan, default_plan
 from .sampler.reference import sample_reference
 from .text.clip import empty_prompt_ids
 
@@ -147,8 +147,7 @@ class Pipeline:
         self.plan: BatchPlan | None = None
         if engine == "fast":
             dbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-            lat = self.image_size // 8
-            self.plan = plan_batches(nvs.cfg, CONDITION_WINDOWS, nvs.frames, lat, lat, dbytes, max_memory)
+            self.plan = default_plan(nvs.cfg, self.device.type, dbytes, max_memory, CONDITION_WINDOWS)
 
     def _engine(self, model: DiffPortrait360, windows: list[Window], **kw: Any) -> tuple[list[Tensor], int]:
         if self.engine == "fast":

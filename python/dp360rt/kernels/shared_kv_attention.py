@@ -41,9 +41,9 @@ def attention_lse_math(q: Tensor, k: Tensor, v: Tensor, chunk: int = 1024) -> tu
 
 def merge_partials(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> Tensor:
     """Combine two partial softmax attentions over disjoint key sets."""
-    m = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(o1.dtype)
+    w1 = torch.sigmoid(l1 - l2)[..., None]          # e^{l1} / (e^{l1} + e^{l2}), overflow-free
+    out = o2.float().lerp_(o1.float(), w1) if o1.dtype == torch.float32 else o2.float().lerp(o1.float(), w1)
+    return out.to(o1.dtype)
 
 
 def shared_kv_attention(q: Tensor, k: Tensor, v: Tensor, k_shared: Tensor, v_shared: Tensor) -> Tensor:

@@ -60,12 +60,14 @@ def activation_bytes(cfg: ModelConfig, rows: int, h: int, w: int, dtype_bytes: i
 
 
 def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dtype_bytes: int,
-                 max_memory: int | None = None) -> BatchPlan:
+                 max_memory: int | None = None, max_windows_per_call: int | None = None) -> BatchPlan:
     """The largest batch (all windows, both branches, preferred) within ``max_memory`` bytes
-    (None: no limit). Raises :class:`MemoryBudgetError` with the minimum needed otherwise."""
+    (None: no limit) and ``max_windows_per_call``. Raises :class:`MemoryBudgetError` with the
+    minimum needed otherwise."""
     weights = weight_bytes(cfg, dtype_bytes)
     fixed = weights + activation_bytes(cfg, 2, h, w, dtype_bytes)  # appearance net on 2 references
-    options = [(wpc, cfg_b) for wpc in range(windows, 0, -1) for cfg_b in (True, False)]
+    top = min(windows, max_windows_per_call or windows)
+    options = [(wpc, cfg_b) for wpc in range(top, 0, -1) for cfg_b in (True, False)]
     smallest = None
     for wpc, cfg_b in options:
         rows = wpc * frames * (2 if cfg_b else 1)
@@ -76,3 +78,14 @@ def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dt
     raise MemoryBudgetError(
         f"max_memory={max_memory / 2**30:.2f} GiB is too small: one window of {frames} frames needs about "
         f"{smallest / 2**30:.2f} GiB ({weights / 2**30:.2f} GiB of weights). Fix: raise max_memory or use fp16")
+
+
+def default_plan(cfg: ModelConfig, device: str, dtype_bytes: int, max_memory: int | None = None,
+                 windows: int = 4) -> BatchPlan:
+    """The engine's choice: on a GPU the largest batch that fits (throughput grows with batch);
+    on a CPU one window per call (a bigger batch adds memory traffic, not throughput: measured
+    in benchmarks/RESULTS.md)."""
+    frames = cfg.motion.video_length if cfg.motion else 1
+    lat = cfg.latent_size
+    cap = None if str(device).startswith("cuda") else 1
+    return plan_batches(cfg, windows, frames, lat, lat, dtype_bytes, max_memory, cap)
