@@ -13,6 +13,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .images import ImageError
+from .sampler.plan import MemoryBudgetError
 
 
 def _progress_bar():
@@ -57,6 +58,16 @@ def cmd_info(a: argparse.Namespace) -> int:
         for p, n in s["elements_per_prefix"].items():
             print(f"  {p:<26} {s['keys_per_prefix'][p]:>6} {n:>15,}")
         print(f"  {'total':<26} {s['num_keys']:>6} {s['num_elements']:>15,}  ({s['num_parameters']:,} parameters)")
+    if a.flops:
+        from .flops import format_flops, per_window, run_flops
+        print(f"\nFLOPs (convolutions, matmuls, attention; 2 per multiply-add), config {a.config}, {a.steps} steps:")
+        for engine in ("reference", "fast"):
+            r = run_flops(a.config, engine, a.steps)
+            summary[f"flops_{engine}"] = r
+            print(f"  {engine:<9} per step per window: {format_flops(per_window(r['nvs_step'], 4))}")
+            print(f"  {'':<9} per run (back view + 32 views): {format_flops(r['run'], 1e15, 'PFLOP')}")
+        ratio = summary["flops_fast"]["run"]["total"] / summary["flops_reference"]["run"]["total"]
+        print(f"  fast / reference per run: {ratio:.3f}")
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
     return 0
@@ -77,8 +88,11 @@ def _dtype(name: str) -> torch.dtype:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .pipeline import Pipeline
+    max_mem = int(a.max_memory * 2**30) if a.max_memory else None
     pipe = Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, device=a.device, dtype=_dtype(a.dtype),
-                                     engine=a.engine)
+                                     engine=a.engine, max_memory=max_mem)
+    if pipe.plan is not None:
+        print("plan: " + pipe.plan.describe(4, pipe.nvs.frames))
     res = pipe(a.portrait, a.conditions, steps=a.steps, seed=a.seed, progress=_progress_bar())
     out = res.save(a.out)
     print(f"wrote back view + {len(res.views)} views to {out}; timings (s): "
@@ -104,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, devices, per-module parameter counts of a config")
     i.add_argument("--config", default="full", help="'full', 'tiny' or a config.json (default: full)")
     i.add_argument("--json", help="also write the counts to this JSON file")
+    i.add_argument("--flops", action="store_true", help="also count FLOPs per step and per run, both engines")
+    i.add_argument("--steps", type=int, default=50, help="DDIM steps for --flops (default 50)")
     i.set_defaults(fn=cmd_info)
 
     c = sub.add_parser("convert", help="convert a checkpoint to .safetensors")
@@ -123,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--engine", default="reference", choices=["reference"])
+    g.add_argument("--engine", default="fast", choices=["fast", "reference"],
+                   help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
+    g.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
     g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("demo", help="the whole pipeline on a tiny random-weight model (no checkpoints needed)")
@@ -138,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, ImageError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ImageError, MemoryBudgetError, FileNotFoundError) as e:
         print(f"dp360rt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -91,8 +91,11 @@ def run_flops(config: str | ModelConfig | dict = "full", engine: str = "referenc
 
     Returns ``{"nvs_step": ..., "backview_step": ..., "run": ...}``, each a per-module dict.
     """
-    nvs = get_model_config("nvs", config) if not isinstance(config, ModelConfig) else config
-    bv = get_model_config("backview", config) if not isinstance(config, ModelConfig) else config
+    if isinstance(config, ModelConfig):   # the 360° model's config; the back-view model has the same sizes
+        nvs = config
+        bv = ModelConfig(**{**config.__dict__, "kind": "backview", "motion": None})
+    else:
+        nvs, bv = get_model_config("nvs", config), get_model_config("backview", config)
     windows = views // (nvs.motion.video_length if nvs.motion else 8)
     n_step = step_flops(nvs, engine, windows)
     b_step = step_flops(bv, engine, 1)

@@ -175,10 +175,16 @@ class Pipeline:
         cfgs = config if isinstance(config, dict) and all(isinstance(v, ModelConfig) for v in config.values()) \
             else load_config(config)
         torch.manual_seed(seed)
-        models = {k: build_model(k, cfgs[k]) for k in ("nvs", "backview")}
+        models = {k: build_model(k, cfgs[k], device=kw.get("device", "cpu")) for k in ("nvs", "backview")}
         for m in models.values():
             _init_random(m)
         return cls(models["nvs"], models["backview"], **kw)
+
+    def flops(self, steps: int = 50) -> dict[str, dict[str, float]]:
+        """FLOPs of this pipeline's engine per step and per run, per module (counted on meta tensors;
+        see :func:`dp360rt.flops.run_flops`)."""
+        from .flops import run_flops
+        return run_flops(self.nvs.cfg, self.engine, steps)
 
     def text_context(self, model: DiffPortrait360) -> Tensor:
         return model.encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
