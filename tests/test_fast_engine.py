@@ -11,6 +11,7 @@ from dp360rt.demo import synthetic_conditions, synthetic_portrait
 from dp360rt.flops import UNET_EQUIVALENT, per_window, run_flops
 from dp360rt.kernels.shared_kv_attention import (attention_lse_math, shared_kv_attention,
                                                   shared_kv_attention_reference)
+from dp360rt.backends.torch_backend import TorchBackend
 from dp360rt.sampler.fast import write_shared_bank
 from dp360rt.sampler.plan import MemoryBudgetError, plan_batches
 from dp360rt.unet.bank import BankReader, SharedBank
@@ -60,7 +61,7 @@ def test_windows_at_different_timesteps_share_a_call(models):
     refs = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(2)]
     ctx = torch.randn(1, 77, 32, generator=g)
     ts = [torch.tensor([981]), torch.tensor([501])]
-    banks = [write_shared_bank(m, refs, t, ctx) for t in ts]
+    banks = [write_shared_bank(TorchBackend(m), refs, t, ctx) for t in ts]
     t_rows = torch.cat([t.expand(8) for t in ts])
     with torch.no_grad():
         pose = m.pose_control_model(x, hint, t_rows, ctx.expand(16, -1, -1))

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import ModelConfig, get_model_config
 from .model import DiffPortrait360, build_model
 from .sampler.fast import guided_eps, write_shared_bank
-from .unet.bank import SharedBank
+from .backends.torch_backend import TorchBackend
 
 UNET_EQUIVALENT = 0.803e12
 MODULES = {"AppearanceNet": "appearance net", "PoseControlNet": "pose net", "UNet": "UNet",
@@ -79,8 +79,9 @@ def step_flops(cfg: ModelConfig, engine: str, windows: int = 4, frames: int | No
 
         def step():
             one = torch.empty(1, cfg.unet.in_channels, s, s, device=dev)
-            bank = SharedBank(write_shared_bank(m, [one] * refs, t[:1], ctx), [0])
-            guided_eps(m, xw, t[:1].expand(xw.shape[0]), ctx, hw, bank, cfg_scale, batch_cfg)
+            be = TorchBackend(m)
+            bank = be.bank(write_shared_bank(be, [one] * refs, t[:1], ctx))
+            guided_eps(be, xw, t[:1].expand(xw.shape[0]), ctx, hw, bank, cfg_scale, batch_cfg)
         return count(step)
     raise ValueError(f"unknown engine {engine!r}")
 

@@ -8,54 +8,55 @@ Per denoising step (all windows in lockstep):
    unconditional branch);
 3. conditional and unconditional rows of up to all windows go through one UNet call
    (:class:`~dp360rt.sampler.plan.BatchPlan` decides how many fit the memory budget);
+   every network call goes through an execution backend (:mod:`dp360rt.backends`);
 4. the DDIM update is applied per window with that window's own recorded noises, so the draws
    and thus the numbers equal the reference loop's.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..model import DiffPortrait360
 from ..scheduler.schedule import ddim_tables
-from ..unet.bank import BankWriter, SharedBank
+from ..backends.base import Backend
+from ..backends.torch_backend import TorchBackend
+from ..unet.bank import SharedBank
 from .plan import BatchPlan
 from .reference import ddim_step, q_sample_999
 
 
-def write_shared_bank(model: DiffPortrait360, refs: list[Tensor], t: Tensor, context: Tensor) -> list[Tensor]:
+def write_shared_bank(backend: Backend, refs: list[Tensor], t: Tensor, context: Tensor) -> list[Tensor]:
     """Bank entries at batch 1: the appearance net on all references at once (one row each),
     stopped after its last write; each entry is ``[1, R*HW, C]`` (front tokens, then back).
 
     refs: R latents [1, 4, h, w]; t: [1]; context: [1, 77, C].
     """
     r = len(refs)
-    writer = BankWriter()
-    model.control_model(torch.cat(refs), t.expand(r), context.expand(r, -1, -1), writer, stop_early=True)
-    return [e.reshape(1, r * e.shape[1], e.shape[2]) for e in writer.entries]
+    entries = backend.appearance(torch.cat(refs), t.expand(r), context.expand(r, -1, -1))
+    return [e.reshape(1, r * e.shape[1], e.shape[2]) for e in entries]
 
 
-def guided_eps(model: DiffPortrait360, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, bank: SharedBank,
+def guided_eps(backend: Backend, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, bank: Any,
                cfg_scale: float, batch_cfg: bool) -> tuple[Tensor, int]:
     """Classifier-free guided eps for B conditional rows; returns (eps [B, 4, h, w], UNet calls).
 
-    x: [B, 4, h, w]; t: [B]; context: [1, 77, C]; hint: [B, 3, 8h, 8w].
+    x: [B, 4, h, w]; t: [B]; context: [1, 77, C]; hint: [B, 3, 8h, 8w]; bank from ``backend.bank``.
     """
     b = x.shape[0]
     ctx = context.expand(b, -1, -1)
-    pose = model.pose_control_model(x, hint, t, ctx)
+    pose = backend.pose(x, hint, t, ctx)
     if cfg_scale == 1.0:
-        return model.unet(x, t, ctx, bank=bank.for_call([b]), pose_residuals=pose), 1
+        return backend.unet(x, t, ctx, bank, pose, cond_rows=b), 1
     if batch_cfg:
-        e = model.unet(torch.cat([x, x]), torch.cat([t, t]), context.expand(2 * b, -1, -1),
-                       bank=bank.for_call([b]), pose_residuals=pose)
+        e = backend.unet(torch.cat([x, x]), torch.cat([t, t]), context.expand(2 * b, -1, -1), bank, pose, cond_rows=b)
         e_c, e_u = e[:b], e[b:]
         calls = 1
     else:
-        e_c = model.unet(x, t, ctx, bank=bank.for_call([b]), pose_residuals=pose)
-        e_u = model.unet(x, t, ctx)
+        e_c = backend.unet(x, t, ctx, bank, pose, cond_rows=b)
+        e_u = backend.unet(x, t, ctx, None, None, cond_rows=0)
         calls = 2
     return e_u + cfg_scale * (e_c - e_u), calls
 
@@ -63,7 +64,7 @@ def guided_eps(model: DiffPortrait360, x: Tensor, t: Tensor, context: Tensor, hi
 @torch.no_grad()
 def sample_windows_fast(model: DiffPortrait360, windows: list, *, context: Tensor, ref_front: Tensor,
                         ref_back: list[Tensor], steps: int, eta: float, cfg_scale: float,
-                        plan: BatchPlan | None = None,
+                        plan: BatchPlan | None = None, backend: Backend | None = None,
                         progress: Callable[[int, int], None] | None = None,
                         record: list[tuple[Tensor, Tensor]] | None = None) -> tuple[list[Tensor], int]:
     """Sample all windows together; same signature and results as the reference engine.
@@ -90,6 +91,7 @@ def sample_windows_fast(model: DiffPortrait360, windows: list, *, context: Tenso
         record.append((x, x))
     hint = torch.cat([win.hint for win in windows])
     plan = plan or BatchPlan(windows_per_call=len(windows), batch_cfg=True)
+    backend = backend or TorchBackend(model)
     tables = ddim_tables(model.alphas_cumprod, steps, eta)
     refs = [ref_front[:1]] + [r[:1] for r in ref_back]
     ctx1 = context[:1]
@@ -97,11 +99,11 @@ def sample_windows_fast(model: DiffPortrait360, windows: list, *, context: Tenso
     rows = plan.windows_per_call * f
     for n, i in enumerate(reversed(range(tables.steps))):
         t1 = torch.full((1,), int(tables.timesteps[i]), dtype=torch.long, device=dev)
-        bank = SharedBank(write_shared_bank(model, refs, t1, ctx1), [0])
+        bank = backend.bank(write_shared_bank(backend, refs, t1, ctx1))
         eps = []
         for s in range(0, x.shape[0], rows):
             xb = x[s:s + rows]
-            e, c = guided_eps(model, xb, t1.expand(xb.shape[0]), ctx1, hint[s:s + rows], bank, cfg_scale,
+            e, c = guided_eps(backend, xb, t1.expand(xb.shape[0]), ctx1, hint[s:s + rows], bank, cfg_scale,
                               plan.batch_cfg)
             eps.append(e)
             calls += c
@@ -138,7 +140,7 @@ def apply_fast(model: DiffPortrait360, x: Tensor, t: Tensor, context: Tensor, hi
     if not bool((t == t[:1]).all()) or not bool((context == context[:1]).all()):
         raise ValueError("the fast engine's shared bank needs one timestep and one text context per request")
     refs = [_single_reference(ref_front, "ref_front")] + [_single_reference(r, "ref_back") for r in ref_back]
-    entries = write_shared_bank(model, refs, t[:1], context[:1])
+    entries = write_shared_bank(TorchBackend(model), refs, t[:1], context[:1])
     pose = model.pose_control_model(x, hint, t, context)
     eps = model.unet(x, t, context, bank=SharedBank(entries, [x.shape[0]]), pose_residuals=pose)
     return ApplyOutput(eps=eps, bank=[e.expand(x.shape[0], -1, -1) for e in entries], pose_residuals=pose)
