@@ -14,8 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ModelConfig, get_model_config
 from .model import DiffPortrait360, build_model
-from .sampler.fast import guided_eps, write_shared_bank
 from .backends.torch_backend import TorchBackend
+from .sampler.noise import RecordedNoise
+from .sampler.tasks import Task, step_tasks
+from .scheduler.schedule import ddim_tables, schedule_buffers
 
 UNET_EQUIVALENT = 0.803e12
 MODULES = {"AppearanceNet": "appearance net", "PoseControlNet": "pose net", "UNet": "UNet",
@@ -74,14 +76,14 @@ def step_flops(cfg: ModelConfig, engine: str, windows: int = 4, frames: int | No
         per = count(one_window)
         return {k: v * windows for k, v in per.items()}
     if engine == "fast":
-        xw = x.repeat(windows, 1, 1, 1)
-        hw = hint.repeat(windows, 1, 1, 1)
+        # the fast step over all windows (GPU plan: one call), tasks of one request sharing the bank
+        tables = ddim_tables(schedule_buffers(cfg.timesteps)["alphas_cumprod"], 1, 0.0)
+        one = torch.empty(1, cfg.unet.in_channels, s, s, device=dev)
 
         def step():
-            one = torch.empty(1, cfg.unet.in_channels, s, s, device=dev)
-            be = TorchBackend(m)
-            bank = be.bank(write_shared_bank(be, [one] * refs, t[:1], ctx))
-            guided_eps(be, xw, t[:1].expand(xw.shape[0]), ctx, hw, bank, cfg_scale, batch_cfg)
+            tasks = [Task(key=0, x=x, hint=hint, refs=[one] * refs, context=ctx, tables=tables,
+                          noise=RecordedNoise([torch.empty_like(x)])) for _ in range(windows)]
+            step_tasks(TorchBackend(m), tasks, cfg_scale, batch_cfg)
         return count(step)
     raise ValueError(f"unknown engine {engine!r}")
 

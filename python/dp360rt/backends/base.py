@@ -24,9 +24,10 @@ class Backend(Protocol):
         """The pose ControlNet's residuals (input blocks, then middle block)."""
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, bank: Any | None, residuals: list[Tensor] | None,
-             cond_rows: int) -> Tensor:
-        """eps [B, 4, h, w]; the first ``cond_rows`` rows read ``bank`` and take ``residuals``, the rest
-        are the unconditional branch (no bank, no residuals)."""
+             cond_rows: int | list[int]) -> Tensor:
+        """eps [B, 4, h, w]; the first ``sum(cond_rows)`` rows read ``bank`` and take ``residuals``, the
+        rest are the unconditional branch (no bank, no residuals). A list gives the rows reading each
+        bank group in turn (requests or timesteps sharing the call)."""
 
 
 def get_backend(name: str, model: Any, **options: Any) -> Backend:

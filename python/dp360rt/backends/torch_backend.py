@@ -25,6 +25,7 @@ class TorchBackend:
         return self.model.pose_control_model(x, hint, t, context)
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, bank: SharedBank | None,
-             residuals: list[Tensor] | None, cond_rows: int) -> Tensor:
-        reader = bank.for_call([cond_rows]) if bank is not None and cond_rows else None
-        return self.model.unet(x, t, context, bank=reader, pose_residuals=residuals if cond_rows else None)
+             residuals: list[Tensor] | None, cond_rows: int | list[int]) -> Tensor:
+        rows = [cond_rows] if isinstance(cond_rows, int) else list(cond_rows)
+        reader = bank.for_call(rows) if bank is not None and sum(rows) else None
+        return self.model.unet(x, t, context, bank=reader, pose_residuals=residuals if sum(rows) else None)

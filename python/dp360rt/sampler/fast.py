@@ -25,7 +25,8 @@ from ..backends.base import Backend
 from ..backends.torch_backend import TorchBackend
 from ..unet.bank import SharedBank
 from .plan import BatchPlan
-from .reference import ddim_step, q_sample_999
+from .reference import q_sample_999
+from .tasks import BankCache, Task, step_tasks
 
 
 def write_shared_bank(backend: Backend, refs: list[Tensor], t: Tensor, context: Tensor) -> list[Tensor]:
@@ -37,28 +38,6 @@ def write_shared_bank(backend: Backend, refs: list[Tensor], t: Tensor, context: 
     r = len(refs)
     entries = backend.appearance(torch.cat(refs), t.expand(r), context.expand(r, -1, -1))
     return [e.reshape(1, r * e.shape[1], e.shape[2]) for e in entries]
-
-
-def guided_eps(backend: Backend, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, bank: Any,
-               cfg_scale: float, batch_cfg: bool) -> tuple[Tensor, int]:
-    """Classifier-free guided eps for B conditional rows; returns (eps [B, 4, h, w], UNet calls).
-
-    x: [B, 4, h, w]; t: [B]; context: [1, 77, C]; hint: [B, 3, 8h, 8w]; bank from ``backend.bank``.
-    """
-    b = x.shape[0]
-    ctx = context.expand(b, -1, -1)
-    pose = backend.pose(x, hint, t, ctx)
-    if cfg_scale == 1.0:
-        return backend.unet(x, t, ctx, bank, pose, cond_rows=b), 1
-    if batch_cfg:
-        e = backend.unet(torch.cat([x, x]), torch.cat([t, t]), context.expand(2 * b, -1, -1), bank, pose, cond_rows=b)
-        e_c, e_u = e[:b], e[b:]
-        calls = 1
-    else:
-        e_c = backend.unet(x, t, ctx, bank, pose, cond_rows=b)
-        e_u = backend.unet(x, t, ctx, None, None, cond_rows=0)
-        calls = 2
-    return e_u + cfg_scale * (e_c - e_u), calls
 
 
 @torch.no_grad()
@@ -80,41 +59,28 @@ def sample_windows_fast(model: DiffPortrait360, windows: list, *, context: Tenso
     h, w = windows[0].hint.shape[2] // 8, windows[0].hint.shape[3] // 8
     shape = (f, model.cfg.unet.in_channels, h, w)
     dev = context.device
-    xs = []
-    for win in windows:
-        x = win.noise(shape, dev)
-        if win.feature_latent is not None:
-            x = q_sample_999(model, win.feature_latent, win.noise(shape, dev))
-        xs.append(x)
-    x = torch.cat(xs)
-    if record is not None:
-        record.append((x, x))
-    hint = torch.cat([win.hint for win in windows])
     plan = plan or BatchPlan(windows_per_call=len(windows), batch_cfg=True)
     backend = backend or TorchBackend(model)
     tables = ddim_tables(model.alphas_cumprod, steps, eta)
     refs = [ref_front[:1]] + [r[:1] for r in ref_back]
-    ctx1 = context[:1]
-    calls = 0
-    rows = plan.windows_per_call * f
-    for n, i in enumerate(reversed(range(tables.steps))):
-        t1 = torch.full((1,), int(tables.timesteps[i]), dtype=torch.long, device=dev)
-        bank = backend.bank(write_shared_bank(backend, refs, t1, ctx1))
-        eps = []
-        for s in range(0, x.shape[0], rows):
-            xb = x[s:s + rows]
-            e, c = guided_eps(backend, xb, t1.expand(xb.shape[0]), ctx1, hint[s:s + rows], bank, cfg_scale,
-                              plan.batch_cfg)
-            eps.append(e)
-            calls += c
-        eps_all = torch.cat(eps)
-        step_noise = torch.cat([win.noise(shape, dev) for win in windows])
-        x, pred_x0 = ddim_step(x, eps_all, tables, i, step_noise)
-        if record is not None:
-            record.append((x, pred_x0))
+    tasks = []
+    for win in windows:
+        x = win.noise(shape, dev)
+        if win.feature_latent is not None:
+            x = q_sample_999(model, win.feature_latent, win.noise(shape, dev))
+        tasks.append(Task(key=0, x=x, hint=win.hint, refs=refs, context=context[:1], tables=tables, noise=win.noise,
+                          record=[(x, x)] if record is not None else None))
+    cache, calls = BankCache(), 0
+    for n in range(tables.steps):
+        for s in range(0, len(tasks), plan.windows_per_call):
+            calls += step_tasks(backend, tasks[s:s + plan.windows_per_call], cfg_scale, plan.batch_cfg, cache)
+        cache.drop(0, tasks[0].timestep if not tasks[0].done else None)
         if progress is not None:
             progress(n + 1, tables.steps)
-    return list(x.split(f)), calls
+    if record is not None:
+        for k in range(tables.steps + 1):
+            record.append(tuple(torch.cat([t.record[k][j] for t in tasks]) for j in range(2)))
+    return [t.x for t in tasks], calls
 
 
 def _single_reference(ref: Tensor, what: str) -> Tensor:
