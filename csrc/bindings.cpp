@@ -1,59 +1,85 @@
-// dp360rt._C: small native helpers (CPU only, no torch / CUDA dependency).
+// dp360rt._C: the request scheduler (planner, step loop, view queue) and the NeRF ray batch
+// builder. CPU only: no torch or CUDA dependency; tensors stay on the Python side.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <stdexcept>
-#include <string>
-#include <vector>
+#include "scheduler.hpp"
 
 #ifndef DP360RT_VERSION
 #define DP360RT_VERSION "0.1.0"
 #endif
 
 namespace py = pybind11;
-
-namespace {
-
-std::string version() { return DP360RT_VERSION; }
-
-// Split views [0, num_views) into consecutive windows of frames_per_window.
-std::vector<std::vector<int>> plan_windows(int num_views, int frames_per_window) {
-    if (frames_per_window <= 0) {
-        throw std::invalid_argument("frames_per_window must be > 0, got " +
-                                    std::to_string(frames_per_window));
-    }
-    if (num_views <= 0 || num_views % frames_per_window != 0) {
-        throw std::invalid_argument(
-            "num_views must be a positive multiple of frames_per_window (" +
-            std::to_string(frames_per_window) + "), got " + std::to_string(num_views));
-    }
-    const int n_windows = num_views / frames_per_window;
-    std::vector<std::vector<int>> windows;
-    windows.reserve(static_cast<size_t>(n_windows));
-    for (int w = 0; w < n_windows; ++w) {
-        std::vector<int> win;
-        win.reserve(static_cast<size_t>(frames_per_window));
-        for (int f = 0; f < frames_per_window; ++f) {
-            win.push_back(w * frames_per_window + f);
-        }
-        windows.push_back(std::move(win));
-    }
-    return windows;
-}
-
-}  // namespace
+using namespace dp360rt;
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "dp360rt native helpers (CPU only; no torch/CUDA dependency).";
+  m.doc() = "dp360rt native scheduler and ray batcher (CPU only; no torch/CUDA dependency).";
+  m.def("version", [] { return std::string(DP360RT_VERSION); }, "Version of the native extension.");
 
-    m.def("version", &version,
-          "Return the version string of the dp360rt native extension (e.g. \"0.1.0\").");
+  py::class_<TaskInfo>(m, "TaskInfo", "A sampling task as the planner sees it.")
+      .def(py::init([](int64_t id, int64_t request, int window, int model, int rows, int steps_done,
+                       int steps_total, int64_t bytes_per_row, bool ready) {
+             return TaskInfo{id, request, window, model, rows, steps_done, steps_total, bytes_per_row, ready};
+           }),
+           py::arg("id"), py::arg("request"), py::arg("window"), py::arg("model") = 0, py::arg("rows") = 1,
+           py::arg("steps_done") = 0, py::arg("steps_total") = 1, py::arg("bytes_per_row") = 0,
+           py::arg("ready") = true)
+      .def_readwrite("id", &TaskInfo::id)
+      .def_readwrite("request", &TaskInfo::request)
+      .def_readwrite("window", &TaskInfo::window)
+      .def_readwrite("model", &TaskInfo::model)
+      .def_readwrite("rows", &TaskInfo::rows)
+      .def_readwrite("steps_done", &TaskInfo::steps_done)
+      .def_readwrite("steps_total", &TaskInfo::steps_total)
+      .def_readwrite("bytes_per_row", &TaskInfo::bytes_per_row)
+      .def_readwrite("ready", &TaskInfo::ready);
 
-    m.def("plan_windows", &plan_windows, py::arg("num_views"), py::arg("frames_per_window"),
-          "Split view indices 0..num_views-1 into consecutive windows.\n\n"
-          "Returns a list of num_views // frames_per_window lists, each holding\n"
-          "frames_per_window consecutive view indices, e.g.\n"
-          "plan_windows(4, 2) == [[0, 1], [2, 3]].\n\n"
-          "Raises ValueError if frames_per_window <= 0 or if num_views is not a\n"
-          "positive multiple of frames_per_window.");
+  m.def("plan_batch",
+        [](const std::vector<TaskInfo>& tasks, const std::string& policy, int max_rows, int64_t budget_bytes,
+           int64_t fixed_bytes) { return plan_batch(tasks, parse_policy(policy), max_rows, budget_bytes, fixed_bytes); },
+        py::arg("tasks"), py::arg("policy"), py::arg("max_rows"), py::arg("budget_bytes") = 0,
+        py::arg("fixed_bytes") = 0,
+        "Task ids of the next batch. policy 'throughput' (lockstep, fill) or 'latency' (each request's\n"
+        "earliest unfinished task only; other requests fill). Never exceeds max_rows or the budget\n"
+        "(fixed_bytes + sum(rows * bytes_per_row); budget_bytes <= 0: no limit); one model per batch.");
+
+  py::class_<ViewQueue>(m, "ViewQueue", "Bounded FIFO of Python objects with backpressure.")
+      .def(py::init<size_t>(), py::arg("capacity"))
+      .def("push", &ViewQueue::push, py::arg("item"), "Blocks while full; False if the queue was closed.")
+      .def("pop", &ViewQueue::pop, py::arg("timeout") = -1.0,
+           "Next item; None on timeout or when closed and drained. Releases the GIL while waiting.")
+      .def("close", &ViewQueue::close)
+      .def_property_readonly("closed", &ViewQueue::closed)
+      .def_property_readonly("capacity", &ViewQueue::capacity)
+      .def("__len__", &ViewQueue::size);
+
+  py::class_<LoopStats>(m, "LoopStats")
+      .def_readonly("batches", &LoopStats::batches)
+      .def_readonly("task_steps", &LoopStats::task_steps)
+      .def_readonly("callback_s", &LoopStats::callback_s)
+      .def_readonly("overhead_s", &LoopStats::overhead_s);
+
+  py::class_<StepLoop>(m, "StepLoop",
+                       "The step loop on its own thread: plans a batch, calls run_batch(ids) ->\n"
+                       "(finished_ids, failed_request_ids), then on_done(id) per finished task.")
+      .def(py::init<const std::string&, int, int64_t, int64_t, py::function, py::function>(), py::arg("policy"),
+           py::arg("max_rows"), py::arg("budget_bytes"), py::arg("fixed_bytes"), py::arg("run_batch"),
+           py::arg("on_done"))
+      .def("add_task", &StepLoop::add_task, py::arg("id"), py::arg("request"), py::arg("window"), py::arg("model"),
+           py::arg("rows"), py::arg("steps_total"), py::arg("bytes_per_row"), py::arg("deps"))
+      .def("cancel", &StepLoop::cancel, py::arg("request"))
+      .def("start", &StepLoop::start)
+      .def("shutdown", &StepLoop::shutdown)
+      .def("wait_idle", &StepLoop::wait_idle, py::arg("timeout") = -1.0)
+      .def_property_readonly("pending", &StepLoop::pending)
+      .def_property_readonly("running", &StepLoop::running)
+      .def_property_readonly("stats", &StepLoop::stats);
+
+  py::class_<RayBatcher>(m, "RayBatcher", "Shuffled ray batches over a growing pool of views (fixed seed).")
+      .def(py::init<uint64_t>(), py::arg("seed") = 0)
+      .def("add_view", &RayBatcher::add_view, py::arg("origins"), py::arg("directions"), py::arg("colours"))
+      .def("next_batch", &RayBatcher::next_batch, py::arg("n"))
+      .def_property_readonly("num_rays", &RayBatcher::num_rays)
+      .def_property_readonly("num_views", &RayBatcher::num_views);
 }

@@ -180,6 +180,32 @@ class Pipeline:
             _init_random(m)
         return cls(models["nvs"], models["backview"], **kw)
 
+    def runtime(self, policy: str = "throughput", **kw: Any):
+        """The native streaming runtime over this pipeline (created once per policy)."""
+        from .runtime import Runtime
+        cache = self.__dict__.setdefault("_runtimes", {})
+        if policy not in cache:
+            cache[policy] = Runtime(self, policy=policy, max_memory=self.max_memory, **kw)
+        return cache[policy]
+
+    def stream(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "latency", **kw: Any):
+        """Yield :class:`~dp360rt.runtime.View` objects as views finish (C++ step loop).
+
+        ``policy="latency"`` (default here) finishes and streams window 0 first; keyword arguments
+        as for :meth:`submit`. Stopping the iteration early cancels the request.
+        """
+        return self.runtime(policy).stream(portrait, conditions, **kw)
+
+    def submit(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "throughput", **kw: Any):
+        """Queue a generation on the C++ step loop; returns a handle with ``cancel()``, ``result()``,
+        ``progress`` and view iteration. Keywords: steps, seed, features, cameras."""
+        return self.runtime(policy).submit(portrait, conditions, **kw)
+
+    def close(self) -> None:
+        """Stop the runtimes' loop threads (also done at interpreter exit)."""
+        for rt in self.__dict__.pop("_runtimes", {}).values():
+            rt.shutdown()
+
     def flops(self, steps: int = 50) -> dict[str, dict[str, float]]:
         """FLOPs of this pipeline's engine per step and per run, per module (counted on meta tensors;
         see :func:`dp360rt.flops.run_flops`)."""

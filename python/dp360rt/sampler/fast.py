@@ -40,6 +40,19 @@ def write_shared_bank(backend: Backend, refs: list[Tensor], t: Tensor, context: 
     return [e.reshape(1, r * e.shape[1], e.shape[2]) for e in entries]
 
 
+def window_task(model: DiffPortrait360, win, key, refs: list[Tensor], context: Tensor, tables,
+                record: bool = False) -> Task:
+    """A sampling task for one window: its start latent drawn from the window's own noises
+    (start draw, then the q_sample draw when a feature latent gives the 3D-aware start)."""
+    f, _, hh, ww = win.hint.shape
+    shape = (f, model.cfg.unet.in_channels, hh // 8, ww // 8)
+    x = win.noise(shape, win.hint.device)
+    if win.feature_latent is not None:
+        x = q_sample_999(model, win.feature_latent, win.noise(shape, win.hint.device))
+    return Task(key=key, x=x, hint=win.hint, refs=refs, context=context, tables=tables, noise=win.noise,
+                record=[(x, x)] if record else None)
+
+
 @torch.no_grad()
 def sample_windows_fast(model: DiffPortrait360, windows: list, *, context: Tensor, ref_front: Tensor,
                         ref_back: list[Tensor], steps: int, eta: float, cfg_scale: float,
@@ -55,21 +68,11 @@ def sample_windows_fast(model: DiffPortrait360, windows: list, *, context: Tenso
     """
     if not windows:
         return [], 0
-    f = windows[0].hint.shape[0]
-    h, w = windows[0].hint.shape[2] // 8, windows[0].hint.shape[3] // 8
-    shape = (f, model.cfg.unet.in_channels, h, w)
-    dev = context.device
     plan = plan or BatchPlan(windows_per_call=len(windows), batch_cfg=True)
     backend = backend or TorchBackend(model)
     tables = ddim_tables(model.alphas_cumprod, steps, eta)
     refs = [ref_front[:1]] + [r[:1] for r in ref_back]
-    tasks = []
-    for win in windows:
-        x = win.noise(shape, dev)
-        if win.feature_latent is not None:
-            x = q_sample_999(model, win.feature_latent, win.noise(shape, dev))
-        tasks.append(Task(key=0, x=x, hint=win.hint, refs=refs, context=context[:1], tables=tables, noise=win.noise,
-                          record=[(x, x)] if record is not None else None))
+    tasks = [window_task(model, win, 0, refs, context[:1], tables, record is not None) for win in windows]
     cache, calls = BankCache(), 0
     for n in range(tables.steps):
         for s in range(0, len(tasks), plan.windows_per_call):

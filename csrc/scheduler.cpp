@@ -1,0 +1,413 @@
+#include "scheduler.hpp"
+
+#include <algorithm>
+#include <numeric>
+#include <stdexcept>
+
+namespace dp360rt {
+
+using Clock = std::chrono::steady_clock;
+
+static double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+Policy parse_policy(const std::string& name) {
+  if (name == "throughput") return Policy::Throughput;
+  if (name == "latency") return Policy::Latency;
+  throw std::invalid_argument("unknown policy '" + name + "' (expected 'throughput' or 'latency')");
+}
+
+std::vector<int64_t> plan_batch(const std::vector<TaskInfo>& tasks, Policy policy, int max_rows,
+                                int64_t budget_bytes, int64_t fixed_bytes) {
+  std::vector<const TaskInfo*> eligible;
+  for (const auto& t : tasks)
+    if (t.ready && t.steps_done < t.steps_total) eligible.push_back(&t);
+  if (policy == Policy::Latency) {
+    // Only the earliest unfinished task of each request (by window order) may run.
+    std::map<int64_t, const TaskInfo*> first;
+    for (const auto& t : tasks) {
+      if (t.steps_done >= t.steps_total) continue;
+      auto it = first.find(t.request);
+      if (it == first.end() || t.window < it->second->window) first[t.request] = &t;
+    }
+    std::vector<const TaskInfo*> kept;
+    for (auto* t : eligible)
+      if (first[t->request] == t) kept.push_back(t);
+    eligible.swap(kept);
+    std::stable_sort(eligible.begin(), eligible.end(), [](const TaskInfo* a, const TaskInfo* b) {
+      return a->request != b->request ? a->request < b->request : a->window < b->window;
+    });
+  } else {
+    std::stable_sort(eligible.begin(), eligible.end(), [](const TaskInfo* a, const TaskInfo* b) {
+      if (a->steps_done != b->steps_done) return a->steps_done < b->steps_done;
+      if (a->request != b->request) return a->request < b->request;
+      return a->window < b->window;
+    });
+  }
+  std::vector<int64_t> out;
+  int rows = 0;
+  int64_t bytes = fixed_bytes;
+  int model = -1;
+  for (auto* t : eligible) {
+    if (model != -1 && t->model != model) continue;
+    int64_t need = bytes + static_cast<int64_t>(t->rows) * t->bytes_per_row;
+    if (rows + t->rows > max_rows || (budget_bytes > 0 && need > budget_bytes)) continue;
+    model = t->model;
+    rows += t->rows;
+    bytes = need;
+    out.push_back(t->id);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+ViewQueue::ViewQueue(size_t capacity) : capacity_(capacity) {
+  if (capacity == 0) throw std::invalid_argument("ViewQueue capacity must be >= 1");
+}
+
+bool ViewQueue::push(py::object item) {
+  {
+    py::gil_scoped_release release;
+    std::unique_lock<std::mutex> lk(mu_);
+    not_full_.wait(lk, [&] { return closed_ || items_.size() < capacity_; });
+    if (closed_) return false;
+  }
+  // Re-take the lock with the GIL held (the GIL is never awaited while mu_ is held).
+  std::lock_guard<std::mutex> lk(mu_);
+  if (closed_) return false;
+  items_.push_back(std::move(item));
+  not_empty_.notify_one();
+  return true;
+}
+
+py::object ViewQueue::pop(double timeout_s) {
+  py::object item;
+  bool got = false;
+  {
+    py::gil_scoped_release release;
+    std::unique_lock<std::mutex> lk(mu_);
+    auto ready = [&] { return closed_ || !items_.empty(); };
+    if (timeout_s < 0)
+      not_empty_.wait(lk, ready);
+    else
+      not_empty_.wait_for(lk, std::chrono::duration<double>(timeout_s), ready);
+    if (!items_.empty()) {
+      // Moving a py::object transfers the reference without touching the refcount.
+      item = std::move(items_.front());
+      items_.pop_front();
+      got = true;
+      not_full_.notify_one();
+    }
+  }
+  if (!got) return py::none();
+  return item;
+}
+
+void ViewQueue::close() {
+  std::lock_guard<std::mutex> lk(mu_);
+  closed_ = true;
+  not_full_.notify_all();
+  not_empty_.notify_all();
+}
+
+bool ViewQueue::closed() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return closed_;
+}
+
+size_t ViewQueue::size() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return items_.size();
+}
+
+// ---------------------------------------------------------------------------------------------
+StepLoop::StepLoop(const std::string& policy, int max_rows, int64_t budget_bytes, int64_t fixed_bytes,
+                   py::function run_batch, py::function on_done)
+    : policy_(parse_policy(policy)), max_rows_(max_rows), budget_bytes_(budget_bytes),
+      fixed_bytes_(fixed_bytes), run_batch_(std::move(run_batch)), on_done_(std::move(on_done)) {
+  if (max_rows <= 0) throw std::invalid_argument("max_rows must be >= 1");
+}
+
+StepLoop::~StepLoop() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) {
+    // Destroyed from Python (GIL held): let the loop finish its callback before joining.
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      thread_.join();
+    } else {
+      thread_.join();
+    }
+  }
+}
+
+void StepLoop::add_task(int64_t id, int64_t request, int window, int model, int rows, int steps_total,
+                        int64_t bytes_per_row, const std::vector<int64_t>& deps) {
+  if (rows <= 0 || steps_total <= 0) throw std::invalid_argument("rows and steps_total must be >= 1");
+  if (rows > max_rows_)
+    throw std::invalid_argument("task of " + std::to_string(rows) + " rows exceeds max_rows=" +
+                                std::to_string(max_rows_) + "; raise max_rows");
+  if (budget_bytes_ > 0 && fixed_bytes_ + rows * bytes_per_row > budget_bytes_)
+    throw std::invalid_argument("task needs about " + std::to_string(fixed_bytes_ + rows * bytes_per_row) +
+                                " bytes, more than the budget of " + std::to_string(budget_bytes_) +
+                                "; raise max_memory");
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (tasks_.count(id)) throw std::invalid_argument("task id " + std::to_string(id) + " already exists");
+    Task t;
+    t.info = TaskInfo{id, request, window, model, rows, 0, steps_total, bytes_per_row, true};
+    t.deps = deps;
+    tasks_[id] = std::move(t);
+  }
+  cv_.notify_all();
+}
+
+void StepLoop::drop_request_locked(int64_t request) {
+  for (auto it = tasks_.begin(); it != tasks_.end();) {
+    if (it->second.info.request == request)
+      it = tasks_.erase(it);
+    else
+      ++it;
+  }
+}
+
+void StepLoop::cancel(int64_t request) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    drop_request_locked(request);
+  }
+  cv_.notify_all();
+  idle_cv_.notify_all();
+}
+
+std::vector<TaskInfo> StepLoop::snapshot_locked() const {
+  std::vector<TaskInfo> out;
+  out.reserve(tasks_.size());
+  for (const auto& kv : tasks_) {
+    const Task& t = kv.second;
+    if (t.done) continue;
+    TaskInfo info = t.info;
+    info.ready = std::all_of(t.deps.begin(), t.deps.end(), [&](int64_t d) {
+      auto it = tasks_.find(d);
+      return it == tasks_.end() || it->second.done;  // a finished dependency may be gone already
+    });
+    out.push_back(info);
+  }
+  return out;
+}
+
+void StepLoop::finish_locked(int64_t id) {
+  auto it = tasks_.find(id);
+  if (it != tasks_.end()) it->second.done = true;
+}
+
+void StepLoop::start() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (thread_.joinable()) return;
+  stop_ = false;
+  thread_ = std::thread([this] { loop(); });
+}
+
+void StepLoop::shutdown() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  idle_cv_.notify_all();
+  if (thread_.joinable()) {
+    py::gil_scoped_release release;
+    thread_.join();
+  }
+}
+
+size_t StepLoop::pending() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  size_t n = 0;
+  for (const auto& kv : tasks_)
+    if (!kv.second.done) ++n;
+  return n;
+}
+
+bool StepLoop::running() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return thread_.joinable() && !stop_;
+}
+
+LoopStats StepLoop::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return stats_;
+}
+
+bool StepLoop::wait_idle(double timeout_s) {
+  py::gil_scoped_release release;
+  std::unique_lock<std::mutex> lk(mu_);
+  auto idle = [&] {
+    if (stop_) return true;
+    if (busy_) return false;
+    for (const auto& kv : tasks_)
+      if (!kv.second.done) return false;
+    return true;
+  };
+  if (timeout_s < 0) {
+    idle_cv_.wait(lk, idle);
+    return true;
+  }
+  return idle_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), idle);
+}
+
+void StepLoop::loop() {
+  while (true) {
+    auto t0 = Clock::now();
+    std::vector<int64_t> batch;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      while (!stop_) {
+        // Finished tasks whose dependants no longer need them are forgotten.
+        batch = plan_batch(snapshot_locked(), policy_, max_rows_, budget_bytes_, fixed_bytes_);
+        if (!batch.empty()) break;
+        busy_ = false;
+        idle_cv_.notify_all();
+        cv_.wait(lk);
+        t0 = Clock::now();
+      }
+      if (stop_) {
+        busy_ = false;
+        idle_cv_.notify_all();
+        return;
+      }
+      busy_ = true;
+    }
+    double overhead = seconds_since(t0);
+    auto tc = Clock::now();
+    std::vector<int64_t> finished, failed;
+    {
+      py::gil_scoped_acquire gil;
+      try {
+        py::tuple res = run_batch_(batch);
+        finished = res[0].cast<std::vector<int64_t>>();
+        failed = res[1].cast<std::vector<int64_t>>();
+      } catch (std::exception& e) {
+        // The Python side reports per-request failures itself; reaching here is a bug in the glue.
+        // Fail the whole batch rather than spin on it.
+        if (auto* pe = dynamic_cast<py::error_already_set*>(&e)) {
+          pe->restore();
+          PyErr_Print();
+        }
+        std::lock_guard<std::mutex> lk(mu_);
+        for (int64_t id : batch) {
+          auto it = tasks_.find(id);
+          if (it != tasks_.end()) failed.push_back(it->second.info.request);
+        }
+      }
+    }
+    double cb = seconds_since(tc);
+    auto tb = Clock::now();
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      for (int64_t r : failed) drop_request_locked(r);
+      for (int64_t id : batch) {
+        auto it = tasks_.find(id);
+        if (it != tasks_.end()) {
+          it->second.info.steps_done += 1;
+          stats_.task_steps += 1;
+        }
+      }
+      for (int64_t id : finished) finish_locked(id);
+      stats_.batches += 1;
+    }
+    overhead += seconds_since(tb);
+    // Finished tasks are handed over one by one; on_done may block (full view queue).
+    for (int64_t id : finished) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!tasks_.count(id)) continue;  // cancelled meanwhile
+      }
+      auto td = Clock::now();
+      {
+        py::gil_scoped_acquire gil;
+        try {
+          on_done_(id);
+        } catch (std::exception& e) {
+          if (auto* pe = dynamic_cast<py::error_already_set*>(&e)) {
+            pe->restore();
+            PyErr_Print();
+          }
+        }
+      }
+      cb += seconds_since(td);
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      // Drop finished tasks nobody depends on any more.
+      for (auto it = tasks_.begin(); it != tasks_.end();) {
+        bool needed = false;
+        if (it->second.done)
+          for (const auto& kv : tasks_)
+            if (!kv.second.done &&
+                std::find(kv.second.deps.begin(), kv.second.deps.end(), it->first) != kv.second.deps.end())
+              needed = true;
+        if (it->second.done && !needed)
+          it = tasks_.erase(it);
+        else
+          ++it;
+      }
+      stats_.callback_s += cb;
+      stats_.overhead_s += overhead;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+RayBatcher::RayBatcher(uint64_t seed) : rng_(seed) {}
+
+void RayBatcher::add_view(py::array_t<float, py::array::c_style | py::array::forcecast> origins,
+                          py::array_t<float, py::array::c_style | py::array::forcecast> directions,
+                          py::array_t<float, py::array::c_style | py::array::forcecast> colours) {
+  auto check = [](const py::array& a, const char* name) {
+    if (a.ndim() != 2 || a.shape(1) != 3)
+      throw std::invalid_argument(std::string(name) + " must be [N, 3] float32");
+  };
+  check(origins, "origins");
+  check(directions, "directions");
+  check(colours, "colours");
+  if (origins.shape(0) != directions.shape(0) || origins.shape(0) != colours.shape(0))
+    throw std::invalid_argument("origins, directions and colours must have the same number of rays");
+  size_t n = static_cast<size_t>(origins.shape(0)) * 3;
+  origins_.insert(origins_.end(), origins.data(), origins.data() + n);
+  directions_.insert(directions_.end(), directions.data(), directions.data() + n);
+  colours_.insert(colours_.end(), colours.data(), colours.data() + n);
+  views_ += 1;
+}
+
+void RayBatcher::reshuffle() {
+  order_.resize(num_rays());
+  std::iota(order_.begin(), order_.end(), 0u);
+  std::shuffle(order_.begin(), order_.end(), rng_);
+  cursor_ = 0;
+}
+
+py::tuple RayBatcher::next_batch(size_t n) {
+  if (num_rays() == 0) throw std::runtime_error("RayBatcher: no views added yet");
+  py::array_t<float> o({n, size_t(3)}), d({n, size_t(3)}), c({n, size_t(3)});
+  float *po = o.mutable_data(), *pd = d.mutable_data(), *pc = c.mutable_data();
+  for (size_t i = 0; i < n; ++i) {
+    if (cursor_ >= order_.size() || order_.size() != num_rays()) {
+      if (cursor_ >= order_.size() || order_.empty()) reshuffle();
+    }
+    size_t r = order_[cursor_++];
+    for (int k = 0; k < 3; ++k) {
+      po[3 * i + k] = origins_[3 * r + k];
+      pd[3 * i + k] = directions_[3 * r + k];
+      pc[3 * i + k] = colours_[3 * r + k];
+    }
+  }
+  return py::make_tuple(o, d, c);
+}
+
+}  // namespace dp360rt
