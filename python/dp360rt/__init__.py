@@ -8,10 +8,11 @@ from .config import ConfigError, load_config
 from .images import ImageError
 from .model import DiffPortrait360, build_model
 from .pipeline import GenerationResult, Pipeline
+from .capabilities import capabilities
 from .verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["build_model", "load_checkpoint", "read_state_dict", "convert", "load_config", "Pipeline",
+__all__ = ["capabilities", "build_model", "load_checkpoint", "read_state_dict", "convert", "load_config", "Pipeline",
            "GenerationResult", "DiffPortrait360", "verify", "CheckpointError", "ConfigError", "ImageError"]
 
 

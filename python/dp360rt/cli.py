@@ -42,14 +42,16 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from . import _C_status
     from .config import load_config
     from .model import build_model, state_summary
     print(f"dp360rt {__import__('dp360rt').__version__}  python {platform.python_version()}  torch {torch.__version__}")
-    print(f"CUDA: {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
-    print(f"compiled extension dp360rt._C: {_C_status()}")
+    from .capabilities import capabilities
+    caps = capabilities()
+    for k, v in caps.items():
+        if k != "torch":
+            print(f"  {k:<22} {v if v is not None else 'not available'}")
     cfgs = load_config(a.config)
-    summary = {}
+    summary: dict = {"capabilities": caps}
     for kind, cfg in cfgs.items():
         s = state_summary(build_model(kind, cfg, device="meta"))
         summary[kind] = s
@@ -100,6 +102,70 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(a: argparse.Namespace):
+    """The pipeline a verb asks for: official checkpoints, or random weights (--random CONFIG)."""
+    from .pipeline import Pipeline
+    max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
+    kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem)
+    if a.random:
+        return Pipeline.random(a.random, seed=0, **kw)
+    if not (a.nvs and a.backview):
+        raise ConfigError("pass both --nvs and --backview checkpoints, or --random CONFIG for random weights")
+    return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, **kw)
+
+
+def _conditions(a: argparse.Namespace, size: int):
+    if a.conditions:
+        return a.conditions
+    if not a.random:
+        raise ImageError("--conditions DIR (the authors' sphere32 folder) is required with real checkpoints")
+    from .demo import synthetic_conditions
+    return synthetic_conditions(32, size)
+
+
+def cmd_stream(a: argparse.Namespace) -> int:
+    from .images import save_png
+    pipe = _pipeline(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    try:
+        for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps, seed=a.seed):
+            save_png(v.image, out / f"{v.index:03d}.png")
+            n += 1
+            print(f"view {v.index:3d} ready at {v.t_ready:7.2f} s -> {out / f'{v.index:03d}.png'}", flush=True)
+    finally:
+        pipe.close()
+    print(f"{n} views streamed to {out}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench
+    pipe = _pipeline(a)
+    try:
+        run_bench(pipe, a.out, steps=a.steps, repeats=a.repeats, warmup=a.warmup,
+                  conditions=_conditions(a, pipe.image_size), portrait=a.portrait)
+    finally:
+        pipe.close()
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = None) -> None:
+    p.add_argument("--nvs", help="model_state-340000.th (or .safetensors)")
+    p.add_argument("--backview", help="back_head-230000.th (or .safetensors)")
+    p.add_argument("--random", default=random_default, metavar="CONFIG",
+                   help="random weights of a config (tiny, medium, full, or a config.json) instead of checkpoints")
+    p.add_argument("--config", default="full")
+    p.add_argument("--conditions", help="the authors' cam_condition/sphere32 folder")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--engine", default="fast", choices=["fast", "reference"])
+    p.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(a.out, steps=a.steps, seed=a.seed)
@@ -143,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
     g.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
     g.set_defaults(fn=cmd_generate)
+
+    st = sub.add_parser("stream", help="print and save views as they finish (C++ step loop)")
+    st.add_argument("portrait")
+    st.add_argument("--out", required=True)
+    st.add_argument("--policy", default="latency", choices=["latency", "throughput"])
+    _add_model_args(st)
+    st.set_defaults(fn=cmd_stream)
+
+    b = sub.add_parser("bench", help="per-stage latency with warm-up and repeats; JSON + PNG")
+    b.add_argument("--out", default="dp360rt_bench")
+    b.add_argument("--portrait", help="portrait image (default: a synthetic one)")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--warmup", type=int, default=1)
+    _add_model_args(b)
+    b.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="the whole pipeline on a tiny random-weight model (no checkpoints needed)")
     d.add_argument("--out", default="dp360rt_demo")

@@ -1,0 +1,40 @@
+"""What this machine offers dp360rt, probed lazily (nothing here is needed to import dp360rt)."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import torch
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return str(getattr(importlib.import_module(module), "__version__", "installed"))
+    except Exception as e:  # noqa: BLE001 - a broken install is reported, not raised
+        return f"broken ({type(e).__name__}: {e})"
+
+
+def capabilities() -> dict[str, Any]:
+    """Devices and optional backends: CUDA, Triton, ONNX Runtime providers, TensorRT, tiny-cuda-nn,
+    the native scheduler. Values are versions/names, or None when absent."""
+    from . import _C_status
+    caps: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "native_scheduler": _C_status(),
+        "triton": _version("triton"),
+        "onnxruntime": _version("onnxruntime"),
+        "onnx": _version("onnx"),
+        "tensorrt": _version("tensorrt"),
+        "tinycudann": _version("tinycudann"),
+        "imageio_ffmpeg": _version("imageio_ffmpeg"),
+    }
+    if caps["onnxruntime"] and not caps["onnxruntime"].startswith("broken"):
+        import onnxruntime
+        caps["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    if torch.cuda.is_available():
+        caps["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    return caps
