@@ -1,0 +1,156 @@
+"""One test per row of the README's bad-input table that is not covered in test_checkpoint.py:
+every bad input gets a named error with its fix, never a deep traceback or a silent result."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from dp360rt import Pipeline
+from dp360rt.cli import main
+from dp360rt.config import get_model_config
+from dp360rt.demo import synthetic_conditions, synthetic_portrait
+from dp360rt.images import ImageError, load_conditions, load_portrait, save_png, to_unit
+from dp360rt.runtime import RequestCancelled
+from dp360rt.sampler.plan import MemoryBudgetError, plan_batches
+from dp360rt.scheduler.schedule import ddim_tables, schedule_buffers
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = Pipeline.random("tiny", seed=0)
+    yield p
+    p.close()
+
+
+def test_not_an_image(tmp_path):
+    p = tmp_path / "portrait.png"
+    p.write_text("this is text")
+    with pytest.raises(ImageError, match="not an image Pillow can read"):
+        load_portrait(p)
+
+
+def test_empty_image_file(tmp_path):
+    p = tmp_path / "portrait.jpg"
+    p.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        load_portrait(p)
+
+
+def test_truncated_png(tmp_path):
+    p = tmp_path / "portrait.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated|could not be decoded|not an image"):
+        load_portrait(p)
+
+
+def test_huge_image(tmp_path):
+    p = tmp_path / "huge.png"
+    Image.new("1", (15000, 15000)).save(p)      # 225 MP, a few KB on disk
+    with pytest.raises(ImageError, match="too large"):
+        load_portrait(p)
+
+
+def test_grayscale_image_is_converted(tmp_path):
+    p = tmp_path / "gray.png"
+    Image.new("L", (100, 80), 128).save(p)
+    t = load_portrait(p, 64)
+    assert t.shape == (1, 3, 64, 64) and torch.allclose(t[0, 0], t[0, 1])
+
+
+def test_rgba_image_composited_on_white(tmp_path):
+    p = tmp_path / "rgba.png"
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(p)
+    assert torch.allclose(load_portrait(p, 64), torch.ones(1, 3, 64, 64))
+
+
+def test_portrait_tensor_wrong_shape():
+    with pytest.raises(ImageError, match="portrait tensor must be"):
+        load_portrait(torch.zeros(2, 3, 64, 64), 64)
+
+
+def test_portrait_tensor_nan():
+    x = torch.zeros(1, 3, 64, 64)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ImageError, match="NaN"):
+        load_portrait(x, 64)
+
+
+def test_condition_folder_missing_files(tmp_path):
+    for i in range(30):
+        save_png(torch.zeros(3, 8, 8), tmp_path / f"{i:07d}.png")
+    with pytest.raises(ImageError, match="must hold 32 files.*missing 2"):
+        load_conditions(tmp_path, 64)
+
+
+def test_condition_folder_not_found(tmp_path):
+    with pytest.raises(ImageError, match="condition folder not found"):
+        load_conditions(tmp_path / "sphere32", 64)
+
+
+def test_condition_images_differ_in_size(tmp_path):
+    for i in range(32):
+        save_png(torch.zeros(3, 8 if i else 16, 8 if i else 16), tmp_path / f"{i:07d}.png")
+    with pytest.raises(ImageError, match="differ in size"):
+        load_conditions(tmp_path, 64)
+
+
+def test_conditions_wrong_count(pipe):
+    with pytest.raises(ImageError, match="cannot be split|at least"):
+        pipe(synthetic_portrait(64), synthetic_conditions(12, 64), steps=2)
+
+
+def test_conditions_nan(pipe):
+    c = synthetic_conditions(32, 64)
+    c[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ImageError, match="NaN"):
+        pipe(synthetic_portrait(64), c, steps=2)
+
+
+def test_conditions_wrong_size(pipe):
+    with pytest.raises(ImageError, match=r"conditions must be \[N, 3, 64, 64\]"):
+        pipe(synthetic_portrait(64), synthetic_conditions(32, 32), steps=2)
+
+
+def test_unsupported_step_count():
+    with pytest.raises(ValueError, match="use a step count dividing 1000"):
+        ddim_tables(schedule_buffers()["alphas_cumprod"], 3, 0.5)
+
+
+def test_memory_budget_too_small():
+    with pytest.raises(MemoryBudgetError, match="too small.*raise max_memory"):
+        plan_batches(get_model_config("nvs", "full"), 4, 8, 64, 64, 2, 2**30)
+
+
+def test_cancelled_stream(pipe):
+    h = pipe.submit(synthetic_portrait(64), synthetic_conditions(32, 64), steps=4, seed=0)
+    h.cancel()
+    with pytest.raises(RequestCancelled, match="cancelled"):
+        h.result(timeout=60)
+    assert h.status == "cancelled"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the read-only file case below still runs")
+def test_unwritable_output_dir_permissions(tmp_path, pipe):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    res = pipe(synthetic_portrait(64), synthetic_conditions(32, 64), steps=2)
+    with pytest.raises(OSError, match="writable"):
+        res.save(d / "out")
+
+
+def test_output_path_is_a_file(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    assert main(["demo", "--out", str(f / "sub"), "--steps", "2"]) == 2
+    assert "writable" in capsys.readouterr().err
+
+
+def test_generate_without_checkpoints(capsys):
+    assert main(["stream", "p.png", "--out", "x"]) == 2
+    assert "--nvs and --backview" in capsys.readouterr().err
