@@ -111,5 +111,5 @@ def test_demo_subprocess(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "official checkpoints" in r.stdout
-    for f in ("back_view.png", "000.png", "031.png", "contact_sheet.png", "timings.json", "cameras.json"):
+    for f in ("back_view.png", "000.png", "031.png", "contact_sheet.png", "timings.json", "timings.png", "cameras.json"):
         assert (out / f).is_file(), f

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .images import save_png
+from .plots import bar_chart
 from .pipeline import Pipeline
 
 
@@ -64,6 +65,8 @@ def run_demo(out: str | Path, steps: int = 10, seed: int = 0) -> Path:
     res.save(out)
     save_png(contact_sheet(res.views), out / "contact_sheet.png")
     (out / "timings.json").write_text(json.dumps(res.timings, indent=1))
-    print(f"wrote {len(res.views)} views, back_view.png, contact_sheet.png, timings.json to {out} "
+    bar_chart({k: v for k, v in res.timings.items() if k != "total"}, out / "timings.png",
+              f"dp360rt demo (tiny random weights, {steps} steps): seconds per stage")
+    print(f"wrote {len(res.views)} views, back_view.png, contact_sheet.png, timings.json, timings.png to {out} "
           f"({res.timings['total']:.1f} s, {res.unet_calls} UNet calls)")
     return out

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.shared_kv_attention import shared_kv_attention
+# Routed by backend (Triton kernel on CUDA, the PyTorch twin elsewhere); a module global, so
+# export tools can patch ``bank.shared_kv_attention``.
+from ..kernels.dispatch import shared_kv_attention
 from .attention import Attention, merge_heads, split_heads
 
 

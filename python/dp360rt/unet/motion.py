@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import dispatch
 from .attention import FeedForward, merge_heads, split_heads
 
 
@@ -40,6 +41,11 @@ class TemporalAttention(nn.Module):
     def forward(self, x: Tensor, frames: int) -> Tensor:
         bf, d, c = x.shape
         b = bf // frames
+        if dispatch.kernel_backend(x.device) == "triton":
+            # Kernel path: projections and attention in the [(b f), d, c] layout, no permutes.
+            t = (x.view(b, frames, d, c) + self.pos_encoder.pe[:, :frames, None].to(x.dtype)).view(bf, d, c)
+            q, k, v = (p(t) for p in (self.to_q, self.to_k, self.to_v))
+            return self.to_out(dispatch.temporal_attention(q, k, v, frames, self.heads))
         # (b f) d c -> (b d) f c
         t = x.view(b, frames, d, c).transpose(1, 2).reshape(b * d, frames, c)
         t = t + self.pos_encoder.pe[:, :frames].to(t.dtype)
