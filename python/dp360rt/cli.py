@@ -230,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
+
+    try:  # the offline export toolchain (source checkouts only; never needed to run models)
+        from export.cli import add_parser as add_export_parser
+    except ImportError:
+        add_export_parser = None
+    if add_export_parser is not None:
+        add_export_parser(sub)
     return p
 
 

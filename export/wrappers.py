@@ -1,0 +1,142 @@
+"""Export-friendly views of the model's networks: every input and output an explicit tensor.
+
+Each wrapper calls the runtime's own modules (no second implementation), except where a runtime
+helper does something an exporter cannot see through; that is said at the place.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from dp360rt.model import DiffPortrait360
+from dp360rt.unet.bank import BankWriter, SharedBank
+
+ATTENTION_MODES = ("lse", "concat")
+
+
+@contextlib.contextmanager
+def export_attention(mode: str = "lse") -> Iterator[None]:
+    """Route the shared-bank attention through exportable ops while exporting.
+
+    ``lse``: the runtime's two-part attention with log-sum-exp merge, in plain matmuls
+    (:func:`~dp360rt.kernels.shared_kv_attention.attention_lse_math`, chunked over queries; the CPU
+    path's private flash op has no ONNX form). Bounded memory, the same numbers as the torch backend.
+    ``concat``: softmax over ``[own keys ; shared keys expanded over the frames]`` - the pattern
+    TensorRT fuses into one flash-attention kernel (more memory without that fusion).
+
+    Patches module globals for the duration (offline tool; not thread-safe).
+    """
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    from dp360rt.kernels import shared_kv_attention as skv
+    from dp360rt.unet import bank as bank_mod
+    saved = skv.attention_lse, bank_mod.shared_kv_attention
+    try:
+        if mode == "lse":
+            skv.attention_lse = skv.attention_lse_math
+        else:
+            bank_mod.shared_kv_attention = skv.shared_kv_attention_reference
+        yield
+    finally:
+        skv.attention_lse, bank_mod.shared_kv_attention = saved
+
+
+class TextExport(nn.Module):
+    """token_ids [B, 77] int64 -> context [B, 77, C].
+
+    The text tower's forward validates token ids with ``int(ids.min())`` (a data-dependent host
+    read no exporter can trace), so this replays its body from the same submodules."""
+
+    def __init__(self, model: DiffPortrait360):
+        super().__init__()
+        self.tm = model.cond_stage_model.transformer.text_model
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        tm = self.tm
+        pos = torch.arange(token_ids.shape[1], device=token_ids.device)
+        x = tm.embeddings.token_embedding(token_ids) + tm.embeddings.position_embedding(pos)[None]
+        for layer in tm.encoder.layers:
+            x = layer(x)
+        return tm.final_layer_norm(x)
+
+
+class VAEEncoderExport(nn.Module):
+    """image [B, 3, H, W] in [-1, 1] -> (mean, logvar) [B, 4, H/8, W/8] (``encode_image``)."""
+
+    def __init__(self, model: DiffPortrait360):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.model.encode_image(image)
+        return mean, logvar
+
+
+class VAEDecoderExport(nn.Module):
+    """Scaled latent [B, 4, h, w] -> image [B, 3, 8h, 8w] (``decode_latent``, scale factor included)."""
+
+    def __init__(self, model: DiffPortrait360):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return self.model.decode_latent(latent)
+
+
+class AppearanceExport(nn.Module):
+    """refs [R, 4, h, w], t [R], context [R, 77, C] -> the bank entries, each [R, HW, C]
+    (appearance net stopped after its last write, as the fast engine runs it)."""
+
+    def __init__(self, model: DiffPortrait360):
+        super().__init__()
+        self.net = model.control_model
+
+    def forward(self, refs: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, ...]:
+        writer = BankWriter()
+        self.net(refs, t, context, writer, stop_early=True)
+        return tuple(writer.entries)
+
+
+class PoseExport(nn.Module):
+    """x [B, 4, h, w], hint [B, 3, 8h, 8w], t [B], context [B, 77, C] -> the 13 residuals."""
+
+    def __init__(self, model: DiffPortrait360):
+        super().__init__()
+        self.net = model.pose_control_model
+
+    def forward(self, x: Tensor, hint: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.net(x, hint, t, context))
+
+
+class UNetExport(nn.Module):
+    """x [B, 4, h, w], t [B], context [B, 77, C], bank entries ``n_bank`` x [1, M, C_i], pose
+    residuals ``n_res`` x [cond_rows, ...] -> eps [B, 4, h, w].
+
+    The first ``cond_rows`` rows read the bank (shared keys/values, one copy for all rows) and
+    take the residuals; the rest are the unconditional branch - exactly
+    :meth:`~dp360rt.backends.torch_backend.TorchBackend.unet`."""
+
+    def __init__(self, model: DiffPortrait360, cond_rows: int, n_bank: int, n_res: int):
+        super().__init__()
+        self.unet = model.unet
+        self.cond_rows, self.n_bank, self.n_res = cond_rows, n_bank, n_res
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, *bank_and_res: Tensor) -> Tensor:
+        entries = list(bank_and_res[:self.n_bank])
+        residuals = list(bank_and_res[self.n_bank:self.n_bank + self.n_res])
+        reader = SharedBank(entries, [0]).for_call([self.cond_rows])
+        return self.unet(x, t, context, bank=reader, pose_residuals=residuals)
+
+
+class UNetNoBankExport(nn.Module):
+    """The unconditional branch alone: x, t, context -> eps (plain self-attention, no residuals)."""
+
+    def __init__(self, model: DiffPortrait360):
+        super().__init__()
+        self.unet = model.unet
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        return self.unet(x, t, context)
