@@ -24,9 +24,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from dp360rt.backends.ort_backend import OrtBackend  # noqa: E402
 from dp360rt.backends.torch_backend import TorchBackend  # noqa: E402
@@ -57,8 +54,8 @@ def _rel(a, b) -> float:
 
 
 def bench_config(config: str, repeats: int, export_dir: str | None, device: str, threads: int | None) -> dict:
-    from export.onnx_export import export_models
-    from export.profiles import parse_profiles
+    from dp360rt.export.onnx_export import export_models
+    from dp360rt.export.profiles import parse_profiles
     torch.manual_seed(0)
     m = build_model("nvs", config)
     with torch.no_grad():

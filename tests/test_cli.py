@@ -96,7 +96,17 @@ def test_generate_with_checkpoints(tmp_path, recipe, capsys):
     assert rc == 0, capsys.readouterr().err
     files = json.loads((out / "cameras.json").read_text())["views"]
     assert [f["file"] for f in files] == [f"{i:03d}.png" for i in range(32)]
+    assert all(len(f["camera"]) == 25 for f in files)              # the default orbit, ready for `nerf fit`
     assert Image.open(out / "000.png").size == (64, 64)
+    # the generated views folder feeds `nerf fit` / `nerf render` as it is
+    model, rend = tmp_path / "nerf", tmp_path / "rendered"
+    assert main(["nerf", "fit", str(out), "--out", str(model), "--steps", "20", "--holdout", "4", "--quiet"]) == 0
+    assert "held-out PSNR" in capsys.readouterr().out
+    assert main(["nerf", "render", str(model), "--cameras", str(out / "cameras.json"), "--out", str(rend)]) == 0
+    assert sorted(p.name for p in rend.glob("*.png")) == [f"{i:03d}.png" for i in range(32)]
+    assert Image.open(rend / "031.png").size == (64, 64)
+    assert main(["nerf", "fit", str(cond_dir), "--out", str(model), "--steps", "1"]) == 2     # no cameras.json
+    assert "cameras.json not found" in capsys.readouterr().err
     # swapped checkpoints: a clear error, exit code 2
     rc = main(["generate", str(tmp_path / "portrait.png"), "--nvs", str(tmp_path / "backview.th"),
                "--backview", str(tmp_path / "nvs.th"), "--conditions", str(cond_dir), "--out", str(out),

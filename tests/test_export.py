@@ -7,20 +7,15 @@ a subprocess, the 360° model in-process.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import SET_A, rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:          # the offline toolchain lives at the repository root (package `export`)
-    sys.path.insert(0, str(ROOT))
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -30,7 +25,7 @@ from dp360rt.backends.ort_backend import MODULE_PREFIX, ExportManifest, ExportMi
 from dp360rt.backends.torch_backend import TorchBackend  # noqa: E402
 from dp360rt.sampler.fast import sample_windows_fast, write_shared_bank  # noqa: E402
 from dp360rt.sampler.plan import BatchPlan  # noqa: E402
-from export.profiles import Profile  # noqa: E402
+from dp360rt.export.profiles import Profile  # noqa: E402
 
 TOL = 1e-5
 THREADS = 1   # tiny networks: one thread is fastest, and immune to a busy CPU stalling the OpenMP team
@@ -52,16 +47,15 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def exported(models, tmp_path_factory, _one_thread):
     """{"nvs": dir, "backview": dir, "cli_output": str, "seconds": float}."""
-    from export.onnx_export import export_models, format_summary
+    from dp360rt.export.onnx_export import export_models, format_summary
     base = tmp_path_factory.mktemp("onnx")
     bv_ckpt = base / "backview.pt"
     torch.save(models["backview"].state_dict(), bv_ckpt)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "export", "--config", str(SET_A), "--backview", str(bv_ckpt),
+    proc = subprocess.Popen([sys.executable, "-m", "dp360rt.export", "--config", str(SET_A), "--backview", str(bv_ckpt),
                              "--profiles", "backview", "--out", str(base / "backview"), "--quiet",
                              "--threads", str(THREADS)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, rows = export_models({"nvs": models["nvs"]}, base / "nvs", NVS_PROFILES, progress=False,
                                 sources={"nvs": "setA recipe"})
@@ -93,7 +87,7 @@ def _inputs(m, rows: int, seed: int = 0):
 
 # -- the files -------------------------------------------------------------------------------------------
 def test_manifest_describes_every_file(exported):
-    from export.onnx_export import sha256_file
+    from dp360rt.export.onnx_export import sha256_file
     for kind in ("nvs", "backview"):
         man = ExportManifest.load(exported[kind])
         assert set(man.models) == {kind}
@@ -232,17 +226,47 @@ def test_export_of_other_weights_or_profiles_is_refused(models, exported):
 
 
 def test_verify_with_ort_backend(models, exported):
-    from export.verify_backend import verify_with_backend
-    from dp360rt.verify import format_row
-    results = verify_with_backend(SET_A, "ort", export_dir={"nvs": exported["nvs"], "backview": exported["backview"]},
-                                  models=models, threads=THREADS)
+    from dp360rt.verify import format_row, verify
+    results = verify(SET_A, backend="ort", export_dir={"nvs": exported["nvs"], "backview": exported["backview"]},
+                     threads=THREADS)
     print("\n" + "\n".join(format_row(r) for r in results))
     assert len(results) == 10 and all(r.ok for r in results), [r for r in results if not r.ok]
 
 
+def test_cli_verify_backend_ort_exports_and_passes(capsys):
+    """The acceptance command as a user types it: no export given, so the fixture's models are exported
+    to a temporary directory first, then every golden case runs through ONNX Runtime."""
+    from dp360rt.cli import main
+    assert main(["verify", str(SET_A), "--backend", "ort"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: ort" in out and "10/10 cases passed" in out
+
+
+def test_export_attention_forms_equal_the_runtime():
+    """The exportable attention forms (patched in while tracing) compute the runtime's numbers."""
+    import torch.nn.functional as F
+    from dp360rt.kernels.shared_kv_attention import attention_lse_math, shared_kv_attention
+    from dp360rt.export.wrappers import QUERY_CHUNK, attention_lse_export, export_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, QUERY_CHUNK + 300, 16, generator=g) for _ in range(3))
+    ks, vs = (torch.randn(1, 3, 200, 16, generator=g) for _ in range(2))
+    out, lse = attention_lse_export(q, k, v)
+    ref_out, ref_lse = attention_lse_math(q, k, v)
+    assert (out - ref_out).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+    want = [F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            shared_kv_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], ks, vs)]
+    for mode in ("lse", "concat"):
+        with export_attention(mode):
+            got = [F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True)]
+            from dp360rt.unet import bank as bank_mod
+            got.append(bank_mod.shared_kv_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], ks, vs))
+        assert all((a - b).abs().max() < 1e-5 for a, b in zip(got, want)), mode
+    assert F.scaled_dot_product_attention.__module__ != "dp360rt.export.wrappers"          # restored
+
+
 # -- fp16 ---------------------------------------------------------------------------------------------------
 def test_fp16_export_halves_weights_and_stays_close(models, tmp_path):
-    from export.onnx_export import ExportOptions, export_models
+    from dp360rt.export.onnx_export import ExportOptions, export_models
     m = models["nvs"]
     p = [Profile("fp16", "nvs", unet=((8, 8),), nobank=(8,), pose=(8,), refs=2)]
     man, _ = export_models({"nvs": m}, tmp_path / "fp16", p,
@@ -334,15 +358,15 @@ def test_engine_key_tracks_the_onnx_file(exported, tmp_path):
 def test_runtime_imports_without_onnx_or_tensorrt():
     code = ("import sys, dp360rt, dp360rt.cli, dp360rt.backends.ort_backend, dp360rt.backends.trt_backend, "
             "dp360rt.backends.engine_cache; "
-            "bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt', 'export') if m in sys.modules]; "
+            "bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt', 'dp360rt.export') if m in sys.modules]; "
             "assert not bad, bad")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)   # `export` importable
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
 def test_cli_parser_and_argument_errors(capsys):
     import argparse
-    from export.cli import add_parser
+    from dp360rt.export.cli import add_parser
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd")
     add_parser(sub)
@@ -352,6 +376,9 @@ def test_cli_parser_and_argument_errors(capsys):
     assert "give the weights" in capsys.readouterr().err
     assert a.func(ap.parse_args(["export", "--out", "x", "--random", "--config", "tiny", "--profiles", "nope"])) == 2
     assert "unknown profile" in capsys.readouterr().err
+    if _trt_missing() is not None:         # fails fast, before any export work
+        assert a.func(ap.parse_args(["export", "--out", "x", "--random", "--to", "trt"])) == 2
+        assert "TensorRT" in capsys.readouterr().err
 
 
 # -- TensorRT (GPU machines with TensorRT only) ---------------------------------------------------------------

@@ -42,6 +42,18 @@ def test_stream_equals_reference_loop(pipe):
     assert (res.back_view - ref.back_view).abs().max() <= 1 / 255 + 1e-6
 
 
+def test_nerf_fitter_consumes_the_stream(pipe):
+    """Views go into the NeRF fitter as they arrive, each with its camera (the default orbit here)."""
+    from dp360rt.nerf import Nerf, sphere32_cameras
+    fitter = Nerf().fitter(steps=6, progress=False)
+    for v in pipe.stream(POR, COND, steps=2, seed=3):
+        fitter.add_view(v)
+    assert fitter.num_views == 32
+    stats = fitter.train()
+    assert stats["steps"] == 6 and np.isfinite(stats["train_psnr"])
+    assert torch.equal(torch.stack(fitter._pool.cams), sphere32_cameras())
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(-1, 3), st.integers(0, 1), st.sampled_from([1, 8]),
                           st.integers(0, 5), st.integers(1, 5), st.integers(0, 1000), st.booleans()),

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
 from .config import ConfigError
 from .images import ImageError
-from .sampler.plan import MemoryBudgetError
 
 
 def _progress_bar():
@@ -33,9 +31,13 @@ def _progress_bar():
 
 def cmd_verify(a: argparse.Namespace) -> int:
     from .verify import HEADER, format_row, verify
-    print(f"verifying {a.fixture_dir} (engine: {a.engine})")
+    engine = "fast" if a.backend != "torch" else a.engine      # exported networks run the fast engine's schedule
+    print(f"verifying {a.fixture_dir} (engine: {engine}, backend: {a.backend})")
+    if a.backend != "torch" and not a.export_dir:
+        print("exporting the fixture's models to ONNX first (a minute for a tiny config) ...", flush=True)
     print(HEADER)
-    results = verify(a.fixture_dir, engine=a.engine, on_result=lambda r: print(format_row(r), flush=True))
+    results = verify(a.fixture_dir, engine=engine, backend=a.backend, export_dir=a.export_dir,
+                     on_result=lambda r: print(format_row(r), flush=True))
     failed = [r.name for r in results if not r.ok]
     print(f"{len(results) - len(failed)}/{len(results)} cases passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed or not results else 0
@@ -95,7 +97,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                                      engine=a.engine, max_memory=max_mem)
     if pipe.plan is not None:
         print("plan: " + pipe.plan.describe(4, pipe.nvs.frames))
-    res = pipe(a.portrait, a.conditions, steps=a.steps, seed=a.seed, progress=_progress_bar())
+    res = pipe(a.portrait, a.conditions, cameras=a.cameras, steps=a.steps, seed=a.seed, progress=_progress_bar())
     out = res.save(a.out)
     print(f"wrote back view + {len(res.views)} views to {out}; timings (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
@@ -128,15 +130,19 @@ def cmd_stream(a: argparse.Namespace) -> int:
     pipe = _pipeline(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    n = 0
+    views = {}
     try:
-        for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps, seed=a.seed):
+        for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps, seed=a.seed,
+                             cameras=a.cameras):
             save_png(v.image, out / f"{v.index:03d}.png")
-            n += 1
+            views[v.index] = v.camera
             print(f"view {v.index:3d} ready at {v.t_ready:7.2f} s -> {out / f'{v.index:03d}.png'}", flush=True)
     finally:
         pipe.close()
-    print(f"{n} views streamed to {out}")
+    from .nerf.cameras import write_cameras_json
+    order = sorted(views)
+    write_cameras_json(out / "cameras.json", [views[i] for i in order], [f"{i:03d}.png" for i in order])
+    print(f"{len(views)} views streamed to {out} (with cameras.json: `dp360rt nerf fit {out}` fits them)")
     return 0
 
 
@@ -151,6 +157,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+_CAMERAS_HELP = ("cameras.json with the views' 25-number PanoHead cameras (default: the condition folder's "
+                 "cameras.json, else the default 32-view orbit)")
+
+
 def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = None) -> None:
     p.add_argument("--nvs", help="model_state-340000.th (or .safetensors)")
     p.add_argument("--backview", help="back_head-230000.th (or .safetensors)")
@@ -158,6 +168,7 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
                    help="random weights of a config (tiny, medium, full, or a config.json) instead of checkpoints")
     p.add_argument("--config", default="full")
     p.add_argument("--conditions", help="the authors' cam_condition/sphere32 folder")
+    p.add_argument("--cameras", help=_CAMERAS_HELP)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -179,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="recompute a fixture set's golden cases and compare")
     v.add_argument("fixture_dir")
     v.add_argument("--engine", default="reference", choices=["reference", "fast"])
+    v.add_argument("--backend", default="torch", choices=["torch", "ort", "trt"],
+                   help="run the networks on exported ONNX files (ort: ONNX Runtime, trt: TensorRT engines)")
+    v.add_argument("--export-dir", help="an export of this fixture set (python -m dp360rt.export --fixture DIR ...); "
+                                        "default: export to a temporary directory first")
     v.set_defaults(fn=cmd_verify)
 
     i = sub.add_parser("info", help="versions, devices, per-module parameter counts of a config")
@@ -200,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backview", required=True, help="back_head-230000.th (or .safetensors)")
     g.add_argument("--conditions", required=True, help="the authors' cam_condition/sphere32 folder")
     g.add_argument("--out", required=True)
+    g.add_argument("--cameras", help=_CAMERAS_HELP)
     g.add_argument("--config", default="full")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
@@ -231,12 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
 
-    try:  # the offline export toolchain (source checkouts only; never needed to run models)
-        from export.cli import add_parser as add_export_parser
-    except ImportError:
-        add_export_parser = None
-    if add_export_parser is not None:
-        add_export_parser(sub)
+    # the offline export toolchain: argparse only here; onnx / torch.onnx load inside its handler
+    from .export.cli import add_parser as add_export_parser
+    add_export_parser(sub)
+    from .nerf.cli import add_parser as add_nerf_parser
+    add_nerf_parser(sub)
     return p
 
 
@@ -244,12 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, ImageError, MemoryBudgetError, FileNotFoundError) as e:
-        print(f"dp360rt {args.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:       # bad input: every message names the problem and the fix
+        print(f"dp360rt {_verb(args)}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"dp360rt {args.cmd}: error: {e}", file=sys.stderr)
+    except ImportError as e:      # an optional dependency (onnx, onnxruntime, tensorrt, imageio-ffmpeg)
+        fix = "" if "Fix:" in str(e) else (". Fix: install the optional dependency "
+                                            "(e.g. pip install 'dp360rt[export]' for ONNX)")
+        print(f"dp360rt {_verb(args)}: error: {e}{fix}", file=sys.stderr)
         return 2
+
+
+def _verb(args: argparse.Namespace) -> str:
+    return " ".join(v for v in (args.cmd, getattr(args, "nerf_cmd", None)) if v)
 
 
 if __name__ == "__main__":

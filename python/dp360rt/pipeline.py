@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from .sampler.fast import sample_windows_fast
 from .sampler.plan import BatchPlan, default_plan
 from .sampler.reference import sample_reference
 from .text.clip import empty_prompt_ids
+
+if TYPE_CHECKING:
+    from .nerf import Nerf
 
 
 @dataclass
@@ -49,6 +52,19 @@ class GenerationResult:
     latents: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     unet_calls: int = 0
+
+    def fit_nerf(self, seconds: float | None = 60.0, steps: int | None = None, progress: bool = True,
+                 **options: Any) -> "Nerf":
+        """Fit an instant NeRF to the 32 views and their cameras and return it (render with
+        ``nerf.render(camera, width, height)``; ``nerf.stats`` holds steps, seconds and PSNR).
+        ``options`` override :class:`dp360rt.nerf.NerfConfig` fields (``encoding``, ``device``, ...)."""
+        from .nerf import Nerf
+        if self.cameras is None:
+            raise ValueError("these views have no cameras, so a NeRF cannot be fitted. Fix: generate with the "
+                             "sphere32 conditions (the default), whose PanoHead cameras are known")
+        nerf = Nerf(**options)
+        nerf.fit(list(self.views), self.cameras, seconds=seconds, steps=steps, progress=progress)
+        return nerf
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``back_view.png``, ``000.png`` ... and ``cameras.json`` (the NeRF views layout)."""
@@ -198,7 +214,7 @@ class Pipeline:
 
     def submit(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "throughput", **kw: Any):
         """Queue a generation on the C++ step loop; returns a handle with ``cancel()``, ``result()``,
-        ``progress`` and view iteration. Keywords: steps, seed, features, cameras."""
+        ``progress`` and view iteration. Keywords: steps, seed, features, cameras (as for ``__call__``)."""
         return self.runtime(policy).submit(portrait, conditions, **kw)
 
     def close(self) -> None:
@@ -217,14 +233,16 @@ class Pipeline:
 
     @torch.no_grad()
     def __call__(self, portrait: Any, conditions: str | Path | Tensor, *, features: Tensor | None = None,
-                 steps: int = 50, eta: float = 0.5, cfg_scale: float = 3.0,
+                 cameras: Tensor | str | Path | None = None, steps: int = 50, eta: float = 0.5, cfg_scale: float = 3.0,
                  seed: int | torch.Generator | NoiseSource | None = 0,
                  progress: Callable[[str, int, int], None] | None = None) -> GenerationResult:
         """Generate the back view, then all views.
 
         portrait: path / PIL image / [1, 3, S, S] tensor; conditions: the authors' condition folder
         or a tensor [N, 3, S, S] in [-1, 1] (N a multiple of 8; index 18 is the back-view hint);
-        features: optional [N, 3, S, S] frames for the 3D-aware start. Randomness from ``seed``
+        features: optional [N, 3, S, S] frames for the 3D-aware start; cameras: the views' [N, 25]
+        PanoHead cameras or a cameras.json (default: the condition folder's cameras.json, else the
+        default orbit, see :func:`dp360rt.nerf.cameras.resolve_cameras`). Randomness from ``seed``
         (an int, a CPU ``torch.Generator``, or a noise source).
         """
         s = self.image_size
@@ -239,6 +257,8 @@ class Pipeline:
         if cond.shape[0] <= BACK_CONDITION_INDEX:
             raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images (index "
                              f"{BACK_CONDITION_INDEX} is the back-view hint), got {cond.shape[0]}")
+        from .nerf.cameras import resolve_cameras
+        view_cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         cond = cond.to(self.device)
         if features is not None:
             if features.shape != cond.shape:
@@ -279,7 +299,7 @@ class Pipeline:
             views = torch.cat([to_unit(m.decode_latent(z).float()) for z in latents]).cpu()
             timings["decode"] = time.perf_counter() - tic
         return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, latents=torch.cat(latents).cpu(),
-                                timings=timings,
+                                cameras=view_cameras, timings=timings,
                                 unet_calls=calls + n_calls)
 
 

@@ -8,7 +8,9 @@ fixtures' README).
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -106,14 +108,13 @@ class _Runner:
     def _run(self, name: str, case: dict[str, Any]) -> tuple[dict[str, Any], float]:
         inp, noise = case["inputs"], case.get("noise", [])
         if name.startswith("text_encode"):
-            return {"context": self.model("nvs").encode_text(inp["token_ids"])}, TOL_CALL
+            return {"context": self.encode_text("nvs", inp["token_ids"])}, TOL_CALL
         if name.startswith("vae_encode"):
-            m = self.model("nvs")
-            mean, logvar = m.encode_image(inp["image"])
-            latent = m.sample_latent(mean, logvar, RecordedNoise(noise)(mean.shape))
+            mean, logvar = self.encode_image(inp["image"])
+            latent = self.model("nvs").sample_latent(mean, logvar, RecordedNoise(noise)(mean.shape))
             return {"mean": mean, "logvar": logvar, "latent": latent}, TOL_CALL
         if name.startswith("vae_decode"):
-            return {"image": self.model("nvs").decode_latent(inp["latent"])}, TOL_CALL
+            return {"image": self.decode_latent(inp["latent"])}, TOL_CALL
         kind = next((k for k in ("nvs", "backview") if name.startswith(k + "_")), None)
         if kind is None:
             raise KeyError(name)
@@ -130,6 +131,16 @@ class _Runner:
                     "ddim_timesteps": t.timesteps, "ddim_alphas": t.alphas, "ddim_alphas_prev": t.alphas_prev,
                     "ddim_sigmas": t.sigmas, "ddim_sqrt_one_minus_alphas": t.sqrt_one_minus_alphas}, TOL_DDIM
         raise KeyError(name)
+
+    # the network calls a backend runner replaces
+    def encode_text(self, kind: str, ids: Tensor) -> Tensor:
+        return self.model(kind).encode_text(ids)
+
+    def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model("nvs").encode_image(image)
+
+    def decode_latent(self, latent: Tensor) -> Tensor:
+        return self.model("nvs").decode_latent(latent)
 
     def apply(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], uc: bool):
         if self.engine == "fast":
@@ -148,17 +159,26 @@ class _Runner:
 
 
 ENGINES = ("reference", "fast")
+BACKENDS = ("torch", "ort", "trt")
 
 
-def verify(fixture_dir: str | Path, engine: str = "reference",
-           on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+def verify(fixture_dir: str | Path, engine: str = "reference", backend: str = "torch",
+           export_dir: str | Path | dict[str, str | Path] | None = None, on_result: Callable[[CaseResult], None] | None = None,
+           **backend_options: Any) -> list[CaseResult]:
     """Recompute every case of a fixture set; returns one :class:`CaseResult` per case.
 
+    ``backend="ort"|"trt"`` runs every network on exported ONNX files (with the fast engine's
+    schedule): ``export_dir`` is an export of this fixture set's weights (checked against them);
+    without it the fixture's models are exported to a temporary directory first (needs ``onnx``).
+    ``export_dir`` may also be one directory per model kind (``{"nvs": DIR, "backview": DIR}``).
+    ``backend_options`` go to the backend (e.g. ``providers=``, ``threads=``).
     Missing standard cases, unknown case names and malformed files are failed results, never
-    exceptions (except a missing directory).
+    exceptions (except a missing directory or an unknown engine/backend).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     d = Path(fixture_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"fixture directory not found: {d}")
@@ -176,7 +196,26 @@ def verify(fixture_dir: str | Path, engine: str = "reference",
     except (FileNotFoundError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         add(CaseResult("cases.pt", False, message=f"unreadable: {e}"))
         return results
-    runner = _Runner(d, engine)
+    if backend == "torch":
+        _run_cases(_Runner(d, engine), cases, add)
+        return results
+    from .export.verify_backend import BackendRunner, export_fixture      # exported networks: offline toolchain
+    with contextlib.ExitStack() as stack:
+        if export_dir is None:
+            export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dp360rt_verify_")))
+            runner = BackendRunner(d, backend, export_dir, **backend_options)
+            try:
+                export_fixture(d, export_dir, runner)
+            except (CheckpointError, ConfigError, ValueError, RuntimeError) as e:
+                add(CaseResult("export", False, message=f"{type(e).__name__}: {e}"))
+                return results
+        else:
+            runner = BackendRunner(d, backend, export_dir, **backend_options)
+        _run_cases(runner, cases, add)
+    return results
+
+
+def _run_cases(runner: _Runner, cases: dict[str, Any], add: Callable[[CaseResult], None]) -> None:
     for name in STANDARD_CASES:
         if name not in cases:
             add(CaseResult(name, False, message="case missing from cases.pt"))
@@ -193,19 +232,18 @@ def verify(fixture_dir: str | Path, engine: str = "reference",
             add(CaseResult(name, False, message=msg))
         except (CheckpointError, ConfigError) as e:
             add(CaseResult(name, False, message=str(e)))
-        except (ValueError, RuntimeError, TypeError) as e:
+        except (ValueError, RuntimeError, TypeError) as e:        # ExportMismatchError is a ValueError
             add(CaseResult(name, False, message=f"{type(e).__name__}: {e}"))
     meta = cases.get("_meta", {})
     if isinstance(meta, dict) and isinstance(meta.get("backview_text_context"), Tensor):
         try:
-            m = runner.model("backview")
             ref = meta["backview_text_context"]
             from .text.clip import empty_prompt_ids
             ids = empty_prompt_ids(ref.shape[1]).expand(ref.shape[0], -1)
-            add(compare({"context": m.encode_text(ids)}, {"context": ref}, TOL_CALL, "_meta.backview_text_context"))
+            add(compare({"context": runner.encode_text("backview", ids)}, {"context": ref}, TOL_CALL,
+                        "_meta.backview_text_context"))
         except (CheckpointError, ConfigError, ValueError, RuntimeError) as e:
             add(CaseResult("_meta.backview_text_context", False, message=str(e)))
-    return results
 
 
 def format_row(r: CaseResult) -> str:

@@ -1,6 +1,6 @@
 """The ONNX Runtime backend: the fast sampler's network calls on exported static-shape ONNX files.
 
-An export directory (written by the offline toolchain, ``python -m export``) holds one ONNX file
+An export directory (written by the offline toolchain, ``python -m dp360rt.export``) holds one ONNX file
 per network and batch shape, and ``manifest.json`` describing each (module, shape profile, input
 and output names/shapes/dtypes, hashes). :class:`ExportedBackend` holds what every exported-file
 backend shares - reading the manifest, checking it belongs to the model, picking the file whose
@@ -104,7 +104,7 @@ class ExportManifest:
         self.data = data
         if data.get("format") != MANIFEST_FORMAT:
             raise ExportMismatchError(f"{self.dir / MANIFEST_NAME}: format {data.get('format')!r}, expected "
-                                      f"{MANIFEST_FORMAT!r}. Fix: re-export with this version (python -m export ...)")
+                                      f"{MANIFEST_FORMAT!r}. Fix: re-export with this version (python -m dp360rt.export ...)")
         self.files = [ExportedFile.from_json(f) for f in data.get("files", [])]
         self.models: dict[str, Any] = dict(data.get("models", {}))
 
@@ -114,7 +114,7 @@ class ExportManifest:
         p = d / MANIFEST_NAME
         if not p.is_file():
             raise FileNotFoundError(f"no {MANIFEST_NAME} in {d}. Fix: export first, e.g. "
-                                    f"`python -m export --config full --nvs NVS.th --backview BACK.th --out {d}`")
+                                    f"`python -m dp360rt.export --config full --nvs NVS.th --backview BACK.th --out {d}`")
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
@@ -259,7 +259,7 @@ class ExportedBackend:
         raise ExportMismatchError(
             f"{type(self).__name__} ({self.kind}): no exported '{module}' file has the static shapes of this call "
             f"({call}). Exported '{module}' variants: {have}. Fix: export a profile with these shapes "
-            f"(python -m export --profiles ..., custom NAME=ROWS:COND){hint}")
+            f"(python -m dp360rt.export --profiles ..., custom NAME=ROWS:COND){hint}")
 
     def _run(self, module: str, feeds: dict[str, Tensor], cond_rows: int | None = None) -> list[Tensor]:
         entry = self._select(module, feeds, cond_rows)
@@ -397,7 +397,7 @@ class OrtBackend(ExportedBackend):
         """
         if export_dir is None:
             raise ExportMismatchError("the ort backend runs exported ONNX files: pass export_dir=DIR (make one with "
-                                      "`python -m export --out DIR ...`)")
+                                      "`python -m dp360rt.export --out DIR ...`)")
         manifest = ExportManifest.load(export_dir)
         profiles = [profile] if isinstance(profile, str) else profile
         kw.setdefault("device", next(model.parameters()).device)

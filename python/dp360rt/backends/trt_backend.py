@@ -9,7 +9,7 @@ preallocated torch CUDA buffers, optionally replayed as CUDA graphs.
   Engines of one backend share one activation workspace (calls are sequential on one stream).
 * :class:`TrtBackend` - the fast sampler's backend over an export directory (selection of the file
   whose static shapes match each call, as the ORT backend), engines from :mod:`.engine_cache`.
-* :func:`build_engines` - build/refresh the engines of a whole export (``python -m export --to trt``).
+* :func:`build_engines` - build/refresh the engines of a whole export (``python -m dp360rt.export --to trt``).
 
 ``tensorrt`` is imported only here and only when used; ``dp360rt`` imports without it.
 """

@@ -37,11 +37,11 @@ class RequestCancelled(RuntimeError):
 
 @dataclass
 class View:
-    """One finished view: index in the orbit, camera (25 PanoHead numbers or None), image
+    """One finished view: index in the orbit, camera ([25] PanoHead numbers), image
     [3, H, W] in [0, 1] (CPU), t_ready seconds after submit."""
 
     index: int
-    camera: Tensor | None
+    camera: Tensor
     image: Tensor
     t_ready: float
 
@@ -56,7 +56,7 @@ class _Request:
     noise: Any
     queue: Any
     t0: float
-    cameras: Tensor | None = None
+    cameras: Tensor | None = None      # [N, 25], set by submit
     bv_task: Task | None = None
     window_tasks: dict[int, Task] = field(default_factory=dict)
     task_ids: dict[int, int] = field(default_factory=dict)     # native task id -> window (-1: back view)
@@ -173,7 +173,7 @@ class Runtime:
 
     # -- public ------------------------------------------------------------------------------
     def submit(self, portrait: Any, conditions: Any, *, steps: int = 50, seed: Any = 0,
-               features: Tensor | None = None, cameras: Tensor | None = None) -> Handle:
+               features: Tensor | None = None, cameras: Any = None) -> Handle:
         """Queue one portrait; returns at once with a :class:`Handle` (inputs are validated here)."""
         s = self.pipe.image_size
         img = load_portrait(portrait, s)
@@ -183,6 +183,8 @@ class Runtime:
                              f"got {tuple(cond.shape)}")
         if cond.shape[0] <= BACK_CONDITION_INDEX:
             raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images, got {cond.shape[0]}")
+        from ..nerf.cameras import resolve_cameras
+        cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         ddim_tables(self.pipe.nvs.alphas_cumprod, steps, self.eta)          # validates the step count
         from .. import _C
         rid = next(self._ids)
@@ -337,8 +339,7 @@ class Runtime:
         req.latents[w] = task.x.cpu()
         for j, img in enumerate(images):
             idx = w * self.frames + j
-            cam = req.cameras[idx] if req.cameras is not None else None
-            if not req.queue.push(View(idx, cam, img, time.perf_counter() - req.t0)):
+            if not req.queue.push(View(idx, req.cameras[idx], img, time.perf_counter() - req.t0)):
                 return                                  # cancelled while waiting
             req.views_pushed += 1
         if not req.window_tasks and len(req.latents) == req.conditions.shape[0] // self.frames:

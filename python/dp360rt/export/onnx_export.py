@@ -1,6 +1,6 @@
 """Export DiffPortrait360's networks to static-shape ONNX files plus ``manifest.json``.
 
-One file per (model kind, network, batch shape); shape profiles (:mod:`export.profiles`) decide
+One file per (model kind, network, batch shape); shape profiles (:mod:`dp360rt.export.profiles`) decide
 which shapes; a shape shared by several profiles is exported once and listed under each. Files
 above 2 GB keep their weights in one external-data file beside them (``NAME.onnx.data``). Every
 file is checked with ``onnx.checker`` (path-based, full check), hashed, and described in the
@@ -43,9 +43,9 @@ N_RES_NAME = "res_{:02d}"
 @dataclass
 class ExportOptions:
     opset: int = 17
-    precision: str = "fp32"            # fp32 | fp16 (fp16 weights + matmuls/convs, see export.fp16)
+    precision: str = "fp32"            # fp32 | fp16 (fp16 weights + matmuls/convs, see dp360rt.export.fp16)
     exporter: str = "auto"             # torchscript (preferred) | dynamo | auto (torchscript, else dynamo)
-    attention: str = "lse"             # lse | concat (see export.wrappers.export_attention)
+    attention: str = "lse"             # lse | concat (see dp360rt.export.wrappers.export_attention)
     check: bool = True                 # onnx.checker (full check) on every written file
     modules: tuple[str, ...] | None = None   # subset of MODULES (None: all)
     release_weights: bool = False      # free each network's weights once its files are written (big exports)

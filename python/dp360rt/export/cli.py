@@ -1,9 +1,9 @@
-"""``export`` subcommand: ``add_parser(subparsers)`` for the main CLI, ``main()`` for ``python -m export``.
+"""``export`` subcommand: ``add_parser(subparsers)`` for the main CLI, ``main()`` for ``python -m dp360rt.export``.
 
-    python -m export --nvs NVS.th --backview BACK.th --out onnx/ [--fp16] [--profiles window8x2cfg backview]
-    python -m export --random --config tiny --out /tmp/onnx            # random weights, for testing
-    python -m export --fixture tests/fixtures/setA --out /tmp/onnx_setA # a fixture set's weights
-    python -m export ... --to trt                                       # then build TensorRT engines
+    python -m dp360rt.export --nvs NVS.th --backview BACK.th --out onnx/ [--fp16] [--profiles window8x2cfg backview]
+    python -m dp360rt.export --random --config tiny --out /tmp/onnx            # random weights, for testing
+    python -m dp360rt.export --fixture tests/fixtures/setA --out /tmp/onnx_setA # a fixture set's weights
+    python -m dp360rt.export ... --to trt                                       # then build TensorRT engines
 
 Heavy imports (onnx, the exporter) happen in the handler, so registering the subcommand is cheap.
 """
@@ -105,6 +105,13 @@ def run(a: argparse.Namespace) -> int:
         print("export: needs the onnx package: pip install onnx onnxruntime (or pip install 'dp360rt[export]')",
               file=sys.stderr)
         return 2
+    if a.to == "trt":                       # fail before a long export, not after
+        from dp360rt.backends.trt_backend import TrtUnavailableError, import_trt
+        try:
+            import_trt()
+        except TrtUnavailableError as e:
+            print(f"export --to trt: {e}", file=sys.stderr)
+            return 2
     from dp360rt.checkpoint import CheckpointError
     from dp360rt.config import ConfigError
     from .onnx_export import ExportOptions, export_models, format_summary
@@ -162,6 +169,6 @@ def _build_trt(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export", description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog="python -m dp360rt.export", description=DESCRIPTION)
     configure(p)
     return run(p.parse_args(argv))

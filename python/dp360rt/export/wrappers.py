@@ -15,33 +15,69 @@ from dp360rt.model import DiffPortrait360
 from dp360rt.unet.bank import BankWriter, SharedBank
 
 ATTENTION_MODES = ("lse", "concat")
+QUERY_CHUNK = 1024
+
+
+def chunked_sdpa(sdpa):
+    """``scaled_dot_product_attention`` over query chunks of :data:`QUERY_CHUNK` when both the
+    queries and the keys are long (the UNet's top-level self-attention: 4096 tokens at full size),
+    so an unfused runtime (ONNX Runtime CPU) never holds a whole [B, H, N, M] score tensor; other
+    calls (masks, causal, short sequences) go through unchanged."""
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        n = q.shape[-2]
+        if attn_mask is not None or is_causal or dropout_p or kw or n <= QUERY_CHUNK or k.shape[-2] <= QUERY_CHUNK:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        return torch.cat([sdpa(q[..., s:s + QUERY_CHUNK, :], k, v, scale=scale) for s in range(0, n, QUERY_CHUNK)],
+                         dim=-2)
+    return attention
+
+
+def attention_lse_export(q: Tensor, k: Tensor, v: Tensor, chunk: int = QUERY_CHUNK) -> tuple[Tensor, Tensor]:
+    """:func:`~dp360rt.kernels.shared_kv_attention.attention_lse_math` written for runtimes: one
+    exponential per score (max-shifted), row sums instead of ``logsumexp`` (ONNX Runtime's CPU
+    ``ReduceLogSumExp`` was a third of the bank UNet's time), chunked over queries.
+    q: [B, H, N, D], k/v: [B, H, M, D] -> (out [B, H, N, D], lse [B, H, N] float32)."""
+    scale = q.shape[-1] ** -0.5
+    kt, vf = k.float().transpose(-1, -2), v.float()
+    outs, lses = [], []
+    for s in range(0, q.shape[2], chunk):
+        sc = torch.matmul(q[:, :, s:s + chunk].float() * scale, kt)
+        mx = sc.amax(dim=-1, keepdim=True)
+        p = torch.exp(sc - mx)
+        den = p.sum(dim=-1, keepdim=True)
+        outs.append((torch.matmul(p, vf) / den).to(q.dtype))
+        lses.append((mx + torch.log(den)).squeeze(-1))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 @contextlib.contextmanager
 def export_attention(mode: str = "lse") -> Iterator[None]:
-    """Route the shared-bank attention through exportable ops while exporting.
+    """Route attention through exportable ops while exporting.
 
-    ``lse``: the runtime's two-part attention with log-sum-exp merge, in plain matmuls
-    (:func:`~dp360rt.kernels.shared_kv_attention.attention_lse_math`, chunked over queries; the CPU
-    path's private flash op has no ONNX form). Bounded memory, the same numbers as the torch backend.
-    ``concat``: softmax over ``[own keys ; shared keys expanded over the frames]`` - the pattern
-    TensorRT fuses into one flash-attention kernel (more memory without that fusion).
+    ``lse``: the runtime's two-part shared-bank attention with log-sum-exp merge, in plain matmuls
+    (:func:`attention_lse_export`, chunked over queries; the CPU path's private flash op has no
+    ONNX form), and long plain self-attentions chunked over queries
+    (:func:`chunked_sdpa`): bounded memory for unfused runtimes, the same numbers as the torch backend.
+    ``concat``: shared-bank attention as softmax over ``[own keys ; shared keys expanded over the
+    frames]`` and plain attention unchunked - the patterns TensorRT fuses into flash attention.
 
     Patches module globals for the duration (offline tool; not thread-safe).
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    import torch.nn.functional as F
     from dp360rt.kernels import shared_kv_attention as skv
     from dp360rt.unet import bank as bank_mod
-    saved = skv.attention_lse, bank_mod.shared_kv_attention
+    saved = skv.attention_lse, bank_mod.shared_kv_attention, F.scaled_dot_product_attention
     try:
         if mode == "lse":
-            skv.attention_lse = skv.attention_lse_math
+            skv.attention_lse = attention_lse_export
+            F.scaled_dot_product_attention = chunked_sdpa(saved[2])
         else:
             bank_mod.shared_kv_attention = skv.shared_kv_attention_reference
         yield
     finally:
-        skv.attention_lse, bank_mod.shared_kv_attention = saved
+        skv.attention_lse, bank_mod.shared_kv_attention, F.scaled_dot_product_attention = saved
 
 
 class TextExport(nn.Module):

@@ -1,0 +1,6 @@
+"""``python -m dp360rt.nerf fit|render|video|mesh ...`` (the same verbs as ``dp360rt nerf``)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
