@@ -116,6 +116,25 @@ def test_conditions_wrong_size(pipe):
         pipe(synthetic_portrait(64), synthetic_conditions(32, 32), steps=2)
 
 
+def test_generation_cameras_wrong_shape(pipe):
+    from dp360rt.nerf import sphere32_cameras
+    with pytest.raises(ImageError, match="expected 32 cameras of 25 numbers.*Fix"):
+        pipe(synthetic_portrait(64), synthetic_conditions(32, 64), cameras=sphere32_cameras()[:8], steps=2)
+    with pytest.raises(ImageError, match="expected 32 cameras of 25 numbers"):
+        pipe.submit(synthetic_portrait(64), synthetic_conditions(32, 64), cameras=sphere32_cameras()[:, :16], steps=2)
+
+
+def test_generation_cameras_nan_or_absent(pipe, tmp_path):
+    from dp360rt.nerf import sphere32_cameras
+    cams = sphere32_cameras()
+    cams[4, 3] = float("nan")
+    with pytest.raises(ImageError, match="NaN or Inf"):
+        pipe(synthetic_portrait(64), synthetic_conditions(32, 64), cameras=cams, steps=2)
+    (tmp_path / "cameras.json").write_text('{"views": [{"file": "000.png"}]}')
+    with pytest.raises(ImageError, match="lists no cameras.*Fix"):
+        pipe(synthetic_portrait(64), synthetic_conditions(32, 64), cameras=tmp_path / "cameras.json", steps=2)
+
+
 def test_unsupported_step_count():
     with pytest.raises(ValueError, match="use a step count dividing 1000"):
         ddim_tables(schedule_buffers()["alphas_cumprod"], 3, 0.5)

@@ -114,12 +114,38 @@ def test_generate_with_checkpoints(tmp_path, recipe, capsys):
     assert rc == 2 and "swap" in capsys.readouterr().err
 
 
+def test_stream_and_bench_random_tiny(tmp_path, capsys):
+    """`stream` prints views as they finish and leaves a NeRF-ready folder; `bench` times every stage."""
+    from dp360rt.demo import synthetic_portrait
+    from dp360rt.images import save_png, to_unit
+    save_png(to_unit(synthetic_portrait(64)[0]), tmp_path / "portrait.png")
+    out = tmp_path / "streamed"
+    assert main(["stream", str(tmp_path / "portrait.png"), "--random", "tiny", "--steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("ready at") == 32 and "32 views streamed" in printed
+    views = json.loads((out / "cameras.json").read_text())["views"]
+    assert sorted(v["file"] for v in views) == [f"{i:03d}.png" for i in range(32)] and len(views[0]["camera"]) == 25
+    rc = main(["bench", "--random", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--nerf-steps", "5",
+               "--out", str(tmp_path / "bench")])
+    assert rc == 0
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    stages = {"text", "vae_encode", "back_view", "views", "window (each)", "decode", "total", "nerf_fit", "nerf_render"}
+    assert set(report["median_s"]) == stages and all(v > 0 for v in report["median_s"].values())
+    assert report["device"] == "cpu" and "torch" in report["capabilities"]
+    assert (tmp_path / "bench" / "bench.png").stat().st_size > 0
+
+
 def test_demo_subprocess(tmp_path):
     """`python -m dp360rt demo` as a user runs it."""
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "dp360rt", "demo", "--out", str(out), "--steps", "2"],
+    r = subprocess.run([sys.executable, "-m", "dp360rt", "demo", "--out", str(out), "--steps", "2", "--nerf-seconds", "3"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "official checkpoints" in r.stdout
-    for f in ("back_view.png", "000.png", "031.png", "contact_sheet.png", "timings.json", "timings.png", "cameras.json"):
+    for f in ("back_view.png", "000.png", "031.png", "contact_sheet.png", "timings.json", "timings.png", "cameras.json",
+              "orbit.mp4", "nerf/model.safetensors"):
         assert (out / f).is_file(), f
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"back_view", "nerf_fit", "orbit_render", "total"} <= set(timings), timings
+    import imageio.v2 as imageio
+    assert len(imageio.mimread(out / "orbit.mp4")) == 60

@@ -44,7 +44,9 @@ def test_whole_generation_fast_equals_reference():
         out[engine] = pipe(por, cond, steps=4, seed=7)
         plans[engine] = pipe.plan
     ref, fast = out["reference"], out["fast"]
-    assert torch.equal(fast.back_view, ref.back_view) or rel_err(fast.back_view, ref.back_view) < 1e-4
+    # the back view is 8-bit quantized (as the authors save it): fp32 rounding may flip one level of a few pixels
+    diff = (fast.back_view - ref.back_view).abs()
+    assert diff.max() <= 1 / 255 + 1e-6 and (diff > 0).float().mean() < 1e-3
     assert rel_err(fast.latents, ref.latents) < 1e-4, rel_err(fast.latents, ref.latents)
     assert (fast.views - ref.views).abs().max() < 1e-4
     assert ref.unet_calls == 2 * 4 * (1 + 4)          # two calls per step, back view + 4 windows

@@ -1,7 +1,7 @@
 """``dp360rt bench``: per-stage latency of a whole generation, with warm-up and repeats.
 
-Stages: text encoding, VAE encoding, back view, views (and per window), decoding, total; the
-NeRF fit and render when ``dp360rt.nerf`` is available. Writes ``bench.json`` (medians, all
+Stages: text encoding, VAE encoding, back view, views (and per window), decoding, total (the
+generation), NeRF fit (a fixed step count) and the render of one view. Writes ``bench.json`` (medians, all
 repeats, peak memory, device and versions) and ``bench.png`` (bar chart of the medians).
 """
 from __future__ import annotations
@@ -37,7 +37,10 @@ def _timed(pipe: Pipeline, fn) -> float:
 
 @torch.no_grad()
 def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int = 3, warmup: int = 1,
-              conditions: Any = None, portrait: Any = None) -> dict:
+              conditions: Any = None, portrait: Any = None, nerf_steps: int = 200) -> dict:
+    """Time every stage ``warmup + repeats`` times (the NeRF fit with a fixed ``nerf_steps``,
+    the render of one view at the generation's size); write ``bench.json`` and ``bench.png`` in
+    ``out`` and return the report."""
     from .demo import synthetic_portrait
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,13 +63,14 @@ def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int 
         r["views"] = res.timings["views"]
         r["window (each)"] = res.timings["views"] / (res.views.shape[0] // pipe.nvs.frames)
         r["decode"] = res.timings["decode"]
-        try:
-            from .nerf import Nerf  # optional stage
-            nerf = Nerf()
-            r["nerf_fit"] = _timed(pipe, lambda: nerf.fit(list(res.views), None, steps=200, progress=False))
-            r["nerf_render"] = _timed(pipe, lambda: nerf.render(None, s, s))
-        except Exception:  # noqa: BLE001 - the NeRF stage is reported only when it runs
-            pass
+        nerf = None
+
+        def fit() -> None:
+            nonlocal nerf
+            nerf = res.fit_nerf(seconds=None, steps=nerf_steps, progress=False, tune_threads=False)
+
+        r["nerf_fit"] = _timed(pipe, fit)
+        r["nerf_render"] = _timed(pipe, lambda: nerf.render(res.cameras[0], s, s))
         if i >= warmup:
             runs.append(r)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -151,7 +151,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     pipe = _pipeline(a)
     try:
         run_bench(pipe, a.out, steps=a.steps, repeats=a.repeats, warmup=a.warmup,
-                  conditions=_conditions(a, pipe.image_size), portrait=a.portrait)
+                  conditions=_conditions(a, pipe.image_size), portrait=a.portrait, nerf_steps=a.nerf_steps)
     finally:
         pipe.close()
     return 0
@@ -179,7 +179,7 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(a.out, steps=a.steps, seed=a.seed)
+    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds)
     return 0
 
 
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="dp360rt_bench")
     b.add_argument("--portrait", help="portrait image (default: a synthetic one)")
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--nerf-steps", type=int, default=200, help="NeRF fitting steps timed per repeat")
     b.add_argument("--warmup", type=int, default=1)
     _add_model_args(b)
     b.set_defaults(fn=cmd_bench)
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="dp360rt_demo")
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--nerf-seconds", type=float, default=20.0, help="NeRF fitting budget (default 20 s)")
     d.set_defaults(fn=cmd_demo)
 
     # the offline export toolchain: argparse only here; onnx / torch.onnx load inside its handler
