@@ -145,6 +145,40 @@ def load_checkpoint(model: DiffPortrait360, source: str | Path | Mapping[str, Te
     return model
 
 
+def _fingerprint(t: Tensor) -> tuple:
+    """A cheap content hash: shape, dtype and a few hundred strided elements (exactness is then
+    checked with ``torch.equal`` on the candidates only, so full-size loads stay fast)."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // 256)
+    sample = flat[::step][:256].float().cpu().numpy().tobytes()
+    return (tuple(t.shape), t.dtype, t.device.type, zlib.crc32(sample))
+
+
+def share_identical_tensors(keep: torch.nn.Module, other: torch.nn.Module) -> dict[str, int]:
+    """Make every parameter or buffer of ``other`` that equals one of ``keep`` (same shape, dtype
+    and values, whatever its name) point at ``keep``'s tensor, so the two models hold one copy.
+
+    Both official checkpoints carry the same frozen VAE and CLIP text tower; sharing them saves
+    their memory on the device. Returns ``{"tensors": n, "bytes": saved}``. Moving or casting
+    the models afterwards keeps the sharing (``Module.to`` converts a shared tensor in place)."""
+    index: dict[tuple, list[Tensor]] = {}
+    for t in list(keep.parameters()) + list(keep.buffers()):
+        index.setdefault(_fingerprint(t), []).append(t)
+    n = saved = 0
+    for mod in other.modules():
+        for slots in (mod._parameters, mod._buffers):
+            for name, t in list(slots.items()):
+                if t is None:
+                    continue
+                match = next((c for c in index.get(_fingerprint(t), ()) if c is not t and torch.equal(c, t)), None)
+                if match is None or isinstance(t, torch.nn.Parameter) != isinstance(match, torch.nn.Parameter):
+                    continue
+                slots[name] = match
+                n += 1
+                saved += t.numel() * t.element_size()
+    return {"tensors": n, "bytes": saved}
+
+
 # -- the fixtures' seeded recipe -------------------------------------------------------------------
 RECIPE_OFFSET = {"nvs": 1, "backview": 2}
 

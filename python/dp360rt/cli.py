@@ -95,6 +95,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     max_mem = int(a.max_memory * 2**30) if a.max_memory else None
     pipe = Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, device=a.device, dtype=_dtype(a.dtype),
                                      engine=a.engine, max_memory=max_mem)
+    if pipe.shared["tensors"]:
+        print(f"{pipe.shared['tensors']} tensors ({pipe.shared['bytes'] / 2**20:.0f} MiB) are identical in both "
+              "checkpoints: kept once")
     if pipe.plan is not None:
         print("plan: " + pipe.plan.describe(4, pipe.nvs.frames))
     res = pipe(a.portrait, a.conditions, cameras=a.cameras, steps=a.steps, seed=a.seed, progress=_progress_bar())

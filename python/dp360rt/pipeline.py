@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, share_identical_tensors
 from .config import ModelConfig, load_config
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, load_conditions, load_portrait, quantize8, save_png,
                      to_unit)
@@ -161,6 +161,7 @@ class Pipeline:
         self.image_size = nvs.cfg.image_size
         self.max_memory = max_memory
         self.plan: BatchPlan | None = None
+        self.shared = {"tensors": 0, "bytes": 0}        # tensors the two models hold as one copy
         if engine == "fast":
             dbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
             self.plan = default_plan(nvs.cfg, self.device.type, dbytes, max_memory, CONDITION_WINDOWS)
@@ -175,14 +176,18 @@ class Pipeline:
                          config: str | Path | Mapping[str, Any] = "full", device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32, engine: str = "fast",
                          max_memory: int | None = None) -> "Pipeline":
-        """Load the two official checkpoint files (or state dicts) strictly."""
+        """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
+        identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many)."""
         cfgs = load_config(config)
         models = {}
         for kind, src in (("nvs", nvs), ("backview", backview)):
             m = build_model(kind, cfgs[kind])
             models[kind] = load_checkpoint(m, src)
-        return cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
+        shared = share_identical_tensors(models["nvs"], models["backview"])     # before moving: one copy on the device
+        pipe = cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
                    max_memory=max_memory)
+        pipe.shared = shared
+        return pipe
 
     @classmethod
     def random(cls, config: str | Path | Mapping[str, Any] | dict[str, ModelConfig], seed: int = 0,

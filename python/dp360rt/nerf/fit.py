@@ -644,6 +644,7 @@ class Fitter:
                 self._remap_optimizer(src)
         return float(loss.detach())
 
+    @torch.enable_grad()          # callers often run inside no_grad (inference code, benchmarks)
     def train(self, seconds: float | None = None, steps: int | None = None) -> dict[str, Any]:
         """Train until the budget is used (or for ``seconds`` / ``steps`` more, whichever first).
         May be called repeatedly (views added in between join). Returns the statistics so far."""
