@@ -6,7 +6,9 @@ Stages (each timed, each failure recorded without stopping the others):
                      reference vs fast, fp16 autocast, peak ``torch.cuda`` memory;
 3. ``engine_run``  - a full 32-view generation (back view + 4 windows), both engines, fewer steps
                      when ``--steps`` says so (time scales linearly in steps);
-4. ``kernels``     - ``benchmarks/bench_kernels.py`` when present.
+4. ``kernels``     - ``benchmarks/bench_kernels.py``;
+5. ``nerf``        - ``benchmarks/bench_nerf.py``: time to 30 dB on 32 views at 512², render fps at
+                     512², hash encoding (PyTorch, Triton, tiny-cuda-nn when importable).
 
 ``--dry-run`` runs the same code on the CPU at the tiny config in seconds (CI keeps it from rotting).
 Writes one JSON file to ``$OUT`` (or ``./gpu_results``).
@@ -117,6 +119,7 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[], help="stages to skip")
     a = ap.parse_args()
     dev = "cpu" if a.dry_run else "cuda"
+    os.environ["GPU_SUITE_MODE"] = "dry_run" if a.dry_run else "gpu"
     cfg = "tiny" if a.dry_run else "full"
     dtype = torch.float32 if a.dry_run else torch.float16
     steps = 2 if a.dry_run else a.steps
@@ -138,7 +141,10 @@ def main() -> int:
         "tests": lambda: out.__setitem__("tests", run_tests(a.dry_run)),
         "engine_step": lambda: stage_engine_step(cfg, dev, dtype, out),
         "engine_run": lambda: stage_engine_run(cfg, dev, dtype, steps, out),
-        "kernels": lambda: out.__setitem__("kernels", run_kernels(a.dry_run, out_dir)),
+        "kernels": lambda: out.__setitem__("kernels", run_script("bench_kernels.py", [], None, out_dir, 240)),
+        "nerf": lambda: out.__setitem__("nerf", run_script("bench_nerf.py", ["--skip-cpu"],
+                                                           ["--skip-gpu", "--seconds", "2"] if a.dry_run else None,
+                                                           out_dir, 240)),
     }
     for name, fn in stages.items():
         if name in a.skip:
@@ -173,17 +179,20 @@ def run_tests(dry_run: bool) -> dict:
     return {"returncode": r.returncode, "tail": r.stdout[-3000:] + r.stderr[-1000:]}
 
 
-def run_kernels(dry_run: bool, out_dir: Path) -> dict:
-    script = ROOT / "benchmarks" / "bench_kernels.py"
-    if dry_run or not script.exists():
-        return {"skipped": "dry run" if dry_run else "bench_kernels.py not present"}
-    path = out_dir / "bench_kernels.json"
+def run_script(name: str, args: list[str], dry_args: list[str] | None, out_dir: Path, timeout: int) -> dict:
+    """Run ``benchmarks/NAME --json FILE ARGS`` (``dry_args`` in a dry run; None skips it there)."""
+    dry_run = "dry_run" in os.environ.get("GPU_SUITE_MODE", "")
+    if dry_run and dry_args is None:
+        return {"skipped": "dry run"}
+    path = out_dir / (Path(name).stem + ".json")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
-    r = subprocess.run([sys.executable, str(script), "--json", str(path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / name), "--json", str(path), *(dry_args if dry_run else args)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     res = {"returncode": r.returncode, "stdout": r.stdout[-4000:], "stderr": r.stderr[-2000:]}
     if path.exists():
         res["results"] = json.loads(path.read_text())
+    if r.returncode != 0:
+        raise RuntimeError(f"{name} exit {r.returncode}: {r.stderr[-800:]}")
     return res
 
 

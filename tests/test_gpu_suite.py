@@ -18,3 +18,6 @@ def test_gpu_suite_dry_run(tmp_path):
     assert out["engine_step"]["fast"]["tflop"] < out["engine_step"]["reference"]["tflop"]
     assert out["engine_run"]["max_abs_diff_views_fast_vs_reference"] < 1e-4
     assert out["engine_run"]["fast"]["unet_calls"] < out["engine_run"]["reference"]["unet_calls"]
+    # the NeRF stage runs its CPU path in a dry run (fit, render, hash encoding)
+    nerf = out["nerf"]["results"]["cpu"]
+    assert nerf["fit"]["steps"] > 0 and nerf["render"]["64x64"]["rays_per_s"] > 0
