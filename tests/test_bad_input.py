@@ -173,3 +173,8 @@ def test_output_path_is_a_file(tmp_path, capsys):
 def test_generate_without_checkpoints(capsys):
     assert main(["stream", "p.png", "--out", "x"]) == 2
     assert "--nvs and --backview" in capsys.readouterr().err
+
+
+def test_backend_without_export_dir(capsys):
+    assert main(["stream", "p.png", "--random", "tiny", "--backend", "ort", "--out", "x"]) == 2
+    assert "--export-dir" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     max_mem = int(a.max_memory * 2**30) if a.max_memory else None
     pipe = Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, device=a.device, dtype=_dtype(a.dtype),
-                                     engine=a.engine, max_memory=max_mem)
+                                     engine=a.engine, max_memory=max_mem, **_backend_kw(a))
     if pipe.shared["tensors"]:
         print(f"{pipe.shared['tensors']} tensors ({pipe.shared['bytes'] / 2**20:.0f} MiB) are identical in both "
               "checkpoints: kept once")
@@ -107,11 +107,24 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _backend_kw(a: argparse.Namespace) -> dict:
+    if a.backend != "torch" and not a.export_dir:
+        raise ConfigError(f"--backend {a.backend} runs exported networks. Fix: pass --export-dir DIR "
+                          "(made by `dp360rt export ... --out DIR`)")
+    return {"backend": a.backend, "export_dir": a.export_dir} if a.backend != "torch" else {}
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", choices=["torch", "ort", "trt"],
+                   help="torch (default), or exported networks on ONNX Runtime / TensorRT")
+    p.add_argument("--export-dir", help="the export --backend ort|trt runs (dp360rt export ... --out DIR)")
+
+
 def _pipeline(a: argparse.Namespace):
     """The pipeline a verb asks for: official checkpoints, or random weights (--random CONFIG)."""
     from .pipeline import Pipeline
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
-    kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem)
+    kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem, **_backend_kw(a))
     if a.random:
         return Pipeline.random(a.random, seed=0, **kw)
     if not (a.nvs and a.backview):
@@ -178,6 +191,7 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--engine", default="fast", choices=["fast", "reference"])
     p.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
+    _add_backend_args(p)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -227,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", default="fast", choices=["fast", "reference"],
                    help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
     g.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
+    _add_backend_args(g)
     g.set_defaults(fn=cmd_generate)
 
     st = sub.add_parser("stream", help="print and save views as they finish (C++ step loop)")

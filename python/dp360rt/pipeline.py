@@ -144,11 +144,16 @@ class Pipeline:
     ``pipe(portrait, conditions)`` -> :class:`GenerationResult` with the back view and all views.
     ``engine="fast"`` (default) computes the reference's numbers with the shared-bank schedule;
     ``engine="reference"`` runs the authors' loop as it is (the ground truth). ``max_memory``
-    (bytes) bounds the fast engine's batch (see ``pipe.plan``).
+    (bytes) bounds the fast engine's batch (see ``pipe.plan``). ``backend="ort"|"trt"`` runs the
+    networks from an ONNX export (``export_dir``: one directory, or ``{"nvs": DIR, "backview": DIR}``;
+    make one with ``dp360rt export``) under the fast engine's schedule; ``"torch"`` (default) runs
+    the PyTorch modules.
     """
 
     def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None):
+                 dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None,
+                 backend: str = "torch", export_dir: str | Path | Mapping[str, str | Path] | None = None,
+                 **backend_options: Any):
         if nvs.kind != "nvs" or backview.kind != "backview":
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
@@ -165,17 +170,33 @@ class Pipeline:
         if engine == "fast":
             dbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
             self.plan = default_plan(nvs.cfg, self.device.type, dbytes, max_memory, CONDITION_WINDOWS)
+        self.backend = backend
+        self.backends: dict[str, Any] = {}           # kind -> exported-network backend (none for torch)
+        if backend != "torch":
+            from .backends.base import get_backend
+            if engine != "fast":
+                raise ValueError(f"backend={backend!r} runs exported networks under the fast engine's schedule. "
+                                 "Fix: use engine='fast' (the same numbers as the reference)")
+            for m in (self.nvs, self.backview):
+                d = export_dir.get(m.kind) if isinstance(export_dir, Mapping) else export_dir
+                self.backends[m.kind] = get_backend(backend, m, export_dir=d, **backend_options)
+
+    def _net(self, model: DiffPortrait360) -> Any:
+        """What runs ``model``'s text tower and VAE: its exported backend, or the module itself."""
+        return self.backends.get(model.kind, model)
 
     def _engine(self, model: DiffPortrait360, windows: list[Window], **kw: Any) -> tuple[list[Tensor], int]:
         if self.engine == "fast":
             plan = self.plan if model.kind == "nvs" else None
-            return sample_windows_fast(model, windows, plan=plan, **kw)
+            return sample_windows_fast(model, windows, plan=plan, backend=self.backends.get(model.kind), **kw)
         return sample_windows_reference(model, windows, **kw)
     @classmethod
     def from_checkpoints(cls, nvs: str | Path | Mapping[str, Tensor], backview: str | Path | Mapping[str, Tensor], *,
                          config: str | Path | Mapping[str, Any] = "full", device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32, engine: str = "fast",
-                         max_memory: int | None = None) -> "Pipeline":
+                         max_memory: int | None = None, backend: str = "torch",
+                         export_dir: str | Path | Mapping[str, str | Path] | None = None,
+                         **backend_options: Any) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
         identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many)."""
         cfgs = load_config(config)
@@ -185,7 +206,7 @@ class Pipeline:
             models[kind] = load_checkpoint(m, src)
         shared = share_identical_tensors(models["nvs"], models["backview"])     # before moving: one copy on the device
         pipe = cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
-                   max_memory=max_memory)
+                   max_memory=max_memory, backend=backend, export_dir=export_dir, **backend_options)
         pipe.shared = shared
         return pipe
 
@@ -234,7 +255,7 @@ class Pipeline:
         return run_flops(self.nvs.cfg, self.engine, steps)
 
     def text_context(self, model: DiffPortrait360) -> Tensor:
-        return model.encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
+        return self._net(model).encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
 
     @torch.no_grad()
     def __call__(self, portrait: Any, conditions: str | Path | Tensor, *, features: Tensor | None = None,
@@ -276,22 +297,22 @@ class Pipeline:
             tic = time.perf_counter()
             bv = self.backview
             ctx_b = self.text_context(bv)
-            mean, logvar = bv.encode_image(img)
+            mean, logvar = self._net(bv).encode_image(img)
             ref = bv.sample_latent(mean, logvar, noise(mean.shape, self.device))
             hint_b = cond[BACK_CONDITION_INDEX:BACK_CONDITION_INDEX + 1]
             shape_b = (1, bv.cfg.unet.in_channels, s // 8, s // 8)
             bv_window = Window(0, hint_b, None, RecordedNoise([noise(shape_b, self.device) for _ in range(steps + 1)]))
             (z_b,), calls = self._engine(bv, [bv_window], context=ctx_b, ref_front=ref, ref_back=[], steps=steps,
                                          eta=eta, cfg_scale=cfg_scale, progress=report("back view"))
-            back = quantize8(bv.decode_latent(z_b).float())
+            back = quantize8(self._net(bv).decode_latent(z_b).float())
             timings["back_view"] = time.perf_counter() - tic
 
             tic = time.perf_counter()
             m = self.nvs
             ctx = self.text_context(m)
-            mean, logvar = m.encode_image(img)
+            mean, logvar = self._net(m).encode_image(img)
             ref_front = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
-            mean, logvar = m.encode_image(back.to(self.device))
+            mean, logvar = self._net(m).encode_image(back.to(self.device))
             ref_back = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
             windows = prepare_windows(m, cond, features, steps, noise)
             timings["encode"] = time.perf_counter() - tic
@@ -301,7 +322,7 @@ class Pipeline:
                 cfg_scale=cfg_scale, progress=report("views"))
             timings["views"] = time.perf_counter() - tic
             tic = time.perf_counter()
-            views = torch.cat([to_unit(m.decode_latent(z).float()) for z in latents]).cpu()
+            views = torch.cat([to_unit(self._net(m).decode_latent(z).float()) for z in latents]).cpu()
             timings["decode"] = time.perf_counter() - tic
         return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, latents=torch.cat(latents).cpu(),
                                 cameras=view_cameras, timings=timings,

@@ -161,7 +161,8 @@ class Runtime:
         lat = cfg.latent_size
         fixed = weight_bytes(cfg, dbytes) + weight_bytes(pipeline.backview.cfg, dbytes)
         per_row = activation_bytes(cfg, 2 if self.batch_cfg else 1, lat, lat, dbytes)
-        self._backends = {BACKVIEW: TorchBackend(pipeline.backview), NVS: TorchBackend(pipeline.nvs)}
+        self._backends = {BACKVIEW: pipeline.backends.get("backview") or TorchBackend(pipeline.backview),
+                          NVS: pipeline.backends.get("nvs") or TorchBackend(pipeline.nvs)}
         self._caches = {BACKVIEW: BankCache(), NVS: BankCache()}
         self._requests: dict[int, _Request] = {}
         self._tasks: dict[int, tuple[_Request, int]] = {}
@@ -253,7 +254,7 @@ class Runtime:
         req.status = "running"
         bv, dev, s = self.pipe.backview, self.pipe.device, self.pipe.image_size
         with self._autocast():
-            mean, logvar = bv.encode_image(req.portrait.to(dev))
+            mean, logvar = self.pipe._net(bv).encode_image(req.portrait.to(dev))
             ref = bv.sample_latent(mean, logvar, req.noise(mean.shape, dev))
             shape = (1, bv.cfg.unet.in_channels, s // 8, s // 8)
             win = Window(0, req.conditions[BACK_CONDITION_INDEX:BACK_CONDITION_INDEX + 1].to(dev), None,
@@ -266,12 +267,12 @@ class Runtime:
         m, dev = self.pipe.nvs, self.pipe.device
         with self._autocast():
             bv = self.pipe.backview
-            back = quantize8(bv.decode_latent(req.bv_task.x).float())
+            back = quantize8(self.pipe._net(bv).decode_latent(req.bv_task.x).float())
             req.back_view = back.cpu()
             ctx = self.pipe.text_context(m)
-            mean, logvar = m.encode_image(req.portrait.to(dev))
+            mean, logvar = self.pipe._net(m).encode_image(req.portrait.to(dev))
             ref_front = m.sample_latent(mean, logvar, req.noise(mean.shape, dev))
-            mean, logvar = m.encode_image(back.to(dev))
+            mean, logvar = self.pipe._net(m).encode_image(back.to(dev))
             ref_back = m.sample_latent(mean, logvar, req.noise(mean.shape, dev))
             feats = req.features.to(dev) if req.features is not None else None
             windows = prepare_windows(m, req.conditions.to(dev), feats, req.steps, req.noise)
@@ -335,7 +336,7 @@ class Runtime:
         task = req.window_tasks.pop(w)
         m = self.pipe.nvs
         with self._autocast():
-            images = to_unit(m.decode_latent(task.x).float()).cpu()
+            images = to_unit(self.pipe._net(m).decode_latent(task.x).float()).cpu()
         req.latents[w] = task.x.cpu()
         for j, img in enumerate(images):
             idx = w * self.frames + j
