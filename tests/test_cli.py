@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,20 @@ def test_generate_with_checkpoints(tmp_path, recipe, capsys):
     assert Image.open(rend / "031.png").size == (64, 64)
     assert main(["nerf", "fit", str(cond_dir), "--out", str(model), "--steps", "1"]) == 2     # no cameras.json
     assert "cameras.json not found" in capsys.readouterr().err
+    # the 3D-aware start from a folder of feature frames changes the views; a short folder is refused
+    feat_dir = tmp_path / "features"
+    feat_dir.mkdir()
+    for i, c in enumerate(synthetic_conditions(32, 64).flip(0)):
+        save_png(to_unit(c), feat_dir / f"frame{i:02d}.png")
+    args = [str(tmp_path / "portrait.png"), "--nvs", str(tmp_path / "nvs.th"), "--backview", str(tmp_path / "backview.th"),
+            "--conditions", str(cond_dir), "--config", str(SET_A / "config.json"), "--steps", "2"]
+    assert main(["generate", *args, "--features", str(feat_dir), "--out", str(tmp_path / "feat")]) == 0
+    capsys.readouterr()
+    a, b = (np.asarray(Image.open(d / "005.png"), dtype=np.float32) for d in (out, tmp_path / "feat"))
+    assert np.abs(a - b).mean() > 1.0
+    (feat_dir / "frame31.png").unlink()
+    assert main(["generate", *args, "--features", str(feat_dir), "--out", str(tmp_path / "feat2")]) == 2
+    assert "exactly 32" in capsys.readouterr().err
     # swapped checkpoints: a clear error, exit code 2
     rc = main(["generate", str(tmp_path / "portrait.png"), "--nvs", str(tmp_path / "backview.th"),
                "--backview", str(tmp_path / "nvs.th"), "--conditions", str(cond_dir), "--out", str(out),

@@ -100,7 +100,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
               "checkpoints: kept once")
     if pipe.plan is not None:
         print("plan: " + pipe.plan.describe(4, pipe.nvs.frames))
-    res = pipe(a.portrait, a.conditions, cameras=a.cameras, steps=a.steps, seed=a.seed, progress=_progress_bar())
+    features = None
+    if a.features:
+        from .images import load_frames
+        features = load_frames(a.features, pipe.image_size)
+    res = pipe(a.portrait, a.conditions, features=features, cameras=a.cameras, steps=a.steps, seed=a.seed,
+               progress=_progress_bar())
     out = res.save(a.out)
     print(f"wrote back view + {len(res.views)} views to {out}; timings (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
@@ -233,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conditions", required=True, help="the authors' cam_condition/sphere32 folder")
     g.add_argument("--out", required=True)
     g.add_argument("--cameras", help=_CAMERAS_HELP)
+    g.add_argument("--features", help="32 feature frames (PNG/JPEG, name order) for the 3D-aware start "
+                                      "(the authors' --denoise_from_guidance renders)")
     g.add_argument("--config", default="full")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
