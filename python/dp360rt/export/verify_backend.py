@@ -16,15 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
-from dp360rt.model import ApplyOutput, DiffPortrait360
-from dp360rt.sampler.fast import _single_reference, sample_windows_fast, write_shared_bank
+from dp360rt.model import DiffPortrait360
+from dp360rt.sampler.fast import apply_fast, sample_fast_recorded
 from dp360rt.sampler.noise import RecordedNoise
 from dp360rt.sampler.plan import BatchPlan
 from dp360rt.sampler.reference import SampleResult
-from dp360rt.scheduler.schedule import ddim_tables
 from dp360rt.verify import _Runner
 
 # What the fixture cases call: nvs apply at 8 rows (window8), nvs DDIM with batched guidance
@@ -32,40 +30,12 @@ from dp360rt.verify import _Runner
 VERIFY_PROFILES = ("window8", "window8x2cfg", "backview")
 
 
-@torch.no_grad()
-def apply_with_backend(backend: Any, x: Tensor, t: Tensor, context: Tensor, hint: Tensor,
-                       ref_front: Tensor | None, ref_back: list[Tensor]) -> ApplyOutput:
-    """:func:`dp360rt.sampler.fast.apply_fast` with every network call on ``backend``."""
-    if ref_front is None:
-        return ApplyOutput(eps=backend.unet(x, t, context, None, None, cond_rows=0), bank=None, pose_residuals=[])
-    if not bool((t == t[:1]).all()) or not bool((context == context[:1]).all()):
-        raise ValueError("the fast engine's shared bank needs one timestep and one text context per request")
-    refs = [_single_reference(ref_front, "ref_front")] + [_single_reference(r, "ref_back") for r in ref_back]
-    entries = write_shared_bank(backend, refs, t[:1], context[:1])
-    pose = backend.pose(x, hint, t, context)
-    eps = backend.unet(x, t, context, backend.bank(entries), pose, cond_rows=x.shape[0])
-    return ApplyOutput(eps=eps, bank=[e.expand(x.shape[0], -1, -1) for e in entries], pose_residuals=pose)
-
-
 def sample_recorded_with_backend(backend: Any, model: DiffPortrait360, inp: dict, ref_back: list[Tensor],
                                  noise: RecordedNoise, plan: BatchPlan | None = None) -> SampleResult:
-    """:func:`dp360rt.sampler.fast.sample_fast_recorded` with ``backend``: one window, recorded noises."""
-    from dp360rt.pipeline import Window
-    lat = tuple(int(v) for v in inp["latent_hw"])
-    hint = inp["hint"]
-    if (hint.shape[2] // 8, hint.shape[3] // 8) != lat:
-        raise ValueError(f"hint {tuple(hint.shape)} does not match latent size {lat}")
-    win = Window(0, hint, inp.get("feature_latent"), noise)
-    rec: list[tuple[Tensor, Tensor]] = []
-    (z,), calls = sample_windows_fast(
-        model, [win], context=_single_reference(inp["context"], "context"),
-        ref_front=_single_reference(inp["ref_front"], "ref_front"),
-        ref_back=[_single_reference(r, "ref_back") for r in ref_back], steps=int(inp["steps"]),
-        eta=float(inp["eta"]), cfg_scale=float(inp["cfg_scale"]), record=rec,
-        plan=plan or BatchPlan(windows_per_call=1, batch_cfg=True), backend=backend)
-    tables = ddim_tables(model.alphas_cumprod, int(inp["steps"]), float(inp["eta"]))
-    return SampleResult(latent=z, x_T=rec[0][0], tables=tables, x_steps=[r[0] for r in rec[1:]],
-                        pred_x0_steps=[r[1] for r in rec[1:]], unet_calls=calls)
+    """:func:`dp360rt.sampler.fast.sample_fast_recorded` on ``backend`` with the exported plan
+    (one window per call, guidance branches batched) unless ``plan`` says otherwise."""
+    return sample_fast_recorded(model, inp, ref_back, noise, backend=backend,
+                                plan=plan or BatchPlan(windows_per_call=1, batch_cfg=True))
 
 
 class BackendRunner(_Runner):
@@ -101,8 +71,8 @@ class BackendRunner(_Runner):
         return b.decode_latent(latent) if hasattr(b, "decode_latent") else super().decode_latent(latent)
 
     def apply(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], uc: bool):
-        return apply_with_backend(self.backend(m.kind), inp["x_noisy"], inp["t"], inp["context"], inp["hint"],
-                                  None if uc else inp.get("ref_front"), ref_back)
+        return apply_fast(m, inp["x_noisy"], inp["t"], inp["context"], inp["hint"],
+                          None if uc else inp.get("ref_front"), ref_back, backend=self.backend(m.kind))
 
     def sample(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], noise: RecordedNoise):
         return sample_recorded_with_backend(self.backend(m.kind), m, inp, ref_back, noise)

@@ -14,7 +14,7 @@ Per denoising step (all windows in lockstep):
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -23,7 +23,6 @@ from ..model import DiffPortrait360
 from ..scheduler.schedule import ddim_tables
 from ..backends.base import Backend
 from ..backends.torch_backend import TorchBackend
-from ..unet.bank import SharedBank
 from .plan import BatchPlan
 from .reference import q_sample_999
 from .tasks import BankCache, Task, step_tasks
@@ -96,27 +95,31 @@ def _single_reference(ref: Tensor, what: str) -> Tensor:
 
 @torch.no_grad()
 def apply_fast(model: DiffPortrait360, x: Tensor, t: Tensor, context: Tensor, hint: Tensor,
-               ref_front: Tensor | None, ref_back: list[Tensor]):
+               ref_front: Tensor | None, ref_back: list[Tensor], backend: Backend | None = None):
     """One denoiser call through the fast path, for checking against the reference ``apply_model``.
 
     With ``ref_front``: conditional branch (shared bank at batch 1, pose residuals); without:
-    unconditional branch (no bank, no pose pass). Returns an :class:`~dp360rt.model.ApplyOutput`
-    whose ``bank`` is expanded (a view) over the batch for comparison.
+    unconditional branch (no bank, no pose pass). Every network runs on ``backend`` (default: the
+    model's PyTorch modules). Returns an :class:`~dp360rt.model.ApplyOutput` whose ``bank`` is
+    expanded (a view) over the batch for comparison.
     """
     from ..model import ApplyOutput
+    be = backend or TorchBackend(model)
     if ref_front is None:
-        return ApplyOutput(eps=model.unet(x, t, context), bank=None, pose_residuals=[])
+        return ApplyOutput(eps=be.unet(x, t, context, None, None, cond_rows=0), bank=None, pose_residuals=[])
     if not bool((t == t[:1]).all()) or not bool((context == context[:1]).all()):
         raise ValueError("the fast engine's shared bank needs one timestep and one text context per request")
     refs = [_single_reference(ref_front, "ref_front")] + [_single_reference(r, "ref_back") for r in ref_back]
-    entries = write_shared_bank(TorchBackend(model), refs, t[:1], context[:1])
-    pose = model.pose_control_model(x, hint, t, context)
-    eps = model.unet(x, t, context, bank=SharedBank(entries, [x.shape[0]]), pose_residuals=pose)
+    entries = write_shared_bank(be, refs, t[:1], context[:1])
+    pose = be.pose(x, hint, t, context)
+    eps = be.unet(x, t, context, be.bank(entries), pose, cond_rows=x.shape[0])
     return ApplyOutput(eps=eps, bank=[e.expand(x.shape[0], -1, -1) for e in entries], pose_residuals=pose)
 
 
-def sample_fast_recorded(model: DiffPortrait360, inp: dict, ref_back: list[Tensor], noise):
-    """Run one fixture DDIM case through the fast engine; returns a reference-like SampleResult."""
+def sample_fast_recorded(model: DiffPortrait360, inp: dict, ref_back: list[Tensor], noise, *,
+                         plan: BatchPlan | None = None, backend: Backend | None = None):
+    """Run one fixture DDIM case through the fast engine (on ``backend``, default the PyTorch
+    modules); returns a reference-like SampleResult."""
     from .reference import SampleResult
     from ..pipeline import Window
     lat = tuple(int(v) for v in inp["latent_hw"])
@@ -129,7 +132,7 @@ def sample_fast_recorded(model: DiffPortrait360, inp: dict, ref_back: list[Tenso
         model, [win], context=_single_reference(inp["context"], "context"),
         ref_front=_single_reference(inp["ref_front"], "ref_front"),
         ref_back=[_single_reference(r, "ref_back") for r in ref_back], steps=int(inp["steps"]),
-        eta=float(inp["eta"]), cfg_scale=float(inp["cfg_scale"]), record=rec)
+        eta=float(inp["eta"]), cfg_scale=float(inp["cfg_scale"]), record=rec, plan=plan, backend=backend)
     tables = ddim_tables(model.alphas_cumprod, int(inp["steps"]), float(inp["eta"]))
     return SampleResult(latent=z, x_T=rec[0][0], tables=tables, x_steps=[r[0] for r in rec[1:]],
                         pred_x0_steps=[r[1] for r in rec[1:]], unet_calls=calls)
