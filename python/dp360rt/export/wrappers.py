@@ -84,19 +84,14 @@ class TextExport(nn.Module):
     """token_ids [B, 77] int64 -> context [B, 77, C].
 
     The text tower's forward validates token ids with ``int(ids.min())`` (a data-dependent host
-    read no exporter can trace), so this replays its body from the same submodules."""
+    read no exporter can trace), so this exports its unchecked ``hidden_states``."""
 
     def __init__(self, model: DiffPortrait360):
         super().__init__()
         self.tm = model.cond_stage_model.transformer.text_model
 
     def forward(self, token_ids: Tensor) -> Tensor:
-        tm = self.tm
-        pos = torch.arange(token_ids.shape[1], device=token_ids.device)
-        x = tm.embeddings.token_embedding(token_ids) + tm.embeddings.position_embedding(pos)[None]
-        for layer in tm.encoder.layers:
-            x = layer(x)
-        return tm.final_layer_norm(x)
+        return self.tm.hidden_states(token_ids)
 
 
 class VAEEncoderExport(nn.Module):

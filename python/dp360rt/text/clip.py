@@ -75,6 +75,11 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"token ids must be [B, <= {self.cfg.max_position_embeddings}], got {tuple(token_ids.shape)}")
         if token_ids.device.type != "meta" and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
+        return self.hidden_states(token_ids)
+
+    def hidden_states(self, token_ids: Tensor) -> Tensor:
+        """The computation of :meth:`forward` without its input checks (their data-dependent
+        branches cannot be traced for ONNX export)."""
         pos = torch.arange(token_ids.shape[1], device=token_ids.device)
         x = self.embeddings.token_embedding(token_ids) + self.embeddings.position_embedding(pos)[None]
         for layer in self.encoder.layers:
