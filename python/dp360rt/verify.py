@@ -201,16 +201,16 @@ def verify(fixture_dir: str | Path, engine: str = "reference", backend: str = "t
         return results
     from .export.verify_backend import BackendRunner, export_fixture      # exported networks: offline toolchain
     with contextlib.ExitStack() as stack:
-        if export_dir is None:
+        fresh = export_dir is None
+        if fresh:
             export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dp360rt_verify_")))
-            runner = BackendRunner(d, backend, export_dir, **backend_options)
+        runner = BackendRunner(d, backend, export_dir, **backend_options)
+        if fresh:
             try:
                 export_fixture(d, export_dir, runner)
             except (CheckpointError, ConfigError, ValueError, RuntimeError) as e:
                 add(CaseResult("export", False, message=f"{type(e).__name__}: {e}"))
                 return results
-        else:
-            runner = BackendRunner(d, backend, export_dir, **backend_options)
         _run_cases(runner, cases, add)
     return results
 
