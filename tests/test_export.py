@@ -191,6 +191,41 @@ def test_pipeline_on_ort_backend_equals_torch(models, exported):
         Pipeline(models["nvs"], models["backview"], engine="reference", backend="ort", export_dir=exported["nvs"])
 
 
+def test_batch_sizes_share_one_trace_and_weights_file(models, tmp_path, monkeypatch):
+    """The `batch32` files (4 windows per call) are the `window8` graphs pinned to 32 rows: traced
+    once at one window, the weights written once (external data forced here by a zero threshold,
+    as above 2 GB at full size), and a whole 4-windows-per-call generation on them equals torch."""
+    from dp360rt.export import onnx_export as oe
+    from dp360rt.export.profiles import parse_profiles
+    from dp360rt.pipeline import prepare_windows
+    from dp360rt.sampler.noise import GeneratorNoise
+    monkeypatch.setattr(oe, "EXTERNAL_THRESHOLD", 0)
+    m = models["nvs"]
+    man, rows = oe.export_models({"nvs": m}, tmp_path, parse_profiles(["window8", "batch32"]), progress=False,
+                                 options=oe.ExportOptions(modules=("pose", "appearance", "unet_nobank", "unet")))
+    print("\n" + oe.format_summary(rows))
+    files = {(f["module"], f["rows"]): f for f in man["files"]}
+    for module in ("pose", "unet_nobank", "unet"):
+        small, big = files[module, 8], files[module, 32]
+        assert small["traced_rows"] == big["traced_rows"] == 8
+        assert small["data_file"] == big["data_file"] and small["data_sha256"] == big["data_sha256"]
+        assert big["inputs"][0]["shape"][0] == 32 and big["outputs"][0]["shape"][0] == 32
+    assert len(list((tmp_path / "nvs").glob("*.data"))) == 4          # pose, appearance, no-bank UNet, UNet
+    assert sum(r.bytes for r in rows) < sum(f["bytes"] for f in man["files"]) * 0.7   # shared weights count once
+    ob = OrtBackend.from_model(m, export_dir=tmp_path, threads=THREADS)
+    _, _, refs, ctx = _inputs(m, 8, seed=6)
+    cond = torch.rand(32, 3, 64, 64, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    out = {}
+    for name, be in (("torch", TorchBackend(m)), ("ort", ob)):
+        wins = prepare_windows(m, cond, None, 2, GeneratorNoise(12))
+        zs, _ = sample_windows_fast(m, wins, context=ctx, ref_front=refs[0], ref_back=refs[1:], steps=2, eta=0.5,
+                                    cfg_scale=3.0, plan=BatchPlan(4, batch_cfg=False), backend=be)
+        out[name] = torch.cat(zs)
+    err = rel_err(out["ort"], out["torch"])
+    print(f"360° generation on the batch32 files (traced at 8 rows): ort vs torch max rel err {err:.2e}")
+    assert err < 1e-4
+
+
 def test_backview_sampling_ort_equals_torch(models, backends):
     from dp360rt.pipeline import Window
     from dp360rt.sampler.noise import GeneratorNoise, RecordedNoise

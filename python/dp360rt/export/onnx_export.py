@@ -1,14 +1,21 @@
 """Export DiffPortrait360's networks to static-shape ONNX files plus ``manifest.json``.
 
 One file per (model kind, network, batch shape); shape profiles (:mod:`dp360rt.export.profiles`) decide
-which shapes; a shape shared by several profiles is exported once and listed under each. Files
-above 2 GB keep their weights in one external-data file beside them (``NAME.onnx.data``). Every
-file is checked with ``onnx.checker`` (path-based, full check), hashed, and described in the
-manifest (module, profiles, input/output names, shapes and dtypes, opset, precision, sha256 of
-the file and of the weights it was made from).
+which shapes; a shape shared by several profiles is exported once and listed under each.
+
+Files that differ only in batch size are traced once, at the smallest batch with the same structure
+(one sample; one window for the 360° UNets and pose net), with the batch dimension symbolic, and
+then written once per batch size with every input and output dimension pinned to static values.
+Tracing runs the network, so this keeps the exporter's memory and time at the small batch: the
+``batch32`` UNet at full size traces like the ``window8`` one. Files of one trace above 2 GB share
+one external-data weights file (``FIRST_FILE.onnx.data``) instead of a copy each. Every file is
+checked with ``onnx.checker`` (path-based, full check), hashed, and described in the manifest
+(module, profiles, input/output names, shapes and dtypes, opset, precision, traced batch, sha256 of
+the file, of its weights file and of the weights it was made from).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -74,6 +81,10 @@ class ExportJob:
     cond_rows: int | None
     refs: int
     profiles: list[str] = field(default_factory=list)
+    trace_rows: int = 0                # batch the graph is traced at (0: rows)
+
+    def __post_init__(self) -> None:
+        self.trace_rows = self.trace_rows or self.rows
 
     @property
     def file(self) -> str:
@@ -87,6 +98,25 @@ class ExportJob:
     def key(self) -> tuple:
         return (self.kind, self.module, self.rows, self.cond_rows, self.refs if self.module == "unet" else None)
 
+    @property
+    def all_conditional(self) -> bool:
+        return self.module == "unet" and self.cond_rows == self.rows
+
+    @property
+    def trace_key(self) -> tuple:
+        """Jobs with equal trace keys are one graph at different batch sizes."""
+        cond = "all" if self.all_conditional else self.cond_rows
+        return (self.kind, self.module, self.trace_rows, cond, self.refs if self.module == "unet" else None)
+
+    def traced(self) -> "ExportJob":
+        """This job at its trace batch."""
+        return dataclasses.replace(self, rows=self.trace_rows,
+                                   cond_rows=self.trace_rows if self.all_conditional else self.cond_rows)
+
+    def input_rows(self, name: str) -> int:
+        """Batch (first) dimension of input ``name`` in this file."""
+        return self.cond_rows if self.module == "unet" and name.startswith("res_") else self.rows
+
 
 @dataclass
 class SummaryRow:
@@ -97,9 +127,22 @@ class SummaryRow:
     bytes: int
     seconds: float
     cpu_seconds: float = float("nan")
+    shared_data: str | None = None     # weights file written with an earlier file (bytes: graph only)
 
 
 # -- planning ----------------------------------------------------------------------------------------
+def trace_rows(module: str, rows: int, cond_rows: int | None, frames: int) -> int:
+    """The smallest batch with the structure of a ``rows``-row call: samples are independent in
+    the text tower and the VAE (1 row), windows of ``frames`` rows in the pose net and the UNets.
+    The appearance net (its rows are the bank's references) and a UNet call mixing conditional and
+    unconditional rows (the split is a constant of the graph) are traced as they are."""
+    if module in ("text", "vae_encoder", "vae_decoder"):
+        return 1
+    if module == "appearance" or (module == "unet" and cond_rows != rows):
+        return rows
+    return frames
+
+
 def plan_jobs(models: Mapping[str, DiffPortrait360], profiles: Iterable[Profile],
               modules: Iterable[str] | None = None) -> list[ExportJob]:
     """The files the profiles need, each once, ordered network by network (small ones first)."""
@@ -115,12 +158,20 @@ def plan_jobs(models: Mapping[str, DiffPortrait360], profiles: Iterable[Profile]
                 if module in ("unet", "unet_nobank", "pose") and (rows % frames or (cond or 0) % frames):
                     raise ValueError(f"profile {p.name!r}: {module} batch {rows} (cond {cond}) is not a multiple "
                                      f"of the {p.kind} model's {frames}-frame window")
-                job = ExportJob(p.kind, module, rows, cond, p.refs)
+                job = ExportJob(p.kind, module, rows, cond, p.refs, trace_rows=trace_rows(module, rows, cond, frames))
                 job = jobs.setdefault(job.key, job)
                 if p.name not in job.profiles:
                     job.profiles.append(p.name)
     order = {m: i for i, m in enumerate(MODULES)}
     return sorted(jobs.values(), key=lambda j: (j.kind, order[j.module], j.rows, j.cond_rows or 0))
+
+
+def group_jobs(jobs: Iterable[ExportJob]) -> list[list[ExportJob]]:
+    """Jobs grouped by trace (one traced graph each), in plan order, smallest batch first."""
+    groups: dict[tuple, list[ExportJob]] = {}
+    for j in jobs:
+        groups.setdefault(j.trace_key, []).append(j)
+    return [sorted(g, key=lambda j: j.rows) for g in groups.values()]
 
 
 # -- example inputs and wrappers -----------------------------------------------------------------------
@@ -189,15 +240,21 @@ def build_job(job: ExportJob, model: DiffPortrait360,
 # -- one file -------------------------------------------------------------------------------------------
 def _torch_export(wrapper: nn.Module, args: tuple[Tensor, ...], path: Path, in_names: list[str],
                   out_names: list[str], opts: ExportOptions) -> str:
-    """Write ``path`` with torch's exporter; returns the exporter used."""
+    """Write ``path`` with torch's exporter, the batch (first) dimension of every input but the
+    bank entries and of every output symbolic; returns the exporter used."""
+    batched = [n for n in in_names if not n.startswith("bank_")] + list(out_names)
+
     def torchscript() -> None:
         torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opts.opset,
-                          input_names=in_names, output_names=out_names, do_constant_folding=True)
+                          input_names=in_names, output_names=out_names, do_constant_folding=True,
+                          dynamic_axes={n: {0: f"{n}_rows"} for n in batched})
 
     def dynamo() -> None:
+        from torch.export import Dim
+        shapes = tuple({0: Dim(f"{n}_rows")} if n in batched else None for n in in_names)
         torch.onnx.export(wrapper, args, str(path), dynamo=True, opset_version=max(opts.opset, 18),
                           input_names=in_names, output_names=out_names, external_data=True, optimize=True,
-                          verbose=False)
+                          verbose=False, dynamic_shapes=shapes)
 
     with warnings.catch_warnings(), W.export_attention(opts.attention), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -224,16 +281,22 @@ def _meta_output_shapes(job: ExportJob, model: DiffPortrait360) -> list[tuple[in
     return [tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
-def _set_output_shapes(proto: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Write the known static output shapes into the graph (some exporter paths leave them symbolic)."""
+def _pin_shapes(proto: Any, job: ExportJob, out_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Make every graph input and output static for ``job``'s batch; drop the traced intermediate
+    shapes (runtimes infer them again from the now-static inputs)."""
+    inits = {i.name for i in proto.graph.initializer}
+    for v in proto.graph.input:
+        if v.name not in inits and not v.name.startswith("bank_"):
+            v.type.tensor_type.shape.dim[0].dim_value = job.input_rows(v.name)   # replaces the symbolic dim
     for v in proto.graph.output:
         dims = v.type.tensor_type.shape.dim
-        want = shapes[v.name]
+        want = out_shapes[v.name]
         if len(dims) not in (0, len(want)):
             raise RuntimeError(f"output {v.name}: exported rank {len(dims)} differs from the model's {len(want)}")
         del dims[:]
         for d in want:
             dims.add().dim_value = int(d)
+    del proto.graph.value_info[:]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -265,57 +328,63 @@ def _io_specs(graph: Any) -> tuple[list[dict], list[dict]]:
     return [spec(v) for v in graph.input if v.name not in inits], [spec(v) for v in graph.output]
 
 
-def export_file(job: ExportJob, model: DiffPortrait360, out_dir: Path, opts: ExportOptions) -> dict[str, Any]:
-    """Export, convert (fp16), save (external data above 2 GB), check and hash one file."""
+def export_group(jobs: list[ExportJob], model: DiffPortrait360, out_dir: Path, opts: ExportOptions) -> list[dict]:
+    """Trace one graph for ``jobs`` (same network, different batch sizes; see :func:`group_jobs`),
+    convert it (fp16), and write, check and hash one static-shape file per job; above 2 GB of
+    weights the files share one external-data file. Returns the manifest entries."""
     import onnx
     t0, c0 = time.perf_counter(), time.process_time()
-    final = out_dir / job.file
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".tmp" / job.file.replace("/", "__")
+    lead = jobs[0]
+    tmp = out_dir / ".tmp" / lead.file.replace("/", "__")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        wrapper, args, in_names, out_names = build_job(job, model)
-        out_shapes = dict(zip(out_names, _meta_output_shapes(job, model)))
+        wrapper, args, in_names, out_names = build_job(lead.traced(), model)
         wrapper.eval()
         exporter = _torch_export(wrapper, args, tmp / "model.onnx", in_names, out_names, opts)
         del wrapper, args
         proto = onnx.load(str(tmp / "model.onnx"), load_external_data=True)
-        _set_output_shapes(proto, out_shapes)
-        fp16_stats = None
-        if opts.precision == "fp16":
-            from .fp16 import convert_mixed_fp16
-            fp16_stats = convert_mixed_fp16(proto)
-        weight_bytes = sum(i.ByteSize() for i in proto.graph.initializer)
-        data_name = final.name + ".data"
-        for p in (final, final.with_name(data_name)):
-            p.unlink(missing_ok=True)
-        external = weight_bytes >= EXTERNAL_THRESHOLD
-        proto.producer_name = "dp360rt-export"
-        if external:
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fp16_stats = None
+    if opts.precision == "fp16":
+        from .fp16 import convert_mixed_fp16
+        fp16_stats = convert_mixed_fp16(proto)
+    weight_bytes = sum(i.ByteSize() for i in proto.graph.initializer)
+    external = weight_bytes >= EXTERNAL_THRESHOLD
+    data_path = (out_dir / lead.file).with_name(Path(lead.file).name + ".data")
+    data_path.unlink(missing_ok=True)
+    proto.producer_name = "dp360rt-export"
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opts.opset)
+    entries, data_sha = [], None
+    for job in jobs:
+        final = out_dir / job.file
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.unlink(missing_ok=True)
+        _pin_shapes(proto, job, dict(zip(out_names, _meta_output_shapes(job, model))))
+        if external and data_sha is None:
+            # Moves the weights out of ``proto`` into the data file; later saves write only the graph,
+            # whose initializers keep pointing at that file.
             onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+                            location=data_path.name, size_threshold=1024)
+            data_sha = sha256_file(data_path)
         else:
             onnx.save_model(proto, str(final))
         in_specs, out_specs = _io_specs(proto.graph)
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opts.opset)
-        del proto
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if opts.check:
-        onnx.checker.check_model(str(final), full_check=True)
-    data_path = final.with_name(data_name)
-    size = final.stat().st_size + (data_path.stat().st_size if external else 0)
-    return {
-        "file": job.file, "kind": job.kind, "module": job.module, "profiles": list(job.profiles), "rows": job.rows,
-        "cond_rows": job.cond_rows, "refs": job.refs, "inputs": in_specs, "outputs": out_specs, "opset": opset,
-        "precision": opts.precision, "exporter": exporter,
-        "attention": opts.attention if job.module == "unet" else None,
-        "sha256": sha256_file(final), "data_file": (Path(job.file).parent / data_name).as_posix() if external else None,
-        "data_sha256": sha256_file(data_path) if external else None, "bytes": size,
-        "weight_bytes": weight_bytes, "fp16": fp16_stats, "seconds": round(time.perf_counter() - t0, 3),
-        "cpu_seconds": round(time.process_time() - c0, 3),
-    }
+        if opts.check:
+            onnx.checker.check_model(str(final), full_check=True)
+        entries.append({
+            "file": job.file, "kind": job.kind, "module": job.module, "profiles": list(job.profiles), "rows": job.rows,
+            "cond_rows": job.cond_rows, "refs": job.refs, "traced_rows": job.trace_rows, "inputs": in_specs,
+            "outputs": out_specs, "opset": opset, "precision": opts.precision, "exporter": exporter,
+            "attention": opts.attention if job.module == "unet" else None, "sha256": sha256_file(final),
+            "data_file": (Path(job.file).parent / data_path.name).as_posix() if external else None,
+            "data_sha256": data_sha, "bytes": final.stat().st_size + (data_path.stat().st_size if external else 0),
+            "weight_bytes": weight_bytes, "fp16": fp16_stats, "seconds": round(time.perf_counter() - t0, 3),
+            "cpu_seconds": round(time.process_time() - c0, 3),
+        })
+        t0, c0 = time.perf_counter(), time.process_time()
+    return entries
 
 
 # -- a whole export ---------------------------------------------------------------------------------------
@@ -357,6 +426,7 @@ def export_models(models: Mapping[str, DiffPortrait360], out_dir: str | Path, pr
             raise ValueError(f"export from float32 weights (the {kind} model has {bad}); use --fp16 / "
                              "precision='fp16' for half-precision files")
     jobs = plan_jobs(models, profiles, opts.modules)
+    groups = group_jobs(jobs)
     sources = dict(sources or {})
     model_info: dict[str, Any] = {}
     hashes: dict[tuple[str, str], str] = {}
@@ -377,23 +447,25 @@ def export_models(models: Mapping[str, DiffPortrait360], out_dir: str | Path, pr
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="file", desc="export", file=sys.stderr)
     try:
-        for i, job in enumerate(jobs):
+        for i, group in enumerate(groups):
             if bar is not None:
-                bar.set_postfix_str(job.file)
-            m = models[job.kind]
-            e = export_file(job, m, out, opts)
-            e["state_dict_sha256"] = hashes[job.kind, MODULE_PREFIX[job.module]]
-            e["source_sha256"] = model_info[job.kind]["source_sha256"]
-            entries.append(e)
-            rows.append(SummaryRow(job.kind, job.module, list(job.profiles), job.file, e["bytes"], e["seconds"],
-                                   e["cpu_seconds"]))
-            if log is not None:
-                log(f"{job.file}: {e['bytes'] / 2**20:.1f} MiB in {e['seconds']:.1f} s")
-            if opts.release_weights and (job.kind, _SUBMODULE[job.module]) not in {
-                    (j.kind, _SUBMODULE[j.module]) for j in jobs[i + 1:]}:
-                _release(m, job.module)
-            if bar is not None:
-                bar.update(1)
+                bar.set_postfix_str(group[0].file)
+            m = models[group[0].kind]
+            for job, e in zip(group, export_group(group, m, out, opts)):
+                e["state_dict_sha256"] = hashes[job.kind, MODULE_PREFIX[job.module]]
+                e["source_sha256"] = model_info[job.kind]["source_sha256"]
+                entries.append(e)
+                shared = e["data_file"] if job is not group[0] else None
+                size = (out / job.file).stat().st_size if shared else e["bytes"]
+                rows.append(SummaryRow(job.kind, job.module, list(job.profiles), job.file, size, e["seconds"],
+                                       e["cpu_seconds"], shared))
+                if log is not None:
+                    log(f"{job.file}: {e['bytes'] / 2**20:.1f} MiB in {e['seconds']:.1f} s")
+                if bar is not None:
+                    bar.update(1)
+            if opts.release_weights and (group[0].kind, _SUBMODULE[group[0].module]) not in {
+                    (j.kind, _SUBMODULE[j.module]) for g in groups[i + 1:] for j in g}:
+                _release(m, group[0].module)
     finally:
         if bar is not None:
             bar.close()
@@ -431,13 +503,15 @@ def _merge_manifest(out: Path, kinds: Iterable[str], model_info: dict, entries: 
 
 
 def format_summary(rows: list[SummaryRow]) -> str:
-    """The summary table: module, file, size, time."""
+    """The summary table: module, file, size on disk, time (a file sharing an earlier file's
+    weights counts its graph only)."""
     lines = [f"{'kind':<9} {'module':<12} {'profiles':<30} {'file':<36} {'size':>10} {'time':>8} {'cpu':>8}"]
     for r in rows:
         size = f"{r.bytes / 2**20:.1f} MiB" if r.bytes < 2 ** 30 else f"{r.bytes / 2**30:.2f} GiB"
+        shared = f"  (weights in {Path(r.shared_data).name})" if r.shared_data else ""
         lines.append(f"{r.kind:<9} {r.module:<12} {','.join(r.profiles):<30} {r.file:<36} {size:>10} "
-                     f"{r.seconds:7.1f}s {r.cpu_seconds:7.1f}s")
+                     f"{r.seconds:7.1f}s {r.cpu_seconds:7.1f}s{shared}")
     total = sum(r.bytes for r in rows)
-    lines.append(f"{len(rows)} file(s), {total / 2**30:.2f} GiB, {sum(r.seconds for r in rows):.1f} s wall, "
+    lines.append(f"{len(rows)} file(s), {total / 2**30:.2f} GiB on disk, {sum(r.seconds for r in rows):.1f} s wall, "
                  f"{sum(r.cpu_seconds for r in rows):.1f} s CPU")
     return "\n".join(lines)

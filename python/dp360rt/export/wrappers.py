@@ -50,6 +50,18 @@ def attention_lse_export(q: Tensor, k: Tensor, v: Tensor, chunk: int = QUERY_CHU
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
+def shared_kv_attention_export(q: Tensor, k: Tensor, v: Tensor, k_shared: Tensor, v_shared: Tensor) -> Tensor:
+    """:func:`~dp360rt.kernels.shared_kv_attention.shared_kv_attention` with a graph valid at any
+    batch: the runtime folds the frames into the query axis for the shared part, which would fix
+    the query chunks to the traced batch; here the shared keys broadcast over the frames instead,
+    chunked over each frame's tokens (the chunk sized so the traced batch holds ``QUERY_CHUNK``
+    queries per chunk). q, k, v: [B, H, N, D]; k_shared, v_shared: [1, H, M, D] -> [B, H, N, D]."""
+    from dp360rt.kernels.shared_kv_attention import merge_partials
+    o_own, l_own = attention_lse_export(q, k, v)
+    o_sh, l_sh = attention_lse_export(q, k_shared, v_shared, chunk=max(1, QUERY_CHUNK // int(q.shape[0])))
+    return merge_partials(o_own, l_own, o_sh, l_sh)
+
+
 @contextlib.contextmanager
 def export_attention(mode: str = "lse") -> Iterator[None]:
     """Route attention through exportable ops while exporting.
@@ -72,6 +84,7 @@ def export_attention(mode: str = "lse") -> Iterator[None]:
     try:
         if mode == "lse":
             skv.attention_lse = attention_lse_export
+            bank_mod.shared_kv_attention = shared_kv_attention_export
             F.scaled_dot_product_attention = chunked_sdpa(saved[2])
         else:
             bank_mod.shared_kv_attention = skv.shared_kv_attention_reference

@@ -87,6 +87,10 @@ class SharedBank(BankReader):
         q = split_heads(attn.to_q(x_norm), attn.heads)
         k = split_heads(attn.to_k(x_norm), attn.heads)
         v = split_heads(attn.to_v(x_norm), attn.heads)
+        if self.rows == [q.shape[0]]:
+            # One group reading with every row: no slicing, so a graph traced at one batch size
+            # (dp360rt.export) stays valid at any other.
+            return attn.to_out(merge_heads(shared_kv_attention(q, k, v, kb, vb)))
         outs, s = [], 0
         for g, n in enumerate(self.rows):
             outs.append(shared_kv_attention(q[s:s + n], k[s:s + n], v[s:s + n], kb[g:g + 1], vb[g:g + 1]))
