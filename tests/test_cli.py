@@ -137,7 +137,8 @@ def test_stream_and_bench_random_tiny(tmp_path, capsys):
     out = tmp_path / "streamed"
     assert main(["stream", str(tmp_path / "portrait.png"), "--random", "tiny", "--steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("ready at") == 32 and "32 views streamed" in printed
+    assert printed.count("view ") >= 32 and printed.count("ready at") == 33 and "32 views streamed" in printed
+    assert printed.index("back view ready") < printed.index("view   0 ready") and (out / "back_view.png").is_file()
     views = json.loads((out / "cameras.json").read_text())["views"]
     assert sorted(v["file"] for v in views) == [f"{i:03d}.png" for i in range(32)] and len(views[0]["camera"]) == 25
     rc = main(["bench", "--random", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--nerf-steps", "5",

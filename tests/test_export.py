@@ -191,15 +191,14 @@ def test_pipeline_on_ort_backend_equals_torch(models, exported):
         Pipeline(models["nvs"], models["backview"], engine="reference", backend="ort", export_dir=exported["nvs"])
 
 
-def test_batch_sizes_share_one_trace_and_weights_file(models, tmp_path, monkeypatch):
+def test_batch_sizes_share_one_trace_and_weights_file(models, tmp_path):
     """The `batch32` files (4 windows per call) are the `window8` graphs pinned to 32 rows: traced
-    once at one window, the weights written once (external data forced here by a zero threshold,
-    as above 2 GB at full size), and a whole 4-windows-per-call generation on them equals torch."""
+    once at one window, the weights written once in a data file both read, and a whole
+    4-windows-per-call generation on them equals torch."""
     from dp360rt.export import onnx_export as oe
     from dp360rt.export.profiles import parse_profiles
     from dp360rt.pipeline import prepare_windows
     from dp360rt.sampler.noise import GeneratorNoise
-    monkeypatch.setattr(oe, "EXTERNAL_THRESHOLD", 0)
     m = models["nvs"]
     man, rows = oe.export_models({"nvs": m}, tmp_path, parse_profiles(["window8", "batch32"]), progress=False,
                                  options=oe.ExportOptions(modules=("pose", "appearance", "unet_nobank", "unet")))
@@ -210,7 +209,8 @@ def test_batch_sizes_share_one_trace_and_weights_file(models, tmp_path, monkeypa
         assert small["traced_rows"] == big["traced_rows"] == 8
         assert small["data_file"] == big["data_file"] and small["data_sha256"] == big["data_sha256"]
         assert big["inputs"][0]["shape"][0] == 32 and big["outputs"][0]["shape"][0] == 32
-    assert len(list((tmp_path / "nvs").glob("*.data"))) == 4          # pose, appearance, no-bank UNet, UNet
+    assert files["appearance", 2]["data_file"] is None                 # one file, under 2 GB: weights inside
+    assert len(list((tmp_path / "nvs").glob("*.data"))) == 3          # pose, no-bank UNet, UNet
     assert sum(r.bytes for r in rows) < sum(f["bytes"] for f in man["files"]) * 0.7   # shared weights count once
     ob = OrtBackend.from_model(m, export_dir=tmp_path, threads=THREADS)
     _, _, refs, ctx = _inputs(m, 8, seed=6)

@@ -94,6 +94,27 @@ def test_latency_streams_window0_before_window3_starts(pipe):
         rt.shutdown()
 
 
+def test_back_view_streams_first_when_asked(pipe):
+    """``back_view=True``: the back view comes out first (index -1, the back-view hint's camera),
+    before any window has finished; ``result()`` still holds the 32 orbit views only."""
+    from dp360rt.nerf import sphere32_cameras
+    rt = Runtime(pipe, policy="latency", queue_size=1)
+    try:
+        h = rt.submit(POR, COND, steps=2, seed=5, back_view=True)
+        it = iter(h)
+        back = next(it)
+        assert back.is_back_view and back.index == -1
+        assert torch.equal(back.camera, sphere32_cameras()[18])
+        assert not h._req.latents                              # no window finished yet
+        views = list(it)
+        assert [v.index for v in views] == list(range(32))
+        assert back.t_ready <= views[0].t_ready
+        res = h.result(timeout=60)
+        assert res.views.shape[0] == 32 and torch.equal(res.back_view, back.image)
+    finally:
+        rt.shutdown()
+
+
 def test_throughput_runs_windows_in_lockstep(pipe):
     rt = Runtime(pipe, policy="throughput", queue_size=1)
     try:

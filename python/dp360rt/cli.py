@@ -154,7 +154,11 @@ def cmd_stream(a: argparse.Namespace) -> int:
     views = {}
     try:
         for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps, seed=a.seed,
-                             cameras=a.cameras):
+                             cameras=a.cameras, back_view=True):
+            if v.is_back_view:
+                save_png(v.image, out / "back_view.png")
+                print(f"back view ready at {v.t_ready:7.2f} s -> {out / 'back_view.png'}", flush=True)
+                continue
             save_png(v.image, out / f"{v.index:03d}.png")
             views[v.index] = v.camera
             print(f"view {v.index:3d} ready at {v.t_ready:7.2f} s -> {out / f'{v.index:03d}.png'}", flush=True)
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(g)
     g.set_defaults(fn=cmd_generate)
 
-    st = sub.add_parser("stream", help="print and save views as they finish (C++ step loop)")
+    st = sub.add_parser("stream", help="print and save views as they finish, the back view first (C++ step loop)")
     st.add_argument("portrait")
     st.add_argument("--out", required=True)
     st.add_argument("--policy", default="latency", choices=["latency", "throughput"])

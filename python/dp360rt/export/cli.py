@@ -10,6 +10,7 @@ Heavy imports (onnx, the exporter) happen in the handler, so registering the sub
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -57,37 +58,28 @@ def configure(p: argparse.ArgumentParser) -> None:
     trt.add_argument("--workspace-gib", type=float, default=8.0)
 
 
-def _load_models(a: argparse.Namespace, kinds: set[str]):
+def _load_model(a: argparse.Namespace, kind: str):
+    """(model, source description) of one kind from --fixture, --random or its checkpoint."""
     import torch
     from dp360rt.checkpoint import fixture_state_dict, load_checkpoint
     from dp360rt.config import load_config
     from dp360rt.model import build_model
     from dp360rt.pipeline import _init_random
+    cfgs = load_config(a.fixture or a.config)
+    if kind not in cfgs:
+        raise ValueError(f"the config {a.fixture or a.config} has no {kind} model")
+    m = build_model(kind, cfgs[kind])
     if a.fixture:
-        cfgs = load_config(a.fixture)
-        models, sources = {}, {}
-        for kind in sorted(set(cfgs) & kinds):
-            m = build_model(kind, cfgs[kind])
-            load_checkpoint(m, fixture_state_dict(a.fixture, kind))
-            models[kind], sources[kind] = m, f"fixture {a.fixture}"
-        return models, sources
-    cfgs = load_config(a.config)
-    models, sources = {}, {}
+        load_checkpoint(m, fixture_state_dict(a.fixture, kind))
+        return m, f"fixture {a.fixture}"
     if a.random:
         torch.manual_seed(a.seed)
-        for kind in sorted(set(cfgs) & kinds):
-            m = build_model(kind, cfgs[kind])
-            with torch.no_grad():
-                _init_random(m)
-            models[kind], sources[kind] = m, f"random seed {a.seed}"
-        return models, sources
-    for kind in ("nvs", "backview"):
-        ckpt = getattr(a, kind)
-        if ckpt and kind in kinds:
-            m = build_model(kind, cfgs[kind])
-            load_checkpoint(m, ckpt)
-            models[kind], sources[kind] = m, str(ckpt)
-    return models, sources
+        with torch.no_grad():
+            _init_random(m)
+        return m, f"random seed {a.seed}"
+    ckpt = getattr(a, kind)
+    load_checkpoint(m, ckpt)
+    return m, str(ckpt)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -119,7 +111,6 @@ def run(a: argparse.Namespace) -> int:
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
     try:
         given = {"nvs", "backview"} if (a.random or a.fixture) else {k for k in ("nvs", "backview") if getattr(a, k)}
         profiles = parse_profiles(a.profiles or [p for p in DEFAULT_PROFILES if parse_profiles([p])[0].kind in given])
@@ -127,23 +118,35 @@ def run(a: argparse.Namespace) -> int:
         if missing:
             raise ValueError(f"profiles {[p.name for p in profiles if p.kind in missing]} need the {missing[0]} "
                              f"model: pass --{missing[0]} CKPT")
-        models, sources = _load_models(a, {p.kind for p in profiles})
         opts = ExportOptions(opset=a.opset, precision="fp16" if a.fp16 else "fp32", exporter=a.exporter,
                              attention=a.attention or ("concat" if a.to == "trt" else "lse"), check=not a.no_check,
                              modules=tuple(a.modules) if a.modules else None, release_weights=a.release)
-    except (CheckpointError, ConfigError, ValueError) as e:
+    except (ConfigError, ValueError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
-    names = ", ".join(p.name for p in profiles)
-    print(f"loaded {', '.join(models)} in {time.perf_counter() - t0:.1f} s; profiles: {names}")
-    try:
-        _, rows = export_models(models, a.out, profiles, opts, sources, progress=not a.quiet)
-    except ValueError as e:
-        print(f"export: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # exporter / checker failures: report, non-zero exit
-        print(f"export failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    rows = []
+    # One model in memory at a time: the two full-size models together leave too little of a 24 GB
+    # machine for tracing. Each kind's files are merged into the same manifest.
+    for kind in [k for k in ("backview", "nvs") if any(p.kind == k for p in profiles)]:
+        mine = [p for p in profiles if p.kind == kind]
+        t0 = time.perf_counter()
+        try:
+            model, source = _load_model(a, kind)
+        except (CheckpointError, ConfigError, ValueError) as e:
+            print(f"export: {e}", file=sys.stderr)
+            return 2
+        print(f"loaded {kind} in {time.perf_counter() - t0:.1f} s; profiles: {', '.join(p.name for p in mine)}")
+        try:
+            _, r = export_models({kind: model}, a.out, mine, opts, {kind: source}, progress=not a.quiet)
+        except ValueError as e:
+            print(f"export: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # exporter / checker failures: report, non-zero exit
+            print(f"export failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        rows += r
+        del model
+        gc.collect()
     print(format_summary(rows))
     print(f"manifest: {Path(a.out) / 'manifest.json'}")
     if a.to == "trt":

@@ -7,8 +7,9 @@ Files that differ only in batch size are traced once, at the smallest batch with
 (one sample; one window for the 360° UNets and pose net), with the batch dimension symbolic, and
 then written once per batch size with every input and output dimension pinned to static values.
 Tracing runs the network, so this keeps the exporter's memory and time at the small batch: the
-``batch32`` UNet at full size traces like the ``window8`` one. Files of one trace above 2 GB share
-one external-data weights file (``FIRST_FILE.onnx.data``) instead of a copy each. Every file is
+``batch32`` UNet at full size traces like the ``window8`` one. The files of one trace share one
+external-data weights file (``FIRST_FILE.onnx.data``) instead of a copy each; a file alone keeps
+its weights inside unless they pass protobuf's 2 GB limit. Every file is
 checked with ``onnx.checker`` (path-based, full check), hashed, and described in the manifest
 (module, profiles, input/output names, shapes and dtypes, opset, precision, traced batch, sha256 of
 the file, of its weights file and of the weights it was made from).
@@ -351,7 +352,7 @@ def export_group(jobs: list[ExportJob], model: DiffPortrait360, out_dir: Path, o
         from .fp16 import convert_mixed_fp16
         fp16_stats = convert_mixed_fp16(proto)
     weight_bytes = sum(i.ByteSize() for i in proto.graph.initializer)
-    external = weight_bytes >= EXTERNAL_THRESHOLD
+    external = weight_bytes >= EXTERNAL_THRESHOLD or len(jobs) > 1     # over 2 GB, or shared by batch sizes
     data_path = (out_dir / lead.file).with_name(Path(lead.file).name + ".data")
     data_path.unlink(missing_ok=True)
     proto.producer_name = "dp360rt-export"

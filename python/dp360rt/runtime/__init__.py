@@ -1,4 +1,4 @@
 """Serving: the native step loop (``dp360rt._C``) driving sampling tasks, streaming views."""
-from .stream import Handle, RequestCancelled, Runtime, View
+from .stream import BACK_VIEW_INDEX, Handle, RequestCancelled, Runtime, View
 
-__all__ = ["Runtime", "Handle", "View", "RequestCancelled"]
+__all__ = ["Runtime", "Handle", "View", "RequestCancelled", "BACK_VIEW_INDEX"]

@@ -7,6 +7,13 @@ calls :meth:`Runtime._run_batch` for the tensor work, and hands finished tasks t
 :meth:`Runtime._on_done`, which decodes windows and pushes :class:`View` objects into the
 request's bounded queue (a slow consumer pauses the loop; no view is dropped). Numbers equal the
 reference loop's: every task keeps its own timesteps, tables and recorded noises.
+
+Time to the first view: every window reads the finished back view, so the first of the orbit's
+views cannot come before the back view plus one whole window; with equal windows its share of
+the total is at least ``b + (1 - b) / 4`` (``b``: the back view's share), above a quarter. The
+``latency`` policy gets close to that bound (window 0 alone, its first frame decoded alone), and
+``back_view=True`` streams the back view itself (a real view of the head, at the back-view
+hint's camera) as soon as it exists, before any window.
 """
 from __future__ import annotations
 
@@ -35,15 +42,24 @@ class RequestCancelled(RuntimeError):
     """The request was cancelled; its views stop and its memory is freed."""
 
 
+BACK_VIEW_INDEX = -1
+
+
 @dataclass
 class View:
     """One finished view: index in the orbit, camera ([25] PanoHead numbers), image
-    [3, H, W] in [0, 1] (CPU), t_ready seconds after submit."""
+    [3, H, W] in [0, 1] (CPU), t_ready seconds after submit. The back view, streamed only when
+    asked for (``back_view=True``), has index :data:`BACK_VIEW_INDEX` (-1) and the camera of the
+    back-view hint (condition 18); it is not one of the orbit's views and not in ``result()``."""
 
     index: int
     camera: Tensor
     image: Tensor
     t_ready: float
+
+    @property
+    def is_back_view(self) -> bool:
+        return self.index == BACK_VIEW_INDEX
 
 
 @dataclass
@@ -57,6 +73,7 @@ class _Request:
     queue: Any
     t0: float
     cameras: Tensor | None = None      # [N, 25], set by submit
+    stream_back_view: bool = False
     bv_task: Task | None = None
     window_tasks: dict[int, Task] = field(default_factory=dict)
     task_ids: dict[int, int] = field(default_factory=dict)     # native task id -> window (-1: back view)
@@ -130,7 +147,7 @@ class Handle:
                 raise TimeoutError(f"request {self._req.id} not finished after {timeout} s")
         if self._req.error is not None:
             raise self._req.error
-        views = sorted(self._consumed, key=lambda v: v.index)
+        views = sorted((v for v in self._consumed if not v.is_back_view), key=lambda v: v.index)
         r = self._req
         return GenerationResult(back_view=to_unit(r.back_view[0]).cpu(), views=torch.stack([v.image for v in views]),
                                 cameras=r.cameras,
@@ -150,6 +167,7 @@ class Runtime:
                  max_memory: int | None = None, queue_size: int = 32, eta: float = 0.5, cfg_scale: float = 3.0):
         from .. import _C
         self.pipe = pipeline
+        self.policy = policy
         self.frames = pipeline.nvs.frames
         self.eta, self.cfg_scale = eta, cfg_scale
         self.queue_size = queue_size
@@ -174,8 +192,9 @@ class Runtime:
 
     # -- public ------------------------------------------------------------------------------
     def submit(self, portrait: Any, conditions: Any, *, steps: int = 50, seed: Any = 0,
-               features: Tensor | None = None, cameras: Any = None) -> Handle:
-        """Queue one portrait; returns at once with a :class:`Handle` (inputs are validated here)."""
+               features: Tensor | None = None, cameras: Any = None, back_view: bool = False) -> Handle:
+        """Queue one portrait; returns at once with a :class:`Handle` (inputs are validated here).
+        ``back_view=True``: also stream the back view (index -1) the moment it is decoded."""
         s = self.pipe.image_size
         img = load_portrait(portrait, s)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
@@ -189,8 +208,8 @@ class Runtime:
         ddim_tables(self.pipe.nvs.alphas_cumprod, steps, self.eta)          # validates the step count
         from .. import _C
         rid = next(self._ids)
-        req = _Request(rid, img, cond, features, steps, as_noise(seed), _C.ViewQueue(self.queue_size),
-                       time.perf_counter(), cameras=cameras)
+        req = _Request(rid, img, cond, features, steps, as_noise(seed), _C.ViewQueue(self.queue_size + 1),
+                       time.perf_counter(), cameras=cameras, stream_back_view=back_view)
         self._requests[rid] = req
         bv_id = next(self._ids)
         req.task_ids[bv_id] = -1
@@ -269,6 +288,9 @@ class Runtime:
             bv = self.pipe.backview
             back = quantize8(self.pipe._net(bv).decode_latent(req.bv_task.x).float())
             req.back_view = back.cpu()
+            if req.stream_back_view:
+                req.queue.push(View(BACK_VIEW_INDEX, req.cameras[BACK_CONDITION_INDEX], to_unit(req.back_view[0]),
+                                    time.perf_counter() - req.t0))
             ctx = self.pipe.text_context(m)
             mean, logvar = self.pipe._net(m).encode_image(req.portrait.to(dev))
             ref_front = m.sample_latent(mean, logvar, req.noise(mean.shape, dev))
@@ -335,14 +357,17 @@ class Runtime:
     def _finish_window(self, req: _Request, w: int) -> None:
         task = req.window_tasks.pop(w)
         m = self.pipe.nvs
-        with self._autocast():
-            images = to_unit(self.pipe._net(m).decode_latent(task.x).float()).cpu()
         req.latents[w] = task.x.cpu()
-        for j, img in enumerate(images):
-            idx = w * self.frames + j
-            if not req.queue.push(View(idx, req.cameras[idx], img, time.perf_counter() - req.t0)):
-                return                                  # cancelled while waiting
-            req.views_pushed += 1
+        # Latency: the window's first frame is decoded (and streamed) before the other seven.
+        parts = [slice(0, 1), slice(1, None)] if self.policy == "latency" else [slice(None)]
+        for part in parts:
+            with self._autocast():
+                images = to_unit(self.pipe._net(m).decode_latent(task.x[part]).float()).cpu()
+            for j, img in zip(range(self.frames)[part], images):
+                idx = w * self.frames + j
+                if not req.queue.push(View(idx, req.cameras[idx], img, time.perf_counter() - req.t0)):
+                    return                              # cancelled while waiting
+                req.views_pushed += 1
         if not req.window_tasks and len(req.latents) == req.conditions.shape[0] // self.frames:
             req.timings["total"] = time.perf_counter() - req.t0
             req.status = "done"
