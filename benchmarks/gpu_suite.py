@@ -171,8 +171,8 @@ def run_tests(dry_run: bool) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "tests"]
     try:
         import dp360rt._C  # noqa: F401
-    except ImportError:   # not built on the GPU machine (no network for the build tools)
-        cmd.append("--ignore=tests/test_extension.py")
+    except ImportError:   # gpu_suite.sh could not build it here
+        cmd.append("--ignore=tests/test_runtime.py")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise RuntimeError(f"pytest exit {r.returncode}: {r.stdout[-1500:]}")

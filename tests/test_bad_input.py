@@ -171,8 +171,11 @@ def test_output_path_is_a_file(tmp_path, capsys):
 
 
 def test_generate_without_checkpoints(capsys):
-    assert main(["stream", "p.png", "--out", "x"]) == 2
-    assert "--nvs and --backview" in capsys.readouterr().err
+    for verb in ("generate", "stream"):
+        assert main([verb, "p.png", "--out", "x"]) == 2
+        assert "--nvs and --backview" in capsys.readouterr().err
+    assert main(["generate", "p.png", "--nvs", "a.th", "--backview", "b.th", "--out", "x"]) == 2
+    assert "--conditions DIR" in capsys.readouterr().err
 
 
 def test_backend_without_export_dir(capsys):

@@ -91,10 +91,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
-    max_mem = int(a.max_memory * 2**30) if a.max_memory else None
-    pipe = Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, device=a.device, dtype=_dtype(a.dtype),
-                                     engine=a.engine, max_memory=max_mem, **_backend_kw(a))
+    pipe = _pipeline(a)
     if pipe.shared["tensors"]:
         print(f"{pipe.shared['tensors']} tensors ({pipe.shared['bytes'] / 2**20:.0f} MiB) are identical in both "
               "checkpoints: kept once")
@@ -104,8 +101,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.features:
         from .images import load_frames
         features = load_frames(a.features, pipe.image_size)
-    res = pipe(a.portrait, a.conditions, features=features, cameras=a.cameras, steps=a.steps, seed=a.seed,
-               progress=_progress_bar())
+    res = pipe(a.portrait, _conditions(a, pipe.image_size), features=features, cameras=a.cameras, steps=a.steps,
+               seed=a.seed, progress=_progress_bar())
     out = res.save(a.out)
     print(f"wrote back view + {len(res.views)} views to {out}; timings (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
@@ -134,14 +131,15 @@ def _pipeline(a: argparse.Namespace):
         return Pipeline.random(a.random, seed=0, **kw)
     if not (a.nvs and a.backview):
         raise ConfigError("pass both --nvs and --backview checkpoints, or --random CONFIG for random weights")
+    if not a.conditions:        # checked before the checkpoints load
+        raise ImageError("--conditions DIR (the authors' sphere32 folder) is required with real checkpoints")
     return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, **kw)
 
 
 def _conditions(a: argparse.Namespace, size: int):
+    """--conditions, or synthetic condition images for random weights (see :func:`_pipeline`)."""
     if a.conditions:
         return a.conditions
-    if not a.random:
-        raise ImageError("--conditions DIR (the authors' sphere32 folder) is required with real checkpoints")
     from .demo import synthetic_conditions
     return synthetic_conditions(32, size)
 
@@ -198,7 +196,8 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--engine", default="fast", choices=["fast", "reference"])
+    p.add_argument("--engine", default="fast", choices=["fast", "reference"],
+                   help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
     p.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
     _add_backend_args(p)
 
@@ -235,24 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fp16", action="store_true", help="store float32 weights as float16")
     c.set_defaults(fn=cmd_convert)
 
-    g = sub.add_parser("generate", help="portrait -> back view + 32 views (official checkpoints)")
+    g = sub.add_parser("generate", help="portrait -> back view + 32 views (official checkpoints, or --random CONFIG)")
     g.add_argument("portrait")
-    g.add_argument("--nvs", required=True, help="model_state-340000.th (or .safetensors)")
-    g.add_argument("--backview", required=True, help="back_head-230000.th (or .safetensors)")
-    g.add_argument("--conditions", required=True, help="the authors' cam_condition/sphere32 folder")
     g.add_argument("--out", required=True)
-    g.add_argument("--cameras", help=_CAMERAS_HELP)
     g.add_argument("--features", help="32 feature frames (PNG/JPEG, name order) for the 3D-aware start "
                                       "(the authors' --denoise_from_guidance renders)")
-    g.add_argument("--config", default="full")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--engine", default="fast", choices=["fast", "reference"],
-                   help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
-    g.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
-    _add_backend_args(g)
+    _add_model_args(g)
     g.set_defaults(fn=cmd_generate)
 
     st = sub.add_parser("stream", help="print and save views as they finish, the back view first (C++ step loop)")
