@@ -18,8 +18,15 @@ ATTENTION_MODES = ("lse", "concat")
 QUERY_CHUNK = 1024
 
 
+def query_chunk(q: Tensor) -> int:
+    """Queries per frame in one chunk: :data:`QUERY_CHUNK` over the batch the graph is traced at,
+    so a chunk's score tensor stays that size however many rows the file is later pinned to
+    (ONNX Runtime on CPU keeps several chunks' scores alive at once)."""
+    return max(1, QUERY_CHUNK // int(q.shape[0]))
+
+
 def chunked_sdpa(sdpa):
-    """``scaled_dot_product_attention`` over query chunks of :data:`QUERY_CHUNK` when both the
+    """``scaled_dot_product_attention`` over query chunks (:func:`query_chunk`) when both the
     queries and the keys are long (the UNet's top-level self-attention: 4096 tokens at full size),
     so an unfused runtime (ONNX Runtime CPU) never holds a whole [B, H, N, M] score tensor; other
     calls (masks, causal, short sequences) go through unchanged."""
@@ -27,18 +34,20 @@ def chunked_sdpa(sdpa):
         n = q.shape[-2]
         if attn_mask is not None or is_causal or dropout_p or kw or n <= QUERY_CHUNK or k.shape[-2] <= QUERY_CHUNK:
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
-        return torch.cat([sdpa(q[..., s:s + QUERY_CHUNK, :], k, v, scale=scale) for s in range(0, n, QUERY_CHUNK)],
-                         dim=-2)
+        c = query_chunk(q)
+        return torch.cat([sdpa(q[..., s:s + c, :], k, v, scale=scale) for s in range(0, n, c)], dim=-2)
     return attention
 
 
-def attention_lse_export(q: Tensor, k: Tensor, v: Tensor, chunk: int = QUERY_CHUNK) -> tuple[Tensor, Tensor]:
+def attention_lse_export(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`~dp360rt.kernels.shared_kv_attention.attention_lse_math` written for runtimes: one
     exponential per score (max-shifted), row sums instead of ``logsumexp`` (ONNX Runtime's CPU
-    ``ReduceLogSumExp`` was a third of the bank UNet's time), chunked over queries.
-    q: [B, H, N, D], k/v: [B, H, M, D] -> (out [B, H, N, D], lse [B, H, N] float32)."""
+    ``ReduceLogSumExp`` was a third of the bank UNet's time), chunked over each frame's queries
+    (:func:`query_chunk`). q: [B, H, N, D], k/v: [B or 1, H, M, D] (1: shared by the B frames,
+    broadcast) -> (out [B, H, N, D], lse [B, H, N] float32)."""
     scale = q.shape[-1] ** -0.5
     kt, vf = k.float().transpose(-1, -2), v.float()
+    chunk = query_chunk(q)
     outs, lses = [], []
     for s in range(0, q.shape[2], chunk):
         sc = torch.matmul(q[:, :, s:s + chunk].float() * scale, kt)
@@ -53,12 +62,11 @@ def attention_lse_export(q: Tensor, k: Tensor, v: Tensor, chunk: int = QUERY_CHU
 def shared_kv_attention_export(q: Tensor, k: Tensor, v: Tensor, k_shared: Tensor, v_shared: Tensor) -> Tensor:
     """:func:`~dp360rt.kernels.shared_kv_attention.shared_kv_attention` with a graph valid at any
     batch: the runtime folds the frames into the query axis for the shared part, which would fix
-    the query chunks to the traced batch; here the shared keys broadcast over the frames instead,
-    chunked over each frame's tokens (the chunk sized so the traced batch holds ``QUERY_CHUNK``
-    queries per chunk). q, k, v: [B, H, N, D]; k_shared, v_shared: [1, H, M, D] -> [B, H, N, D]."""
+    the query chunks to the traced batch; here the shared keys broadcast over the frames instead.
+    q, k, v: [B, H, N, D]; k_shared, v_shared: [1, H, M, D] -> [B, H, N, D]."""
     from dp360rt.kernels.shared_kv_attention import merge_partials
     o_own, l_own = attention_lse_export(q, k, v)
-    o_sh, l_sh = attention_lse_export(q, k_shared, v_shared, chunk=max(1, QUERY_CHUNK // int(q.shape[0])))
+    o_sh, l_sh = attention_lse_export(q, k_shared, v_shared)
     return merge_partials(o_own, l_own, o_sh, l_sh)
 
 
