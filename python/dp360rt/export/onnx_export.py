@@ -7,12 +7,13 @@ Files that differ only in batch size are traced once, at the smallest batch with
 (one sample; one window for the 360° UNets and pose net), with the batch dimension symbolic, and
 then written once per batch size with every input and output dimension pinned to static values.
 Tracing runs the network, so this keeps the exporter's memory and time at the small batch: the
-``batch32`` UNet at full size traces like the ``window8`` one. The files of one trace share one
-external-data weights file (``FIRST_FILE.onnx.data``) instead of a copy each; a file alone keeps
-its weights inside unless they pass protobuf's 2 GB limit. Every file is
+``batch32`` UNet at full size traces like the ``window8`` one. The weights live outside the graphs
+in one external-data file per model kind (``KIND/weights.data``) that holds every distinct tensor
+once: the batch sizes of a network, and networks with the same weights (the UNet with and without
+the bank, in every profile), read the same bytes. Every file is
 checked with ``onnx.checker`` (path-based, full check), hashed, and described in the manifest
 (module, profiles, input/output names, shapes and dtypes, opset, precision, traced batch, sha256 of
-the file, of its weights file and of the weights it was made from).
+the file, of the weights file and of the weights it was made from).
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from dp360rt.text.clip import empty_prompt_ids
 from . import wrappers as W
 from .profiles import MODULES, Profile
 
-TWO_GB = 2 ** 31
-EXTERNAL_THRESHOLD = TWO_GB - 2 ** 26      # leave room for the graph itself under protobuf's 2 GB limit
+STORE_NAME = "weights.data"
+INLINE_BYTES = 1024                        # smaller tensors stay inside the graph file
 EXPORTERS = ("auto", "torchscript", "dynamo")
 PRECISIONS = ("fp32", "fp16")
 N_BANK_NAME = "bank_{:02d}"
@@ -128,7 +129,7 @@ class SummaryRow:
     bytes: int
     seconds: float
     cpu_seconds: float = float("nan")
-    shared_data: str | None = None     # weights file written with an earlier file (bytes: graph only)
+    shared_bytes: int = 0              # weights it reads that earlier files wrote (not in ``bytes``)
 
 
 # -- planning ----------------------------------------------------------------------------------------
@@ -329,10 +330,51 @@ def _io_specs(graph: Any) -> tuple[list[dict], list[dict]]:
     return [spec(v) for v in graph.input if v.name not in inits], [spec(v) for v in graph.output]
 
 
-def export_group(jobs: list[ExportJob], model: DiffPortrait360, out_dir: Path, opts: ExportOptions) -> list[dict]:
+class WeightStore:
+    """One model kind's external-data file: every distinct weight tensor once, found by content.
+
+    :meth:`externalize` moves a graph's initializers (``INLINE_BYTES`` or more) into the file and
+    points them at their bytes (location, offset, length); a tensor already there is not written
+    again. The file is started afresh for each export of the kind."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        self.size = 0
+        self._index: dict[bytes, tuple[int, int]] = {}
+
+    def externalize(self, proto: Any) -> tuple[int, int]:
+        """Externalize ``proto``'s initializers in place -> (bytes it reads, bytes newly written)."""
+        import onnx
+        read = written = 0
+        with open(self.path, "ab") as f:
+            for t in proto.graph.initializer:
+                if not t.HasField("raw_data") or len(t.raw_data) < INLINE_BYTES:
+                    continue
+                key = hashlib.sha256(t.raw_data).digest()
+                if key not in self._index:
+                    f.write(t.raw_data)
+                    self._index[key] = (self.size, len(t.raw_data))
+                    self.size += len(t.raw_data)
+                    written += len(t.raw_data)
+                offset, length = self._index[key]
+                read += length
+                del t.external_data[:]
+                for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+                t.data_location = onnx.TensorProto.EXTERNAL
+                t.ClearField("raw_data")
+        return read, written
+
+
+def export_group(jobs: list[ExportJob], model: DiffPortrait360, out_dir: Path, opts: ExportOptions,
+                 store: WeightStore) -> list[dict]:
     """Trace one graph for ``jobs`` (same network, different batch sizes; see :func:`group_jobs`),
-    convert it (fp16), and write, check and hash one static-shape file per job; above 2 GB of
-    weights the files share one external-data file. Returns the manifest entries."""
+    convert it (fp16), move its weights into ``store``, and write, check and hash one
+    static-shape graph file per job. Returns the manifest entries (``data_sha256`` is filled in
+    by :func:`export_models` once the store is complete; ``new_bytes``: what the store grew by)."""
     import onnx
     t0, c0 = time.perf_counter(), time.process_time()
     lead = jobs[0]
@@ -352,36 +394,28 @@ def export_group(jobs: list[ExportJob], model: DiffPortrait360, out_dir: Path, o
         from .fp16 import convert_mixed_fp16
         fp16_stats = convert_mixed_fp16(proto)
     weight_bytes = sum(i.ByteSize() for i in proto.graph.initializer)
-    external = weight_bytes >= EXTERNAL_THRESHOLD or len(jobs) > 1     # over 2 GB, or shared by batch sizes
-    data_path = (out_dir / lead.file).with_name(Path(lead.file).name + ".data")
-    data_path.unlink(missing_ok=True)
+    read, written = store.externalize(proto)
     proto.producer_name = "dp360rt-export"
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opts.opset)
-    entries, data_sha = [], None
+    data_file = (Path(lead.file).parent / store.path.name).as_posix() if read else None
+    entries = []
     for job in jobs:
         final = out_dir / job.file
-        final.parent.mkdir(parents=True, exist_ok=True)
         final.unlink(missing_ok=True)
         _pin_shapes(proto, job, dict(zip(out_names, _meta_output_shapes(job, model))))
-        if external and data_sha is None:
-            # Moves the weights out of ``proto`` into the data file; later saves write only the graph,
-            # whose initializers keep pointing at that file.
-            onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_path.name, size_threshold=1024)
-            data_sha = sha256_file(data_path)
-        else:
-            onnx.save_model(proto, str(final))
+        onnx.save_model(proto, str(final))
         in_specs, out_specs = _io_specs(proto.graph)
         if opts.check:
             onnx.checker.check_model(str(final), full_check=True)
+        graph_bytes = final.stat().st_size
         entries.append({
             "file": job.file, "kind": job.kind, "module": job.module, "profiles": list(job.profiles), "rows": job.rows,
             "cond_rows": job.cond_rows, "refs": job.refs, "traced_rows": job.trace_rows, "inputs": in_specs,
             "outputs": out_specs, "opset": opset, "precision": opts.precision, "exporter": exporter,
             "attention": opts.attention if job.module == "unet" else None, "sha256": sha256_file(final),
-            "data_file": (Path(job.file).parent / data_path.name).as_posix() if external else None,
-            "data_sha256": data_sha, "bytes": final.stat().st_size + (data_path.stat().st_size if external else 0),
-            "weight_bytes": weight_bytes, "fp16": fp16_stats, "seconds": round(time.perf_counter() - t0, 3),
+            "data_file": data_file, "data_sha256": None, "bytes": graph_bytes + read,
+            "new_bytes": graph_bytes + (written if job is lead else 0), "weight_bytes": weight_bytes,
+            "fp16": fp16_stats, "seconds": round(time.perf_counter() - t0, 3),
             "cpu_seconds": round(time.process_time() - c0, 3),
         })
         t0, c0 = time.perf_counter(), time.process_time()
@@ -447,19 +481,19 @@ def export_models(models: Mapping[str, DiffPortrait360], out_dir: str | Path, pr
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), unit="file", desc="export", file=sys.stderr)
+    stores = {kind: WeightStore(out / kind / STORE_NAME) for kind in {j.kind for j in jobs}}
     try:
         for i, group in enumerate(groups):
             if bar is not None:
                 bar.set_postfix_str(group[0].file)
             m = models[group[0].kind]
-            for job, e in zip(group, export_group(group, m, out, opts)):
+            for job, e in zip(group, export_group(group, m, out, opts, stores[group[0].kind])):
                 e["state_dict_sha256"] = hashes[job.kind, MODULE_PREFIX[job.module]]
                 e["source_sha256"] = model_info[job.kind]["source_sha256"]
                 entries.append(e)
-                shared = e["data_file"] if job is not group[0] else None
-                size = (out / job.file).stat().st_size if shared else e["bytes"]
-                rows.append(SummaryRow(job.kind, job.module, list(job.profiles), job.file, size, e["seconds"],
-                                       e["cpu_seconds"], shared))
+                new = e.pop("new_bytes")
+                rows.append(SummaryRow(job.kind, job.module, list(job.profiles), job.file, new, e["seconds"],
+                                       e["cpu_seconds"], e["bytes"] - new))
                 if log is not None:
                     log(f"{job.file}: {e['bytes'] / 2**20:.1f} MiB in {e['seconds']:.1f} s")
                 if bar is not None:
@@ -471,6 +505,10 @@ def export_models(models: Mapping[str, DiffPortrait360], out_dir: str | Path, pr
         if bar is not None:
             bar.close()
         shutil.rmtree(out / ".tmp", ignore_errors=True)
+    data_sha = {kind: sha256_file(st.path) for kind, st in stores.items()}
+    for e in entries:
+        if e["data_file"]:
+            e["data_sha256"] = data_sha[e["kind"]]
     manifest = _merge_manifest(out, models.keys(), model_info, entries, profiles, opts)
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return manifest, rows
@@ -504,14 +542,15 @@ def _merge_manifest(out: Path, kinds: Iterable[str], model_info: dict, entries: 
 
 
 def format_summary(rows: list[SummaryRow]) -> str:
-    """The summary table: module, file, size on disk, time (a file sharing an earlier file's
-    weights counts its graph only)."""
-    lines = [f"{'kind':<9} {'module':<12} {'profiles':<30} {'file':<36} {'size':>10} {'time':>8} {'cpu':>8}"]
+    """The summary table: module, file, what it added on disk (graph + weights no earlier file
+    wrote), time; weights it shares with earlier files in the last column."""
+    def size(n: int) -> str:
+        return f"{n / 2**20:.1f} MiB" if n < 2 ** 30 else f"{n / 2**30:.2f} GiB"
+    lines = [f"{'kind':<9} {'module':<12} {'profiles':<30} {'file':<36} {'new':>10} {'time':>8} {'cpu':>8}  shared"]
     for r in rows:
-        size = f"{r.bytes / 2**20:.1f} MiB" if r.bytes < 2 ** 30 else f"{r.bytes / 2**30:.2f} GiB"
-        shared = f"  (weights in {Path(r.shared_data).name})" if r.shared_data else ""
-        lines.append(f"{r.kind:<9} {r.module:<12} {','.join(r.profiles):<30} {r.file:<36} {size:>10} "
-                     f"{r.seconds:7.1f}s {r.cpu_seconds:7.1f}s{shared}")
+        shared = size(r.shared_bytes) if r.shared_bytes else ""
+        lines.append(f"{r.kind:<9} {r.module:<12} {','.join(r.profiles):<30} {r.file:<36} {size(r.bytes):>10} "
+                     f"{r.seconds:7.1f}s {r.cpu_seconds:7.1f}s  {shared}")
     total = sum(r.bytes for r in rows)
     lines.append(f"{len(rows)} file(s), {total / 2**30:.2f} GiB on disk, {sum(r.seconds for r in rows):.1f} s wall, "
                  f"{sum(r.cpu_seconds for r in rows):.1f} s CPU")
