@@ -253,7 +253,7 @@ def _torch_export(wrapper: nn.Module, args: tuple[Tensor, ...], path: Path, in_n
 
     def dynamo() -> None:
         from torch.export import Dim
-        shapes = tuple({0: Dim(f"{n}_rows")} if n in batched else None for n in in_names)
+        shapes = tuple({0: Dim.AUTO} if n in batched else None for n in in_names)   # AUTO: may specialize
         torch.onnx.export(wrapper, args, str(path), dynamo=True, opset_version=max(opts.opset, 18),
                           input_names=in_names, output_names=out_names, external_data=True, optimize=True,
                           verbose=False, dynamic_shapes=shapes)

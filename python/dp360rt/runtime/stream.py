@@ -208,7 +208,7 @@ class Runtime:
         ddim_tables(self.pipe.nvs.alphas_cumprod, steps, self.eta)          # validates the step count
         from .. import _C
         rid = next(self._ids)
-        req = _Request(rid, img, cond, features, steps, as_noise(seed), _C.ViewQueue(self.queue_size + 1),
+        req = _Request(rid, img, cond, features, steps, as_noise(seed), _C.ViewQueue(self.queue_size),
                        time.perf_counter(), cameras=cameras, stream_back_view=back_view)
         self._requests[rid] = req
         bv_id = next(self._ids)
