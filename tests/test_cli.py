@@ -141,6 +141,9 @@ def test_stream_and_bench_random_tiny(tmp_path, capsys):
     assert printed.index("back view ready") < printed.index("view   0 ready") and (out / "back_view.png").is_file()
     views = json.loads((out / "cameras.json").read_text())["views"]
     assert sorted(v["file"] for v in views) == [f"{i:03d}.png" for i in range(32)] and len(views[0]["camera"]) == 25
+    gen = tmp_path / "generated"                     # `generate` takes the same model options
+    assert main(["generate", str(tmp_path / "portrait.png"), "--random", "tiny", "--steps", "2", "--out", str(gen)]) == 0
+    assert len(list(gen.glob("*.png"))) >= 33 and (gen / "cameras.json").is_file()
     rc = main(["bench", "--random", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--nerf-steps", "5",
                "--out", str(tmp_path / "bench")])
     assert rc == 0
