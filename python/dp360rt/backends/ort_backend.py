@@ -73,7 +73,7 @@ class ExportedFile:
     opset: int
     precision: str                   # fp32 | fp16
     sha256: str                      # of the .onnx file
-    data_file: str | None            # external data file (relative), for files over 2 GB
+    data_file: str | None            # the kind's external weights file (relative), KIND/weights.data
     data_sha256: str | None
     bytes: int                       # .onnx + external data
     state_dict_sha256: str           # of the module's weights (its state-dict prefix) at export
