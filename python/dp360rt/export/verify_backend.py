@@ -22,20 +22,12 @@ from dp360rt.model import DiffPortrait360
 from dp360rt.sampler.fast import apply_fast, sample_fast_recorded
 from dp360rt.sampler.noise import RecordedNoise
 from dp360rt.sampler.plan import BatchPlan
-from dp360rt.sampler.reference import SampleResult
 from dp360rt.verify import _Runner
 
 # What the fixture cases call: nvs apply at 8 rows (window8), nvs DDIM with batched guidance
 # (window8x2cfg), back-view apply at 1 row and DDIM at 1+1 rows (backview).
 VERIFY_PROFILES = ("window8", "window8x2cfg", "backview")
-
-
-def sample_recorded_with_backend(backend: Any, model: DiffPortrait360, inp: dict, ref_back: list[Tensor],
-                                 noise: RecordedNoise, plan: BatchPlan | None = None) -> SampleResult:
-    """:func:`dp360rt.sampler.fast.sample_fast_recorded` on ``backend`` with the exported plan
-    (one window per call, guidance branches batched) unless ``plan`` says otherwise."""
-    return sample_fast_recorded(model, inp, ref_back, noise, backend=backend,
-                                plan=plan or BatchPlan(windows_per_call=1, batch_cfg=True))
+EXPORTED_PLAN = BatchPlan(windows_per_call=1, batch_cfg=True)     # the window8x2cfg UNet's shape
 
 
 class BackendRunner(_Runner):
@@ -75,7 +67,7 @@ class BackendRunner(_Runner):
                           None if uc else inp.get("ref_front"), ref_back, backend=self.backend(m.kind))
 
     def sample(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], noise: RecordedNoise):
-        return sample_recorded_with_backend(self.backend(m.kind), m, inp, ref_back, noise)
+        return sample_fast_recorded(m, inp, ref_back, noise, plan=EXPORTED_PLAN, backend=self.backend(m.kind))
 
 
 def export_fixture(fixture_dir: str | Path, out_dir: str | Path, runner: _Runner | None = None,
