@@ -37,13 +37,14 @@ def _timed(pipe: Pipeline, fn) -> float:
 
 @torch.no_grad()
 def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int = 3, warmup: int = 1,
-              conditions: Any = None, portrait: Any = None, nerf_steps: int = 200) -> dict:
+              conditions: Any = None, portrait: Any = None, nerf_steps: int = 200,
+              overwrite: bool = False) -> dict:
     """Time every stage ``warmup + repeats`` times (the NeRF fit with a fixed ``nerf_steps``,
     the render of one view at the generation's size); write ``bench.json`` and ``bench.png`` in
-    ``out`` and return the report."""
+    ``out`` (a new folder, or an earlier one replaced with ``overwrite``) and return the report."""
     from .demo import synthetic_portrait
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .results import ResultDir, check_output_dir, write_text_atomic
+    out = check_output_dir(out, overwrite)         # before an hour of timing, not after
     s = pipe.image_size
     portrait = portrait if portrait is not None else synthetic_portrait(s)
     img = synthetic_portrait(s).to(pipe.device)
@@ -85,9 +86,11 @@ def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int 
         "python": platform.python_version(), "capabilities": capabilities(),
         "plan": pipe.plan.describe(4, pipe.nvs.frames) if pipe.plan else None,
     }
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
-    bar_chart({k: v for k, v in med.items()}, out / "bench.png",
-              f"dp360rt bench: {pipe.engine} engine, {steps} steps, {pipe.device}, median of {repeats}")
+    with ResultDir(out, kind="bench", overwrite=overwrite) as rd:
+        write_text_atomic(rd.path / "bench.json", json.dumps(report, indent=1))
+        bar_chart({k: v for k, v in med.items()}, rd.path / "bench.png",
+                  f"dp360rt bench: {pipe.engine} engine, {steps} steps, {pipe.device}, median of {repeats}")
+        rd.commit()
     print(f"{'stage':<16} {'median s':>10}")
     for k, v in med.items():
         print(f"{k:<16} {v:10.3f}")

@@ -79,6 +79,8 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .checkpoint import convert
+    from .results import check_output_file
+    check_output_file(a.output)                     # before the checkpoint is read
     t = time.perf_counter()
     s = convert(a.input, a.output, fp16=a.fp16)
     print(f"wrote {a.output}: {s['kind']} checkpoint, {s['tensors']} tensors, {s['bytes'] / 2**20:.1f} MiB "
@@ -91,6 +93,8 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    from .results import check_output_dir, save_or_keep
+    check_output_dir(a.out, a.overwrite)            # before the models load, not after the generation
     pipe = _pipeline(a)
     if pipe.shared["tensors"]:
         print(f"{pipe.shared['tensors']} tensors ({pipe.shared['bytes'] / 2**20:.0f} MiB) are identical in both "
@@ -103,7 +107,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         features = load_frames(a.features, pipe.image_size)
     res = pipe(a.portrait, _conditions(a, pipe.image_size), features=features, cameras=a.cameras, steps=a.steps,
                seed=a.seed, progress=_progress_bar())
-    out = res.save(a.out)
+    out = save_or_keep(lambda d: res.save(d, overwrite=a.overwrite), a.out)
     print(f"wrote back view + {len(res.views)} views to {out}; timings (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
     return 0
@@ -146,35 +150,41 @@ def _conditions(a: argparse.Namespace, size: int):
 
 def cmd_stream(a: argparse.Namespace) -> int:
     from .images import save_png
-    pipe = _pipeline(a)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    views = {}
-    try:
-        for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps, seed=a.seed,
-                             cameras=a.cameras, back_view=True):
-            if v.is_back_view:
-                save_png(v.image, out / "back_view.png")
-                print(f"back view ready at {v.t_ready:7.2f} s -> {out / 'back_view.png'}", flush=True)
-                continue
-            save_png(v.image, out / f"{v.index:03d}.png")
-            views[v.index] = v.camera
-            print(f"view {v.index:3d} ready at {v.t_ready:7.2f} s -> {out / f'{v.index:03d}.png'}", flush=True)
-    finally:
-        pipe.close()
     from .nerf.cameras import write_cameras_json
-    order = sorted(views)
-    write_cameras_json(out / "cameras.json", [views[i] for i in order], [f"{i:03d}.png" for i in order])
+    from .results import ResultDir
+    # Views go into a fresh folder beside --out, moved into place when all are there: an
+    # interrupted stream (Ctrl-C) leaves an earlier result in --out as it was.
+    with ResultDir(a.out, kind="views", overwrite=a.overwrite) as rd:
+        pipe = _pipeline(a)
+        tmp = rd.path
+        views = {}
+        try:
+            for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps,
+                                 seed=a.seed, cameras=a.cameras, back_view=True):
+                name = "back_view.png" if v.is_back_view else f"{v.index:03d}.png"
+                save_png(v.image, tmp / name)
+                what = "back view" if v.is_back_view else f"view {v.index:3d}"
+                print(f"{what} ready at {v.t_ready:7.2f} s -> {name}", flush=True)
+                if not v.is_back_view:
+                    views[v.index] = v.camera
+        finally:
+            pipe.close()
+        order = sorted(views)
+        write_cameras_json(tmp / "cameras.json", [views[i] for i in order], [f"{i:03d}.png" for i in order])
+        out = rd.commit(views=len(views))
     print(f"{len(views)} views streamed to {out} (with cameras.json: `dp360rt nerf fit {out}` fits them)")
     return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
+    from .results import check_output_dir
+    check_output_dir(a.out, a.overwrite)            # before the models load
     pipe = _pipeline(a)
     try:
         run_bench(pipe, a.out, steps=a.steps, repeats=a.repeats, warmup=a.warmup,
-                  conditions=_conditions(a, pipe.image_size), portrait=a.portrait, nerf_steps=a.nerf_steps)
+                  conditions=_conditions(a, pipe.image_size), portrait=a.portrait, nerf_steps=a.nerf_steps,
+                  overwrite=a.overwrite)
     finally:
         pipe.close()
     return 0
@@ -200,11 +210,17 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
                    help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
     p.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
     _add_backend_args(p)
+    _add_overwrite_arg(p)
+
+
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result in --out (as a whole, when the new one is complete)")
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds)
+    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds, overwrite=a.overwrite)
     return 0
 
 
@@ -263,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--nerf-seconds", type=float, default=20.0, help="NeRF fitting budget (default 20 s)")
+    _add_overwrite_arg(d)
     d.set_defaults(fn=cmd_demo)
 
     # the offline export toolchain: argparse only here; onnx / torch.onnx load inside its handler

@@ -50,21 +50,24 @@ def contact_sheet(views: torch.Tensor, cols: int = 8) -> torch.Tensor:
 
 
 def run_demo(out: str | Path, steps: int = 10, seed: int = 0, nerf_seconds: float = 20.0,
-             progress: bool = True) -> Path:
+             progress: bool = True, overwrite: bool = False) -> Path:
     """Tiny random-weight pipeline end to end: back view, 32 views, NeRF fit, orbit video, and
     the files a user looks at (views, contact sheet, ``orbit.mp4``, ``timings.json/png``) in ``out``."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"cannot create output directory {out}: {e.strerror}. Fix: pass a writable --out") from e
+    from .results import ResultDir
+    with ResultDir(out, kind="demo", overwrite=overwrite) as rd:   # checked before any work; moved into place at the end
+        _demo_into(rd.path, steps, seed, nerf_seconds, progress)
+        return rd.commit()
+
+
+def _demo_into(out: Path, steps: int, seed: int, nerf_seconds: float, progress: bool) -> None:
+    from .results import write_text_atomic
     print("dp360rt demo: tiny random-weight models - the pictures are noise; real views need the official "
           "checkpoints (dp360rt generate --nvs model_state-340000.th --backview back_head-230000.th ...)")
     t = time.perf_counter()
     pipe = Pipeline.random("tiny", seed=seed)
     size = pipe.image_size
     res = pipe(synthetic_portrait(size), synthetic_conditions(32, size), steps=steps, seed=seed)
-    res.save(out)
+    res.write_into(out)
     save_png(contact_sheet(res.views), out / "contact_sheet.png")
     print(f"generated the back view and {len(res.views)} views ({res.unet_calls} UNet calls); "
           f"fitting a NeRF for {nerf_seconds:g} s ...", flush=True)
@@ -80,11 +83,10 @@ def run_demo(out: str | Path, steps: int = 10, seed: int = 0, nerf_seconds: floa
     res.timings["orbit_render"] = time.perf_counter() - tic
     res.timings["total"] = time.perf_counter() - t
 
-    (out / "timings.json").write_text(json.dumps(res.timings, indent=1))
+    write_text_atomic(out / "timings.json", json.dumps(res.timings, indent=1))
     bar_chart({k: v for k, v in res.timings.items() if k != "total"}, out / "timings.png",
               f"dp360rt demo (tiny random weights, {steps} steps): seconds per stage")
     print(f"NeRF: {nerf.stats['steps']} steps, training PSNR {nerf.stats['train_psnr']:.1f} dB; "
           f"orbit video {frames} frames at {frames / res.timings['orbit_render']:.0f} fps")
     print(f"wrote back_view.png, 000.png ... 031.png, cameras.json, contact_sheet.png, orbit.mp4, nerf/, "
-          f"timings.json, timings.png to {out} ({res.timings['total']:.1f} s in all)")
-    return out
+          f"timings.json, timings.png ({res.timings['total']:.1f} s in all)")

@@ -67,25 +67,30 @@ class GenerationResult:
         nerf.fit(list(self.views), self.cameras, seconds=seconds, steps=steps, progress=progress)
         return nerf
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``back_view.png``, ``000.png`` ... and ``cameras.json`` (the NeRF views layout)."""
-        d = Path(out_dir)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            save_png(self.back_view, d / "back_view.png")
-            entries = []
-            for i, v in enumerate(self.views):
-                name = f"{i:03d}.png"
-                save_png(v, d / name)
-                entry: dict[str, Any] = {"file": name}
-                if self.cameras is not None:
-                    entry["camera"] = [float(x) for x in self.cameras[i]]
-                entries.append(entry)
-            (d / "cameras.json").write_text(json.dumps({"views": entries}, indent=1))
-            (d / "timings.json").write_text(json.dumps(self.timings, indent=1))
-        except OSError as e:
-            raise OSError(f"cannot write results to {d}: {e.strerror or e}. Fix: pass a writable --out directory") from e
-        return d
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write ``back_view.png``, ``000.png`` ... ``cameras.json``, ``timings.json`` and, last,
+        ``manifest.json`` (the NeRF views layout) into ``out_dir``, atomically: the folder is built
+        aside and moved into place when complete. An existing non-empty ``out_dir`` is refused
+        unless ``overwrite=True`` (then replaced as a whole, never mixed)."""
+        from .results import ResultDir
+        with ResultDir(out_dir, kind="views", overwrite=overwrite) as r:
+            self.write_into(r.path)
+            return r.commit(views=len(self.views))
+
+    def write_into(self, d: Path) -> None:
+        """Write the files of :meth:`save` (each atomically) into the existing folder ``d``, no manifest."""
+        from .results import write_text_atomic
+        save_png(self.back_view, d / "back_view.png")
+        entries = []
+        for i, v in enumerate(self.views):
+            name = f"{i:03d}.png"
+            save_png(v, d / name)
+            entry: dict[str, Any] = {"file": name}
+            if self.cameras is not None:
+                entry["camera"] = [float(x) for x in self.cameras[i]]
+            entries.append(entry)
+        write_text_atomic(d / "cameras.json", json.dumps({"views": entries}, indent=1))
+        write_text_atomic(d / "timings.json", json.dumps(self.timings, indent=1))
 
 
 CONDITION_WINDOWS = CONDITION_COUNT // 8

@@ -91,6 +91,12 @@ def run(a: argparse.Namespace) -> int:
     if a.random and (a.nvs or a.backview or a.fixture) or (a.fixture and (a.nvs or a.backview)):
         print("export: --random, --fixture and checkpoints exclude each other", file=sys.stderr)
         return 2
+    from ..results import OutputError, check_writable_dir
+    try:
+        check_writable_dir(a.out)           # before any weights load
+    except OutputError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
     try:
         import onnx  # noqa: F401
     except ImportError:

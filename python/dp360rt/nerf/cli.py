@@ -98,10 +98,10 @@ def cmd_render(a: argparse.Namespace) -> int:
     from .cameras import cameras_or_orbit, read_cameras_json, save_image, write_cameras_json
     from .fit import Nerf
 
+    out = _writable_dir(a.out)                      # before the NeRF loads
     nerf = Nerf.load(a.model, device=a.device)
     files, cams = read_cameras_json(a.cameras)
     cams = cameras_or_orbit(cams, len(files), a.cameras)
-    out = _writable_dir(a.out)
     names = [Path(f).name for f in files] if all(files) else []
     if len(set(names)) != len(files) or not all(n.lower().endswith(".png") for n in names):
         names = [f"{i:03d}.png" for i in range(len(files))]
@@ -126,8 +126,8 @@ def cmd_video(a: argparse.Namespace) -> int:
     from .export import orbit_video
     from .fit import Nerf
 
+    out = _writable_file(a.out)                     # before the NeRF loads
     nerf = Nerf.load(a.model, device=a.device)
-    out = _writable_file(a.out)
     t0 = time.perf_counter()
     p = orbit_video(nerf, out, frames=a.frames, fps=a.fps, width=a.width, height=a.height, radius=a.radius,
                     elevation_deg=a.elevation)
@@ -141,8 +141,8 @@ def cmd_mesh(a: argparse.Namespace) -> int:
 
     if Path(a.out).suffix.lower() not in (".ply", ".obj"):
         raise ValueError(f"--out {a.out}: unknown mesh format. Fix: use a .ply or .obj file name")
+    out = _writable_file(a.out)                     # before the NeRF loads
     nerf = Nerf.load(a.model, device=a.device)
-    out = _writable_file(a.out)
     mesh = extract_mesh(nerf, resolution=a.resolution, level=a.level)
     write_mesh(mesh, out)
     print(f"wrote {len(mesh['vertices'])} vertices, {len(mesh['faces'])} triangles to {out}")
