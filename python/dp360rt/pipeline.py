@@ -14,8 +14,8 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint, share_identical_tensors
 from .config import ModelConfig, load_config
-from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, load_conditions, load_portrait, quantize8, save_png,
-                     to_unit)
+from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
+                     load_portrait, quantize8, save_png, to_unit)
 from .model import DiffPortrait360, build_model
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
@@ -266,7 +266,7 @@ class Pipeline:
 
         portrait: path / PIL image / [1, 3, S, S] tensor; conditions: the authors' condition folder
         or a tensor [N, 3, S, S] in [-1, 1] (N a multiple of 8; index 18 is the back-view hint);
-        features: optional [N, 3, S, S] frames for the 3D-aware start; cameras: the views' [N, 25]
+        features: optional [N, 3, S, S] frames (or a folder of them) for the 3D-aware start; cameras: the views' [N, 25]
         PanoHead cameras or a cameras.json (default: the condition folder's cameras.json, else the
         default orbit, see :func:`dp360rt.nerf.cameras.resolve_cameras`). Randomness from ``seed``
         (an int, a CPU ``torch.Generator``, or a noise source).
@@ -276,19 +276,13 @@ class Pipeline:
         tic = time.perf_counter()
         img = load_portrait(portrait, s).to(self.device)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
-        if cond.dim() != 4 or cond.shape[1:] != (3, s, s):
-            raise ImageError(f"conditions must be [N, 3, {s}, {s}], got {tuple(cond.shape)}")
-        if not bool(torch.isfinite(cond).all()):
-            raise ImageError("condition images contain NaN or Inf")
-        if cond.shape[0] <= BACK_CONDITION_INDEX:
-            raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images (index "
-                             f"{BACK_CONDITION_INDEX} is the back-view hint), got {cond.shape[0]}")
+        if isinstance(features, (str, Path)):
+            features = load_frames(features, s, cond.shape[0] if cond.dim() == 4 else CONDITION_COUNT)
+        check_conditions(cond, s, self.nvs.frames, features)      # before any model runs
         from .nerf.cameras import resolve_cameras
         view_cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         cond = cond.to(self.device)
         if features is not None:
-            if features.shape != cond.shape:
-                raise ImageError(f"feature frames {tuple(features.shape)} must match conditions {tuple(cond.shape)}")
             features = features.to(self.device)
         noise = as_noise(seed)
         timings["preprocess"] = time.perf_counter() - tic

@@ -21,13 +21,15 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
 from ..backends.torch_backend import TorchBackend
-from ..images import BACK_CONDITION_INDEX, ImageError, load_conditions, load_portrait, quantize8, to_unit
+from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
+                      quantize8, to_unit)
 from ..pipeline import GenerationResult, Pipeline, Window, prepare_windows
 from ..sampler.fast import window_task
 from ..sampler.noise import RecordedNoise, as_noise
@@ -198,11 +200,9 @@ class Runtime:
         s = self.pipe.image_size
         img = load_portrait(portrait, s)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
-        if cond.dim() != 4 or cond.shape[1:] != (3, s, s) or cond.shape[0] % self.frames:
-            raise ImageError(f"conditions must be [N, 3, {s}, {s}] with N a multiple of {self.frames}, "
-                             f"got {tuple(cond.shape)}")
-        if cond.shape[0] <= BACK_CONDITION_INDEX:
-            raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images, got {cond.shape[0]}")
+        if isinstance(features, (str, Path)):
+            features = load_frames(features, s, cond.shape[0] if cond.dim() == 4 else CONDITION_COUNT)
+        check_conditions(cond, s, self.frames, features)      # here, not after the back view
         from ..nerf.cameras import resolve_cameras
         cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         ddim_tables(self.pipe.nvs.alphas_cumprod, steps, self.eta)          # validates the step count
