@@ -265,9 +265,14 @@ def convert(src: str | Path, dst: str | Path, fp16: bool = False) -> dict[str, A
     """Convert a checkpoint to ``.safetensors`` (optionally float32 weights -> float16; the float16
     schedule tables stay as they are). Returns a small summary dict."""
     from safetensors.torch import save_file
+
+    from .checks import writable_dir
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"output must end in .safetensors, got {dst.name}")
+    if dst.is_dir():
+        raise CheckpointError(f"{dst} is a directory. Fix: give the output file's name, e.g. {dst / 'model.safetensors'}")
+    writable_dir(dst.parent, "output folder")         # before reading gigabytes
     sd = read_state_dict(src)
     kind = detect_kind(sd)
     if kind is None:
@@ -276,6 +281,9 @@ def convert(src: str | Path, dst: str | Path, fp16: bool = False) -> dict[str, A
     if fp16:
         sd = {k: (v.half() if v.dtype == torch.float32 and k != "logvar" else v) for k, v in sd.items()}
     sd = {k: v.contiguous() for k, v in sd.items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(dst), metadata={"format": "pt", "kind": kind, "source": Path(src).name})
+    try:
+        save_file(sd, str(dst), metadata={"format": "pt", "kind": kind, "source": Path(src).name})
+    except OSError as e:
+        raise OSError(f"cannot write {dst} ({e.strerror or e}). Fix: choose a writable place with room for "
+                      "the checkpoint") from None
     return {"kind": kind, "tensors": len(sd), "bytes": dst.stat().st_size}

@@ -108,6 +108,21 @@ def sample_windows_reference(model: DiffPortrait360, windows: list[Window], *, c
 
 
 ENGINES = ("fast", "reference")
+BACKENDS = ("torch", "ort", "trt")
+
+
+def check_options(device: str | torch.device, backend: str, max_memory: Any) -> tuple[torch.device, int | None]:
+    """Refuse a device, backend or memory budget this process cannot honour, before any weights
+    load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no limit)."""
+    from .checks import device as check_device
+    from .checks import max_memory_bytes
+    dev = check_device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}")
+    if backend == "trt":
+        from .backends.trt_backend import import_trt
+        import_trt()                  # TrtUnavailableError (an ImportError) with the fix
+    return dev, max_memory_bytes(max_memory)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -144,7 +159,7 @@ class Pipeline:
     ``pipe(portrait, conditions)`` -> :class:`GenerationResult` with the back view and all views.
     ``engine="fast"`` (default) computes the reference's numbers with the shared-bank schedule;
     ``engine="reference"`` runs the authors' loop as it is (the ground truth). ``max_memory``
-    (bytes) bounds the fast engine's batch (see ``pipe.plan``). ``backend="ort"|"trt"`` runs the
+    (bytes; None or 0: no limit) bounds the fast engine's batch (see ``pipe.plan``). ``backend="ort"|"trt"`` runs the
     networks from an ONNX export (``export_dir``: one directory, or ``{"nvs": DIR, "backview": DIR}``;
     make one with ``dp360rt export``) under the fast engine's schedule; ``"torch"`` (default) runs
     the PyTorch modules.
@@ -158,7 +173,7 @@ class Pipeline:
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
-        self.device = torch.device(device)
+        self.device, max_memory = check_options(device, backend, max_memory)
         self.dtype = dtype
         self.engine = engine
         self.nvs = nvs.to(self.device)
@@ -199,6 +214,7 @@ class Pipeline:
                          **backend_options: Any) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
         identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many)."""
+        check_options(device, backend, max_memory)          # before minutes of loading
         cfgs = load_config(config)
         models = {}
         for kind, src in (("nvs", nvs), ("backview", backview)):
@@ -214,6 +230,7 @@ class Pipeline:
     def random(cls, config: str | Path | Mapping[str, Any] | dict[str, ModelConfig], seed: int = 0,
                **kw: Any) -> "Pipeline":
         """Random-weight models (for demos, tests and benchmarks): real speed, meaningless pictures."""
+        check_options(kw.get("device", "cpu"), kw.get("backend", "torch"), kw.get("max_memory"))
         cfgs = config if isinstance(config, dict) and all(isinstance(v, ModelConfig) for v in config.values()) \
             else load_config(config)
         torch.manual_seed(seed)

@@ -168,6 +168,8 @@ class Runtime:
     def __init__(self, pipeline: Pipeline, policy: str = "throughput", max_rows: int | None = None,
                  max_memory: int | None = None, queue_size: int = 32, eta: float = 0.5, cfg_scale: float = 3.0):
         from .. import _C
+        from ..checks import max_memory_bytes
+        max_memory = max_memory_bytes(max_memory)       # None and 0: no limit (the loop's 0)
         self.pipe = pipeline
         self.policy = policy
         self.frames = pipeline.nvs.frames
