@@ -301,6 +301,20 @@ def save_image(image: Tensor, path: str | Path) -> None:
         raise OSError(f"cannot write {path}: {e.strerror or e}. Fix: choose a writable output directory") from e
 
 
+def view_file(folder: Path, name: str, where: str) -> Path:
+    """``folder / name`` when it stays inside ``folder`` (after following symlinks); an absolute
+    path, ``..`` or a symlink out of the folder is refused: a views folder is self-contained, and
+    a cameras.json must not make dp360rt read files elsewhere."""
+    p = Path(name)
+    inside = folder.resolve()
+    target = (folder / p).resolve()
+    if p.is_absolute() or ".." in p.parts or (target != inside and inside not in target.parents):
+        raise CameraError(f'{where}: "file" {name!r} points outside the views folder {folder}. Fix: give the '
+                          "name of an image inside the folder (e.g. 000.png), not an absolute path, '..' or a "
+                          "symlink to elsewhere")
+    return folder / p
+
+
 def load_views(folder: str | Path) -> tuple[list[Tensor], Tensor, list[str]]:
     """Read a views folder -> (images [H, W, 3] float in [0, 1], cameras [N, 25] float64, file names).
 
@@ -319,6 +333,8 @@ def load_views(folder: str | Path) -> tuple[list[Tensor], Tensor, list[str]]:
     if any(f is None for f in files):
         raise CameraError(f'{d / "cameras.json"}: every view needs a "file" entry naming its PNG. '
                           'Fix: write {"file": "000.png", "camera": [...]} per view')
+    for i, f in enumerate(files):
+        view_file(d, f, f"{d / 'cameras.json'} view {i}")  # type: ignore[arg-type]
     pngs = {x.name for x in d.glob("*.png")}
     missing = [f for f in files if not (d / f).is_file()]  # type: ignore[operator]
     if missing:
