@@ -272,21 +272,15 @@ def write_cameras_json(path: str | Path, cameras: Tensor | Iterable[Sequence[flo
 
 
 def load_image(path: str | Path) -> Tensor:
-    """A PNG (or any image PIL reads) as float32 [H, W, 3] in [0, 1]; alpha is composited over white."""
-    from PIL import Image, UnidentifiedImageError
+    """A PNG (or any image PIL reads) as float32 [H, W, 3] in [0, 1]; alpha is composited over white
+    (decoded as portraits are: EXIF orientation, 16-bit and float by their range, size limit)."""
+    from ..images import open_image, to_rgb
     p = Path(path)
     if not p.is_file():
         raise CameraError(f"image {p} not found. Fix: put the file listed in cameras.json next to it")
     try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        arr = np.asarray(to_rgb(open_image(p)), dtype=np.float32) / 255.0
+    except ImageError as e:
         raise CameraError(f"cannot read image {p} ({e}). Fix: replace it with a valid PNG") from None
     return torch.from_numpy(arr.copy())
 
