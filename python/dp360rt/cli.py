@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import arg, gib_budget, positive_int
+from .checks import device as check_device
 from .config import ConfigError
 from .images import ImageError
 
@@ -113,6 +115,9 @@ def _backend_kw(a: argparse.Namespace) -> dict:
     if a.backend != "torch" and not a.export_dir:
         raise ConfigError(f"--backend {a.backend} runs exported networks. Fix: pass --export-dir DIR "
                           "(made by `dp360rt export ... --out DIR`)")
+    if a.backend == "trt":
+        from .backends.trt_backend import import_trt
+        import_trt()          # TensorRT and a GPU, before any weights load
     return {"backend": a.backend, "export_dir": a.export_dir} if a.backend != "torch" else {}
 
 
@@ -128,12 +133,24 @@ def _pipeline(a: argparse.Namespace):
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
     kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem, **_backend_kw(a))
     if a.random:
+        _check_inputs_early(a)
         return Pipeline.random(a.random, seed=0, **kw)
     if not (a.nvs and a.backview):
         raise ConfigError("pass both --nvs and --backview checkpoints, or --random CONFIG for random weights")
     if not a.conditions:        # checked before the checkpoints load
         raise ImageError("--conditions DIR (the authors' sphere32 folder) is required with real checkpoints")
+    _check_inputs_early(a)
     return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, **kw)
+
+
+def _check_inputs_early(a: argparse.Namespace) -> None:
+    """Portrait and condition folder problems are named before any weights load (their pixels
+    are decoded later, by the pipeline)."""
+    from .images import condition_files, open_image
+    if getattr(a, "portrait", None):
+        open_image(a.portrait)
+    if getattr(a, "conditions", None):
+        condition_files(a.conditions)
 
 
 def _conditions(a: argparse.Namespace, size: int):
@@ -194,11 +211,13 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
     p.add_argument("--cameras", help=_CAMERAS_HELP)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   type=arg(check_device, "--device", convert=str), help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--engine", default="fast", choices=["fast", "reference"],
                    help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
-    p.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
+    p.add_argument("--max-memory", type=arg(gib_budget, "--max-memory", convert=float),
+                   help="GiB the fast engine may plan for (default, or 0: no limit)")
     _add_backend_args(p)
 
 
@@ -252,9 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="per-stage latency with warm-up and repeats; JSON + PNG")
     b.add_argument("--out", default="dp360rt_bench")
     b.add_argument("--portrait", help="portrait image (default: a synthetic one)")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--nerf-steps", type=int, default=200, help="NeRF fitting steps timed per repeat")
-    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--repeats", type=arg(positive_int, "--repeats"), default=3)
+    b.add_argument("--nerf-steps", type=arg(positive_int, "--nerf-steps"), default=200,
+                   help="NeRF fitting steps timed per repeat")
+    b.add_argument("--warmup", type=arg(positive_int, "--warmup", minimum=0), default=1)
     _add_model_args(b)
     b.set_defaults(fn=cmd_bench)
 

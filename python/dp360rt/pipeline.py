@@ -14,8 +14,8 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint, share_identical_tensors
 from .config import ModelConfig, load_config
-from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, load_conditions, load_portrait, quantize8, save_png,
-                     to_unit)
+from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
+                     load_portrait, quantize8, save_png, to_unit)
 from .model import DiffPortrait360, build_model
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
@@ -108,6 +108,21 @@ def sample_windows_reference(model: DiffPortrait360, windows: list[Window], *, c
 
 
 ENGINES = ("fast", "reference")
+BACKENDS = ("torch", "ort", "trt")
+
+
+def check_options(device: str | torch.device, backend: str, max_memory: Any) -> tuple[torch.device, int | None]:
+    """Refuse a device, backend or memory budget this process cannot honour, before any weights
+    load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no limit)."""
+    from .checks import device as check_device
+    from .checks import max_memory_bytes
+    dev = check_device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}")
+    if backend == "trt":
+        from .backends.trt_backend import import_trt
+        import_trt()                  # TrtUnavailableError (an ImportError) with the fix
+    return dev, max_memory_bytes(max_memory)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -144,7 +159,7 @@ class Pipeline:
     ``pipe(portrait, conditions)`` -> :class:`GenerationResult` with the back view and all views.
     ``engine="fast"`` (default) computes the reference's numbers with the shared-bank schedule;
     ``engine="reference"`` runs the authors' loop as it is (the ground truth). ``max_memory``
-    (bytes) bounds the fast engine's batch (see ``pipe.plan``). ``backend="ort"|"trt"`` runs the
+    (bytes; None or 0: no limit) bounds the fast engine's batch (see ``pipe.plan``). ``backend="ort"|"trt"`` runs the
     networks from an ONNX export (``export_dir``: one directory, or ``{"nvs": DIR, "backview": DIR}``;
     make one with ``dp360rt export``) under the fast engine's schedule; ``"torch"`` (default) runs
     the PyTorch modules.
@@ -158,7 +173,7 @@ class Pipeline:
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
-        self.device = torch.device(device)
+        self.device, max_memory = check_options(device, backend, max_memory)
         self.dtype = dtype
         self.engine = engine
         self.nvs = nvs.to(self.device)
@@ -199,6 +214,7 @@ class Pipeline:
                          **backend_options: Any) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
         identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many)."""
+        check_options(device, backend, max_memory)          # before minutes of loading
         cfgs = load_config(config)
         models = {}
         for kind, src in (("nvs", nvs), ("backview", backview)):
@@ -214,6 +230,7 @@ class Pipeline:
     def random(cls, config: str | Path | Mapping[str, Any] | dict[str, ModelConfig], seed: int = 0,
                **kw: Any) -> "Pipeline":
         """Random-weight models (for demos, tests and benchmarks): real speed, meaningless pictures."""
+        check_options(kw.get("device", "cpu"), kw.get("backend", "torch"), kw.get("max_memory"))
         cfgs = config if isinstance(config, dict) and all(isinstance(v, ModelConfig) for v in config.values()) \
             else load_config(config)
         torch.manual_seed(seed)
@@ -266,7 +283,7 @@ class Pipeline:
 
         portrait: path / PIL image / [1, 3, S, S] tensor; conditions: the authors' condition folder
         or a tensor [N, 3, S, S] in [-1, 1] (N a multiple of 8; index 18 is the back-view hint);
-        features: optional [N, 3, S, S] frames for the 3D-aware start; cameras: the views' [N, 25]
+        features: optional [N, 3, S, S] frames (or a folder of them) for the 3D-aware start; cameras: the views' [N, 25]
         PanoHead cameras or a cameras.json (default: the condition folder's cameras.json, else the
         default orbit, see :func:`dp360rt.nerf.cameras.resolve_cameras`). Randomness from ``seed``
         (an int, a CPU ``torch.Generator``, or a noise source).
@@ -276,19 +293,13 @@ class Pipeline:
         tic = time.perf_counter()
         img = load_portrait(portrait, s).to(self.device)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
-        if cond.dim() != 4 or cond.shape[1:] != (3, s, s):
-            raise ImageError(f"conditions must be [N, 3, {s}, {s}], got {tuple(cond.shape)}")
-        if not bool(torch.isfinite(cond).all()):
-            raise ImageError("condition images contain NaN or Inf")
-        if cond.shape[0] <= BACK_CONDITION_INDEX:
-            raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images (index "
-                             f"{BACK_CONDITION_INDEX} is the back-view hint), got {cond.shape[0]}")
+        if isinstance(features, (str, Path)):
+            features = load_frames(features, s, cond.shape[0] if cond.dim() == 4 else CONDITION_COUNT)
+        check_conditions(cond, s, self.nvs.frames, features)      # before any model runs
         from .nerf.cameras import resolve_cameras
         view_cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         cond = cond.to(self.device)
         if features is not None:
-            if features.shape != cond.shape:
-                raise ImageError(f"feature frames {tuple(features.shape)} must match conditions {tuple(cond.shape)}")
             features = features.to(self.device)
         noise = as_noise(seed)
         timings["preprocess"] = time.perf_counter() - tic

@@ -451,8 +451,8 @@ def export_models(models: Mapping[str, DiffPortrait360], out_dir: str | Path, pr
     for model kinds not exported now.
     """
     opts = options or ExportOptions()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..checks import writable_dir
+    out = writable_dir(out_dir, "export directory")
     for kind, m in models.items():
         if m.kind != kind:
             raise ValueError(f"models[{kind!r}] is a {m.kind} model")
