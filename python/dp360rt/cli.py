@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     from .nerf.cli import add_parser as add_nerf_parser
     add_nerf_parser(sub)
+    from .serve.cli import add_parser as add_serve_parser
+    add_serve_parser(sub)
     return p
 
 
