@@ -27,6 +27,7 @@ from ..nerf.cameras import sphere32_cameras
 from .frames import FrameRequest
 
 BACK_VIEW_INDEX = -1
+DEFAULT_SECONDS = 30.0         # NeRF training time per generation when no budget is given
 BACK_VIEW_HINT = 18            # the back view is generated at the camera of condition image 18
 
 
@@ -213,15 +214,16 @@ class NerfSession:
 class NerfSessions:
     """The viewer's NeRF store and the service's generation listener.
 
-    ``seconds`` / ``steps``: the fitting budget per generation (see :meth:`dp360rt.nerf.Nerf.fitter`);
+    ``seconds`` / ``steps``: the fitting budget per generation, whichever ends first (default
+    ``DEFAULT_SECONDS`` of training; see :meth:`dp360rt.nerf.Nerf.fitter`);
     ``max_sessions``: how many generations are kept (the oldest finished ones are dropped first,
     preloaded ones never); ``nerf_options``: :class:`dp360rt.nerf.NerfConfig` overrides;
     ``chunk_seconds``: training time between two published snapshots."""
 
-    def __init__(self, seconds: float | None = 30.0, steps: int | None = None, max_sessions: int = 16,
+    def __init__(self, seconds: float | None = None, steps: int | None = None, max_sessions: int = 16,
                  nerf_options: dict[str, Any] | None = None, chunk_seconds: float = 0.5):
         if seconds is None and steps is None:
-            raise ValueError("give a NeRF fitting budget: seconds and/or steps. Fix: e.g. seconds=30")
+            seconds = DEFAULT_SECONDS
         self.seconds, self.steps = seconds, steps
         self.max_sessions = int(max_sessions)
         self.nerf_options = dict(nerf_options or {})

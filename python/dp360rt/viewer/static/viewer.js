@@ -95,6 +95,8 @@ async function pollStatus() {
   setStatus(st.state, describe(st));
   setDownloads(st);
   if (st.renderable && !viewer.ws) connect(st);
+  // the field improved since the frame on screen: show it (unless the pointer is driving the view)
+  else if (viewer.meta && st.version !== viewer.meta.version && !viewer.dragging && !viewer.rotating) requestFrame();
   if (st.state === "ready" || st.state === "failed") stopPolling();
 }
 
@@ -153,8 +155,8 @@ async function drawFrame(blob, meta) {
   viewer.frameTimes.push(now);
   while (viewer.frameTimes.length && now - viewer.frameTimes[0] > 2000) viewer.frameTimes.shift();
   const span = (now - viewer.frameTimes[0]) / 1000;
-  const fps = viewer.frameTimes.length > 1 && span > 0 ? (viewer.frameTimes.length - 1) / span : 0;
-  $("fps").textContent = `${fps.toFixed(1)} fps`;
+  const fps = viewer.frameTimes.length > 1 && span > 0 ? (viewer.frameTimes.length - 1) / span : null;
+  $("fps").textContent = fps == null ? "– fps" : `${fps.toFixed(1)} fps`;
   if (meta) $("frameinfo").textContent = `${meta.width}² in ${meta.render_ms.toFixed(0)} ms, step ${meta.step}`;
   if (viewer.rotating) requestAnimationFrame(rotateStep);
 }
