@@ -16,7 +16,14 @@ Needs the ``serve`` extra (Starlette, uvicorn).
 from .frames import FrameRequest, FrameRequestError, encode_frame, parse_frame_request
 from .sessions import NerfSession, NerfSessions
 
-from .routes import viewer_routes
+
+
+def __getattr__(name: str):
+    # the routes need Starlette (the serve extra); the sessions and frames work without it
+    if name == "viewer_routes":
+        from .routes import viewer_routes
+        return viewer_routes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["FrameRequest", "FrameRequestError", "NerfSession", "NerfSessions", "encode_frame",
            "parse_frame_request", "viewer_routes"]
