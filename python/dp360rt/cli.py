@@ -204,7 +204,7 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds)
+    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds, synthetic_seconds=a.synthetic_seconds)
     return 0
 
 
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--nerf-seconds", type=float, default=20.0, help="NeRF fitting budget (default 20 s)")
+    d.add_argument("--synthetic-seconds", type=float, default=10.0,
+                   help="NeRF budget for the built-in synthetic head scene (default 10 s; 0 skips it)")
     d.set_defaults(fn=cmd_demo)
 
     # the offline export toolchain: argparse only here; onnx / torch.onnx load inside its handler
