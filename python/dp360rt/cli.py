@@ -223,7 +223,33 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds)
+    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds, synthetic_seconds=a.synthetic_seconds)
+    return 0
+
+
+def cmd_view(a: argparse.Namespace) -> int:
+    # Starlette and uvicorn (the serve extra) load here only, so the rest of the CLI works without them
+    if not a.paths and not a.synthetic:
+        raise ValueError("nothing to show. Fix: pass a views or NeRF folder, or --synthetic head")
+    try:
+        import uvicorn
+        from .viewer.app import build_app, load_path, load_synthetic
+        from .viewer.sessions import NerfSessions
+    except ImportError as e:
+        raise ImportError(f"dp360rt view needs Starlette and uvicorn ({e}). Fix: pip install 'dp360rt[serve]'") from None
+    sessions = NerfSessions(seconds=a.seconds)
+    try:
+        if a.synthetic:
+            load_synthetic(sessions, a.synthetic, a.size)
+        for p in a.paths:
+            load_path(sessions, p)
+    except BaseException:
+        sessions.close()
+        raise
+    host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
+    print(f"dp360rt view: open http://{host}:{a.port}/ ({len(sessions.preloaded())} result(s); Ctrl-C stops)",
+          flush=True)
+    uvicorn.run(build_app(sessions), host=a.host, port=a.port, log_level="warning")
     return 0
 
 
@@ -283,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--nerf-seconds", type=float, default=20.0, help="NeRF fitting budget (default 20 s)")
+    d.add_argument("--synthetic-seconds", type=float, default=10.0,
+                   help="NeRF budget for the built-in synthetic head scene (default 10 s; 0 skips it)")
     d.set_defaults(fn=cmd_demo)
 
     # the offline export toolchain: argparse only here; onnx / torch.onnx load inside its handler
@@ -292,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_nerf_parser(sub)
     from .serve.cli import add_parser as add_serve_parser
     add_serve_parser(sub)
+
+    vw = sub.add_parser("view", help="browser viewer for a saved result, a fitted NeRF or --synthetic head")
+    vw.add_argument("paths", nargs="*", metavar="VIEWS_DIR_OR_NERF_DIR",
+                    help="a views folder (generate/demo --out) or a fitted NeRF folder (nerf fit --out)")
+    vw.add_argument("--synthetic", metavar="SCENE", help="also show a built-in synthetic scene, fitted now (e.g. head)")
+    vw.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    vw.add_argument("--port", type=int, default=8360)
+    vw.add_argument("--seconds", type=float, default=30.0, help="NeRF fitting budget per unfitted folder (default 30)")
+    vw.add_argument("--size", type=int, default=64, help="synthetic scene view size in pixels (default 64)")
+    vw.set_defaults(fn=cmd_view)
     return p
 
 
