@@ -70,6 +70,10 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
                               f"legacy pickle).{hint} Fix: pass the .th/.pt/.ckpt file the authors published, "
                               "or a .safetensors file")
+    if not is_zip and _is_panohead_pickle(path):
+        raise CheckpointError(f"{path} is a PanoHead network pickle, not a DiffPortrait360 checkpoint. Fix: pass "
+                              "model_state-340000.th / back_head-230000.th here; PanoHead files go to "
+                              "`dp360rt conditions --panohead` or `dp360rt convert`")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
@@ -81,6 +85,12 @@ def _torch_load(path: Path) -> Any:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
                               "The file is probably truncated or corrupted. Fix: download it again") from e
+
+
+def _is_panohead_pickle(path: Path) -> bool:
+    """A StyleGAN/PanoHead network pickle names its persistence helper within its first bytes."""
+    with open(path, "rb") as f:
+        return b"torch_utils.persistence" in f.read(1 << 16)
 
 
 def detect_kind(sd: Mapping[str, Tensor]) -> str | None:
@@ -97,6 +107,9 @@ def check_state_dict(model: DiffPortrait360, sd: Mapping[str, Tensor], source: s
     """Strictly match ``sd`` against ``model``: same kind, same keys, same shapes, finite values.
     Returns the state dict to load (ignored keys removed). Raises :class:`CheckpointError`."""
     kind = detect_kind(sd)
+    if kind is None and any(k.startswith("backbone.synthesis.") for k in sd):
+        raise CheckpointError(f"{source} is a PanoHead generator, not a DiffPortrait360 checkpoint. Fix: pass "
+                              f"{KIND_FILES[model.kind]}; PanoHead files go to `dp360rt conditions --panohead`")
     if kind is None:
         raise CheckpointError(f"{source} is not a DiffPortrait360 checkpoint (no 'model.diffusion_model.*' keys; "
                               f"first keys: {_short(sorted(sd), 3)}). Fix: pass {KIND_FILES[model.kind]}")

@@ -65,16 +65,20 @@ class SuperresolutionHybrid8XDC(nn.Module):
     input_resolution = 128
 
     def __init__(self, channels: int, img_resolution: int, sr_num_fp16_res: int = 0, sr_antialias: bool = True,
-                 num_fp16_res: int = 4, conv_clamp=None, channel_base=None, channel_max=None, **block_kwargs):
+                 num_fp16_res: int = 4, conv_clamp=None, channel_base=None, channel_max=None,
+                 sr_widths: tuple[int, int] = (256, 128), **block_kwargs):
         super().__init__()
         if img_resolution != 512:
             raise GeneratorConfigError(f"SuperresolutionHybrid8XDC makes 512x512 images, img_resolution is "
                                        f"{img_resolution}. Fix: use img_resolution 512")
         clamp = 256 if sr_num_fp16_res > 0 else None
         self.sr_antialias = sr_antialias
-        self.block0 = SynthesisBlock(channels, 256, w_dim=512, resolution=256, img_channels=3, is_last=False,
+        # PanoHead hard-codes the widths 256 and 128; ``sr_widths`` (a dp360rt addition, absent from
+        # PanoHead's kwargs) only shrinks the tiny random-weight test configs
+        w0, w1 = sr_widths
+        self.block0 = SynthesisBlock(channels, w0, w_dim=512, resolution=256, img_channels=3, is_last=False,
                                      conv_clamp=clamp, **block_kwargs)
-        self.block1 = SynthesisBlock(256, 128, w_dim=512, resolution=512, img_channels=3, is_last=True,
+        self.block1 = SynthesisBlock(w0, w1, w_dim=512, resolution=512, img_channels=3, is_last=True,
                                      conv_clamp=clamp, **block_kwargs)
 
     def forward(self, rgb: Tensor, x: Tensor, ws: Tensor, noise_mode: str = "none", draws: Draws | None = None,
