@@ -74,6 +74,10 @@ def cmd_info(a: argparse.Namespace) -> int:
             print(f"  {'':<9} per run (back view + 32 views): {format_flops(r['run'], 1e15, 'PFLOP')}")
         ratio = summary["flops_fast"]["run"]["total"] / summary["flops_reference"]["run"]["total"]
         print(f"  fast / reference per run: {ratio:.3f}")
+    if a.panohead:
+        from .panohead.cli import info_lines
+        lines, summary["panohead"] = info_lines("full")
+        print("\n".join(lines))
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
     return 0
@@ -81,7 +85,14 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .checkpoint import convert
+    from .panohead.cli import convert_pickle, is_panohead_file
     t = time.perf_counter()
+    if is_panohead_file(a.input):
+        s = convert_pickle(a.input, a.output, fp16=a.fp16)
+        print(f"wrote {a.output}: {s['kind']}, {s['tensors']} tensors, {s['bytes'] / 2**20:.1f} MiB, neural rendering "
+              f"resolution {s['neural_rendering_resolution']} ({time.perf_counter() - t:.1f} s; nothing in the pickle "
+              "was executed)")
+        return 0
     s = convert(a.input, a.output, fp16=a.fp16)
     print(f"wrote {a.output}: {s['kind']} checkpoint, {s['tensors']} tensors, {s['bytes'] / 2**20:.1f} MiB "
           f"({time.perf_counter() - t:.1f} s)")
@@ -271,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", help="also write the counts to this JSON file")
     i.add_argument("--flops", action="store_true", help="also count FLOPs per step and per run, both engines")
     i.add_argument("--steps", type=int, default=50, help="DDIM steps for --flops (default 50)")
+    i.add_argument("--panohead", action="store_true", help="also the PanoHead generator's key/element counts")
     i.set_defaults(fn=cmd_info)
 
-    c = sub.add_parser("convert", help="convert a checkpoint to .safetensors")
+    c = sub.add_parser("convert", help="convert a checkpoint (or a PanoHead .pkl) to .safetensors")
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--fp16", action="store_true", help="store float32 weights as float16")
@@ -330,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     vw.add_argument("--seconds", type=float, default=30.0, help="NeRF fitting budget per unfitted folder (default 30)")
     vw.add_argument("--size", type=int, default=64, help="synthetic scene view size in pixels (default 64)")
     vw.set_defaults(fn=cmd_view)
+    from .panohead.cli import add_parsers as add_panohead_parsers
+    add_panohead_parsers(sub)
     return p
 
 
@@ -348,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _verb(args: argparse.Namespace) -> str:
-    return " ".join(v for v in (args.cmd, getattr(args, "nerf_cmd", None)) if v)
+    return " ".join(v for v in (args.cmd, getattr(args, "nerf_cmd", None), getattr(args, "panohead_cmd", None)) if v)
 
 
 if __name__ == "__main__":
