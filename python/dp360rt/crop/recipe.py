@@ -27,10 +27,14 @@ FIT_SIZE = 512                  # step (b) fits the face on the quad's 512² cro
 CANVAS_QUAD = 512               # the quad's side inside the canvas
 TOP_EXPAND, SIDE_EXPAND = 0.1, 0.05
 # The head centre and head width of step (b), in the generic face's frame (mm). PanoHead takes
-# the centre from 3DDFA_V2's morphable model (its origin pushed back by half the mean face
-# depth) and a width of 240 000 model units (micrometres): 240 mm of head across the quad.
-HEAD_CENTRE = np.array([0.0, -15.0, -60.0])
-HEAD_WIDTH_MM = 240.0
+# them from 3DDFA_V2's morphable model: its origin pushed back by half the mean face depth, and
+# 240 000 model units across the quad. Our face is not that model, so the width (221.5 mm) and the
+# centre's height (19 mm below the inner eye corners) are set so that re-cropping PanoHead's two
+# published crops gives them back (benchmarks/crop_recrop.py; before: +8.3 % scale, -1.7 %
+# shift). Those crops are frontal, so they cannot tell the centre's depth: 60 mm behind the inner
+# eye corners is our anatomical guess (it only matters for heads turned to the side).
+HEAD_CENTRE = np.array([0.0, -19.0, -60.0])
+HEAD_WIDTH_MM = 221.5
 
 
 def ffhq_quad(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,7 +124,7 @@ def warp_canvas(image: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, 
     copy (mask blurred over 21 px, image over 31 px)."""
     cw, ch, left, top = canvas_geometry(size)
     h = (size - 1) / 2
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()
 
     def source(scale: int) -> torch.Tensor:
         v, u = torch.meshgrid(torch.arange(ch * scale, dtype=torch.float64) / scale,
