@@ -154,21 +154,38 @@ def test_two_faces_crop_the_largest(astronaut, astronaut_crop, tmp_path, capsys)
     assert json.loads((tmp_path / "o" / "camera.json").read_text())["faces_found"] == 2
 
 
-def test_pipeline_crop_auto(tmp_path, astronaut):
-    """``crop="auto"`` crops the raw photo before a generation (tiny random weights, 2 steps) and
-    saves the crop beside the views; a bad mode is a named error."""
+def test_pipeline_crop_auto(tmp_path, astronaut, astronaut_crop, monkeypatch):
+    """``crop="auto"``: the pipeline hands the 512² crop (not the photo) to its preprocessing, and a
+    result saves the crop beside the views; a bad mode is a named error. (A whole generation on
+    tiny weights is covered by test_cli; here preprocessing is stopped once it has the portrait.)"""
+    import dp360rt.pipeline as pl
     from dp360rt.demo import synthetic_conditions
-    from dp360rt.pipeline import Pipeline
     with pytest.raises(ValueError, match="not a crop mode. Fix"):
-        Pipeline.random("tiny", crop="yes")
-    pipe = Pipeline.random("tiny", crop="auto")
+        pl.Pipeline.random("tiny", crop="yes")
+    pipe = pl.Pipeline.random("tiny", crop="auto")
     photo = tmp_path / "astronaut.png"
     Image.fromarray(astronaut).save(photo)
-    with warnings.catch_warnings():
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(portrait, size):
+        seen.append(portrait)
+        raise Stop
+
+    monkeypatch.setattr(pl, "load_portrait", spy)
+    conditions = synthetic_conditions(32, pipe.image_size)
+    with warnings.catch_warnings(), pytest.raises(Stop):
         warnings.simplefilter("ignore")
-        res = pipe(photo, synthetic_conditions(32, pipe.image_size), steps=2, seed=0)
-    assert res.crop is not None and res.crop.faces_found == 1 and "crop" in res.timings
-    out = res.save(tmp_path / "gen")
-    assert (out / "crop" / "crop.png").is_file() and (out / "000.png").is_file()
+        pipe(photo, conditions, steps=1)
+    assert isinstance(seen[0], Image.Image) and seen[0].size == (512, 512)
+    assert np.array_equal(np.asarray(seen[0]), np.asarray(astronaut_crop.image))
+    with pytest.raises(Stop):
+        pipe(photo, conditions, steps=1, crop=None)                   # per-call override: the photo itself
+    assert seen[1] == photo
     with pytest.raises(ValueError, match="needs the raw photo"):
-        pipe(torch.zeros(1, 3, pipe.image_size, pipe.image_size), synthetic_conditions(32, pipe.image_size), steps=2)
+        pipe(torch.zeros(1, 3, pipe.image_size, pipe.image_size), conditions, steps=1)
+    res = pl.GenerationResult(back_view=torch.rand(3, 8, 8), views=torch.rand(32, 3, 8, 8), crop=astronaut_crop)
+    out = res.save(tmp_path / "gen")
+    assert sorted(p.name for p in (out / "crop").iterdir()) == ["camera.json", "crop.png", "overlay.png"]

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from ..nerf.cameras import DEFAULT_FOCAL, DEFAULT_RADIUS, intrinsics, make_camera
 from .face3d import FacePose, fit_pose
@@ -103,42 +103,50 @@ def canvas_geometry(size: int = CANVAS_QUAD) -> tuple[int, int, int, int]:
     return int(size * (1 + 2 * SIDE_EXPAND)), int(size * (1 + TOP_EXPAND)), int(size * SIDE_EXPAND), int(size * TOP_EXPAND)
 
 
-def _sample(image: torch.Tensor, src: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
-    """image [C, H, W] float, src [h, w, 2] (column, row) pixel positions -> [C, h, w]."""
-    H, W = image.shape[-2:]
-    grid = torch.stack([src[..., 0] * 2 / (W - 1) - 1, src[..., 1] * 2 / (H - 1) - 1], -1)
-    return F.grid_sample(image[None], grid[None].float(), mode=mode, padding_mode=padding, align_corners=True)[0]
+def _affine(image: Image.Image, size: tuple[int, int], src0: np.ndarray, du: np.ndarray, dv: np.ndarray,
+            resample: int, fill: int = 0) -> Image.Image:
+    """Pillow's affine warp where output pixel (u, v) (integer = pixel centre) samples the input
+    at ``src0 + u du + v dv`` (column, row; integer = pixel centre). Pillow's own coordinates put
+    pixel centres at +0.5, hence the shifts."""
+    o = src0 + 0.5 - 0.5 * (du + dv)
+    return image.transform(size, Image.AFFINE, (du[0], dv[0], o[0], du[1], dv[1], o[1]), resample=resample,
+                           fillcolor=fill)
 
 
-def _box_blur(x: torch.Tensor, k: int) -> torch.Tensor:
-    r = k // 2
-    return F.avg_pool2d(F.pad(x[None], (r, r, r, r), mode="reflect"), k, stride=1)[0]
+def _box_blur(x: np.ndarray, k: int) -> np.ndarray:
+    """OpenCV's ``blur`` (box filter, reflect-101 border) of [H, W, C] float."""
+    from scipy.ndimage import uniform_filter
+    return uniform_filter(x, size=(k, k, 1), mode="mirror")
 
 
 def warp_canvas(image: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, size: int = CANVAS_QUAD,
                 upsample: int = 2) -> np.ndarray:
     """Step (c): the quad into the canvas [563, 563, 3] uint8 from an RGB photo [H, W, 3] uint8.
 
-    As the recipe: bicubic warp at ``upsample``x then area downsampling (the authors warp with
-    Lanczos), reflect padding, and where the quad leaves the photo a blend towards a box-blurred
-    copy (mask blurred over 21 px, image over 31 px)."""
+    As the recipe: a warp at ``upsample``x then area downsampling (bicubic here, Lanczos in the
+    authors' OpenCV call), reflect padding (the photo mirrored at its edges, OpenCV's
+    BORDER_REFLECT), and where the quad leaves the photo a blend towards a box-blurred copy (mask
+    blurred over 21 px, image over 31 px)."""
     cw, ch, left, top = canvas_geometry(size)
     h = (size - 1) / 2
-    img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()
-
-    def source(scale: int) -> torch.Tensor:
-        v, u = torch.meshgrid(torch.arange(ch * scale, dtype=torch.float64) / scale,
-                              torch.arange(cw * scale, dtype=torch.float64) / scale, indexing="ij")
-        a, b = (u - left - h) / h, (v - top - h) / h
-        cc, xx, yy = (torch.as_tensor(np.asarray(t, float)) for t in (c, x, y))
-        return cc + a[..., None] * xx + b[..., None] * yy
-
-    big = _sample(img, source(upsample), "bicubic", "reflection").clamp(0, 255).round()
-    crop = F.avg_pool2d(big[None], upsample)[0].round()
-    mask = _sample(torch.full_like(img[:1], 255.0), source(1), "bilinear", "zeros")
+    c, x, y = (np.asarray(t, float) for t in (c, x, y))
+    du, dv = x / h, y / h                            # photo pixels per canvas pixel
+    src0 = c - (left + h) * du - (top + h) * dv      # photo position of canvas pixel (0, 0)
+    # mirror the photo at its edges far enough to cover the canvas (and the bicubic support)
+    corners = src0 + np.array([[0, 0], [cw, 0], [0, ch], [cw, ch]]) @ np.stack([du, dv])
+    H, W = image.shape[:2]
+    pad_l, pad_t = (max(0, int(np.ceil(-corners[:, i].min())) + 4) for i in (0, 1))
+    pad_r = max(0, int(np.ceil(corners[:, 0].max() - W)) + 4)
+    pad_b = max(0, int(np.ceil(corners[:, 1].max() - H)) + 4)
+    padded = Image.fromarray(np.pad(image, ((pad_t, pad_b), (pad_l, pad_r), (0, 0)), mode="symmetric"))
+    n = upsample
+    big = _affine(padded, (cw * n, ch * n), src0 + (pad_l, pad_t), du / n, dv / n, Image.BICUBIC)
+    crop = np.asarray(big, np.float32).reshape(ch, n, cw, n, 3).mean((1, 3))
+    crop = np.floor(crop + 0.5)
+    mask = np.asarray(_affine(Image.new("L", (W, H), 255), (cw, ch), src0, du, dv, Image.BILINEAR), np.float32)
     if float(mask.mean()) < 255:
         side = size - 1
-        blur_mask = _box_blur(mask, int(side * 0.02) * 2 + 1) / 255.0
-        blurred = _box_blur(crop, int(side * 0.03) * 2 + 1).round()
-        crop = torch.floor(crop * blur_mask + blurred * (1 - blur_mask))
-    return crop.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        blur_mask = _box_blur(mask[..., None], int(side * 0.02) * 2 + 1) / 255.0
+        blurred = np.floor(_box_blur(crop, int(side * 0.03) * 2 + 1) + 0.5)
+        crop = np.floor(crop * blur_mask + blurred * (1 - blur_mask))
+    return np.clip(crop, 0, 255).astype(np.uint8)
