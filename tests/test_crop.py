@@ -136,6 +136,18 @@ def test_no_face_is_a_named_error_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_missing_dlib_is_a_named_error(monkeypatch, astronaut):
+    import sys
+    from dp360rt.crop import CropDependencyError, landmarks
+    landmarks._models.cache_clear()
+    monkeypatch.setitem(sys.modules, "dlib", None)            # as if it were not installed
+    try:
+        with pytest.raises(CropDependencyError, match=r"needs dlib .*Fix: pip install 'dp360rt\[crop\]'"):
+            crop_portrait(astronaut)
+    finally:
+        landmarks._models.cache_clear()
+
+
 def test_two_faces_crop_the_largest(astronaut, astronaut_crop, tmp_path, capsys):
     """Two faces pasted on one canvas: both are found, the larger one is cropped and the count is
     reported (API and command line)."""

@@ -122,7 +122,8 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE) -> CropResult:
     faces = detect_faces(photo, min_score=min_score)
     if not faces:
         raise FaceNotFoundError(f"no face found in {name} ({photo.shape[1]}x{photo.shape[0]}). Fix: pass a photo "
-                                "with one face at least 80 px wide, seen from the front or turned up to about 60 degrees")
+                                "with a face at least 80 px wide, seen from the front or partly turned (dlib's detector misses "
+                                "profiles)")
     face = faces[0]
     notes = []
     if len(faces) > 1:
