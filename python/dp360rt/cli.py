@@ -115,7 +115,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from .images import load_frames
         features = load_frames(a.features, pipe.image_size)
     res = pipe(a.portrait, _conditions(a, pipe.image_size), features=features, cameras=a.cameras, steps=a.steps,
-               seed=a.seed, progress=_progress_bar())
+               seed=a.seed, progress=_progress_bar(), crop=a.crop)
+    if res.crop is not None:
+        print(_crop_summary(res.crop))
     out = res.save(a.out)
     print(f"wrote back view + {len(res.views)} views to {out}; timings (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
@@ -180,7 +182,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
     views = {}
     try:
         for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps, seed=a.seed,
-                             cameras=a.cameras, back_view=True):
+                             cameras=a.cameras, back_view=True, crop=a.crop):
             if v.is_back_view:
                 save_png(v.image, out / "back_view.png")
                 print(f"back view ready at {v.t_ready:7.2f} s -> {out / 'back_view.png'}", flush=True)
@@ -230,6 +232,30 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
     p.add_argument("--max-memory", type=arg(gib_budget, "--max-memory", convert=float),
                    help="GiB the fast engine may plan for (default, or 0: no limit)")
     _add_backend_args(p)
+
+
+def _add_crop_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--crop", default="none", choices=["none", "auto"],
+                   help="auto: crop the raw photo to PanoHead's framing first (as `dp360rt crop`; needs the crop extra)")
+
+
+def _crop_summary(r) -> str:
+    found = f"{r.faces_found} faces found, cropped the largest" if r.faces_found > 1 else "1 face found"
+    return (f"{found}: yaw {r.yaw_deg:+.1f} deg, pitch {r.pitch_deg:+.1f} deg, landmark fit rms "
+            f"{r.pose.rms:.1f} px (of 512), {r.seconds:.2f} s")
+
+
+def cmd_crop(a: argparse.Namespace) -> int:
+    from .crop import FaceNotFoundError, crop_portrait
+    try:
+        r = crop_portrait(a.photo, min_score=a.min_score)
+    except FaceNotFoundError as e:           # nothing was written
+        print(f"dp360rt crop: error: {e}", file=sys.stderr)
+        return 1
+    out = r.save(a.out)
+    print(_crop_summary(r))
+    print(f"wrote {out / 'crop.png'} (512x512), {out / 'camera.json'}, {out / 'overlay.png'}")
+    return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -297,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--features", help="32 feature frames (PNG/JPEG, name order) for the 3D-aware start "
                                       "(the authors' --denoise_from_guidance renders)")
     _add_model_args(g)
+    _add_crop_arg(g)
     g.set_defaults(fn=cmd_generate)
 
     st = sub.add_parser("stream", help="print and save views as they finish, the back view first (C++ step loop)")
@@ -304,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True)
     st.add_argument("--policy", default="latency", choices=["latency", "throughput"])
     _add_model_args(st)
+    _add_crop_arg(st)
     st.set_defaults(fn=cmd_stream)
 
     b = sub.add_parser("bench", help="per-stage latency with warm-up and repeats; JSON + PNG")
@@ -315,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=arg(positive_int, "--warmup", minimum=0), default=1)
     _add_model_args(b)
     b.set_defaults(fn=cmd_bench)
+
+    cr = sub.add_parser("crop", help="raw photo -> PanoHead's 512² face crop, its camera (camera.json), overlay.png")
+    cr.add_argument("photo")
+    cr.add_argument("--out", required=True)
+    cr.add_argument("--min-score", type=float, default=0.25,
+                    help="drop face detections scoring below this (dlib's detector score; default 0.25)")
+    cr.set_defaults(fn=cmd_crop)
 
     d = sub.add_parser("demo", help="the whole pipeline on a tiny random-weight model (no checkpoints needed)")
     d.add_argument("--out", default="dp360rt_demo")
