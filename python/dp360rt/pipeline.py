@@ -19,6 +19,7 @@ from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_co
 from .model import DiffPortrait360, build_model
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
+from .sampler.params import check_finite_latents, check_sampler_params
 from .sampler.plan import BatchPlan, default_plan
 from .sampler.reference import sample_reference
 from .text.clip import empty_prompt_ids
@@ -309,6 +310,7 @@ class Pipeline:
         raw photo to PanoHead's framing (:func:`dp360rt.crop.crop_portrait`; ``result.crop``);
         default: the pipeline's ``crop`` setting.
         """
+        check_sampler_params(steps=steps, eta=eta, cfg_scale=cfg_scale, seed=seed, conditions=conditions)
         s = self.image_size
         timings: dict[str, float] = {}
         tic = time.perf_counter()
@@ -340,6 +342,7 @@ class Pipeline:
             bv_window = Window(0, hint_b, None, RecordedNoise([noise(shape_b, self.device) for _ in range(steps + 1)]))
             (z_b,), calls = self._engine(bv, [bv_window], context=ctx_b, ref_front=ref, ref_back=[], steps=steps,
                                          eta=eta, cfg_scale=cfg_scale, progress=report("back view"))
+            check_finite_latents(z_b, "the back view")
             back = quantize8(self._net(bv).decode_latent(z_b).float())
             timings["back_view"] = time.perf_counter() - tic
 
@@ -357,6 +360,8 @@ class Pipeline:
                 m, windows, context=ctx, ref_front=ref_front, ref_back=[ref_back], steps=steps, eta=eta,
                 cfg_scale=cfg_scale, progress=report("views"))
             timings["views"] = time.perf_counter() - tic
+            for k, z in enumerate(latents):
+                check_finite_latents(z, f"window {k} (views {k * m.frames}-{(k + 1) * m.frames - 1})")
             tic = time.perf_counter()
             views = torch.cat([to_unit(self._net(m).decode_latent(z).float()) for z in latents]).cpu()
             timings["decode"] = time.perf_counter() - tic

@@ -36,6 +36,7 @@ from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, l
 from ..pipeline import GenerationResult, Pipeline, Window, prepare_windows
 from ..sampler.fast import window_task
 from ..sampler.noise import RecordedNoise, as_noise
+from ..sampler.params import check_finite_latents, check_sampler_params
 from ..sampler.plan import activation_bytes, weight_bytes
 from ..sampler.tasks import BankCache, Task, step_tasks
 from ..scheduler.schedule import ddim_tables
@@ -172,6 +173,7 @@ class Runtime:
                  max_memory: int | None = None, queue_size: int = 32, eta: float = 0.5, cfg_scale: float = 3.0):
         from ..checks import max_memory_bytes
         max_memory = max_memory_bytes(max_memory)       # None and 0: no limit (the loop's 0)
+        check_sampler_params(eta=eta, cfg_scale=cfg_scale)
         self.pipe = pipeline
         self.policy = policy
         self.frames = pipeline.nvs.frames
@@ -215,6 +217,7 @@ class Runtime:
                features: Tensor | None = None, cameras: Any = None, back_view: bool = False) -> Handle:
         """Queue one portrait; returns at once with a :class:`Handle` (inputs are validated here).
         ``back_view=True``: also stream the back view (index -1) the moment it is decoded."""
+        check_sampler_params(steps=steps, seed=seed, conditions=conditions)
         s = self.pipe.image_size
         img = load_portrait(portrait, s)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
@@ -313,6 +316,7 @@ class Runtime:
         m, dev = self.pipe.nvs, self.pipe.device
         with self._autocast():
             bv = self.pipe.backview
+            check_finite_latents(req.bv_task.x, "the back view")
             back = quantize8(self.pipe._net(bv).decode_latent(req.bv_task.x).float())
             req.back_view = back.cpu()
             if req.stream_back_view:
@@ -384,6 +388,7 @@ class Runtime:
     def _finish_window(self, req: _Request, w: int) -> None:
         task = req.window_tasks.pop(w)
         m = self.pipe.nvs
+        check_finite_latents(task.x, f"window {w} (views {w * self.frames}-{(w + 1) * self.frames - 1})")
         req.latents[w] = task.x.cpu()
         # Latency: the window's first frame is decoded (and streamed) before the other seven.
         parts = [slice(0, 1), slice(1, None)] if self.policy == "latency" else [slice(None)]
