@@ -88,10 +88,10 @@ def test_image_over_100_megapixels_refused_from_header(tmp_path):
 
 def test_conditions_checked_before_any_model_runs(pipe):
     calls = []
-    with pytest.raises(ImageError, match="multiple of 8"):
+    with pytest.raises(ImageError, match="31 condition images cannot be split into windows of 8 frames"):
         pipe(synthetic_portrait(64), synthetic_conditions(31, 64), steps=2, progress=lambda *a: calls.append(a))
     assert calls == []                         # refused before the back view, not after it
-    with pytest.raises(ImageError, match="multiple of 8"):
+    with pytest.raises(ImageError, match="31 condition images cannot be split into windows of 8 frames"):
         pipe.submit(synthetic_portrait(64), synthetic_conditions(31, 64), steps=2)
     with pytest.raises(ImageError, match="feature frames"):
         pipe.submit(synthetic_portrait(64), synthetic_conditions(32, 64), features=torch.zeros(31, 3, 64, 64), steps=2)
