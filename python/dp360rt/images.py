@@ -170,10 +170,12 @@ def check_conditions(cond: Tensor, size: int, frames: int, features: Tensor | No
     """Refuse condition images (and feature frames) a generation cannot use, before any model
     runs: cond [N, 3, size, size] finite, N a multiple of the window length ``frames`` and past
     the back-view hint (index 18); features, when given, of cond's shape and finite."""
-    if cond.dim() != 4 or cond.shape[1:] != (3, size, size) or cond.shape[0] % frames:
-        raise ImageError(f"conditions must be [N, 3, {size}, {size}] with N a multiple of {frames} (one window of "
-                         f"{frames} frames each), got {tuple(cond.shape)}. Fix: pass the whole sphere32 set "
-                         f"({CONDITION_COUNT} images)")
+    if cond.dim() != 4 or cond.shape[1:] != (3, size, size):
+        raise ImageError(f"conditions must be [N, 3, {size}, {size}], got {tuple(cond.shape)}. Fix: pass the "
+                         "condition folder, or condition images at the model's resolution")
+    if cond.shape[0] % frames:
+        raise ImageError(f"{cond.shape[0]} condition images cannot be split into windows of {frames} frames (N must "
+                         f"be a multiple of {frames}). Fix: pass the whole sphere32 set ({CONDITION_COUNT} images)")
     if cond.shape[0] <= BACK_CONDITION_INDEX:
         raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images (index {BACK_CONDITION_INDEX} "
                          f"is the back-view hint), got {cond.shape[0]}. Fix: pass the whole sphere32 set")
