@@ -162,6 +162,9 @@ def test_websocket_drops_stale_requests(ready_sessions):
         ws.send_text('{"width": 5}')
         err = ws.receive_json()
         assert err["type"] == "error" and "out of range" in err["message"] and "Fix" in err["message"]
+        ws.send_bytes(b"\x00")
+        err = ws.receive_json()
+        assert err["type"] == "error" and "JSON text message" in err["message"]
         ws.send_text('{"id": "jpeg", "width": 32}')
         meta = ws.receive_json()
         assert meta["id"] == "jpeg" and ws.receive_bytes()[:2] == b"\xff\xd8"

@@ -210,8 +210,14 @@ async def _serve_frames(ws: WebSocket, s: NerfSession, pool: ThreadPoolExecutor)
 
     async def receive() -> None:
         while True:
-            text = await ws.receive_text()
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            text = msg.get("text")
             try:
+                if text is None:
+                    raise FrameRequestError("a frame request must be a JSON text message, got a binary one. "
+                                            'Fix: send e.g. {"azimuth": 30, "width": 256} as text')
                 req = parse_frame_request(text)
             except FrameRequestError as e:
                 slot["error"] = str(e)

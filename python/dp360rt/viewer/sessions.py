@@ -192,6 +192,8 @@ class NerfSession:
             if self.generation != "running" and self.state != "failed":
                 self._publish(f)
                 self.state = "ready"
+                # no view can come any more: free the training state (ray pool, optimizer), keep the snapshot
+                self._fitter = self._nerf = None
 
     def _extend_budget(self, f: Any) -> None:
         if f.seconds is not None:
