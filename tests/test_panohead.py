@@ -2,7 +2,6 @@
 errors, orbit conditions feeding the pipeline. Tolerances: the fixture README's (cases.pt _meta)."""
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import shutil
@@ -17,7 +16,7 @@ from dp360rt.model import build_model
 from dp360rt.panohead.cameras import diffportrait_orbit, orbit
 from dp360rt.panohead.configs import load_spec
 from dp360rt.panohead.pickle_reader import UnsafePickleError, read_network_pickle
-from dp360rt.panohead.verify import compare, compute_case, materialize_pickle, verify
+from dp360rt.panohead.verify import compare, compute_case, materialize_pickle
 from dp360rt.panohead.weights import (PanoHeadCheckpointError, build_generator, fixture_spec, generator_from_state,
                                       load_generator, read_safetensors, recipe_state_dicts)
 
