@@ -36,7 +36,7 @@ class Draws:
                                  f"{shape} was requested. Fix: record every draw of the run")
             d = self.recorded[self.used]
             fn, value = (d.get("fn"), d["value"]) if isinstance(d, dict) else (None, d)
-            if tuple(value.shape) != shape or (fn is not None and not fn.startswith(kind)):
+            if tuple(value.shape) != shape or (fn is not None and fn not in (kind, kind + "_like")):
                 raise ValueError(f"recorded draw {self.used} is {fn or 'a tensor'} {tuple(value.shape)}, but a {kind} "
                                  f"draw of shape {shape} was requested. Fix: replay the draws of the same call")
             self.used += 1

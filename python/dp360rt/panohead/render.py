@@ -132,7 +132,6 @@ def render_trigrid(planes: Tensor, decoder, origins: Tensor, directions: Tensor,
     box, depth_d = options["box_warp"], options["triplane_depth"]
     coarse = stratified_depths(n, m, float(start), float(end), options["depth_resolution"], draws, origins.device,
                                options.get("disparity_space_sampling", False))
-    s = coarse.shape[2]
 
     def run(depths: Tensor) -> tuple[Tensor, Tensor]:
         k = depths.shape[2]

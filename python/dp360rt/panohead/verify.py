@@ -196,7 +196,10 @@ def compute_case(g: TriPlaneGenerator, name: str, case: dict, meta: dict) -> dic
             finally:
                 g.rendering_kwargs["ray_start"] = saved
         if name == "forward":
-            return _synth(g, None, i["c"], g.neural_rendering_resolution, case["draws"], crop_yx, forward_z=i["z"],
+            # the render size is not an input of G(z, c): take it from the stored raw image
+            raw = case["outputs"].get("image_raw")
+            r = int(raw.shape[-1]) if isinstance(raw, Tensor) else g.neural_rendering_resolution
+            return _synth(g, None, i["c"], r, case["draws"], crop_yx, forward_z=i["z"],
                           psi=float(i["truncation_psi"]), cutoff=int(i["truncation_cutoff"]))
     raise KeyError(name)
 
