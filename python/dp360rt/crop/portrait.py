@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ..images import ImageError, open_image, to_rgb
 from .face3d import FacePose
-from .landmarks import MIN_SCORE, Face, detect_faces
+from .landmarks import MIN_SCORE, detect_faces
 from .recipe import (FIT_SIZE, camera_from_rotation, ffhq_quad, from_quad_frame, quad_corners, quad_crop, refine_quad,
                      to_quad_frame, warp_canvas, yaw_pitch)
 
@@ -111,16 +111,15 @@ def _photo(source: Any) -> tuple[np.ndarray, str]:
     return np.asarray(to_rgb(open_image(source))), str(source)
 
 
-def _upright_landmarks(photo: np.ndarray, face: Face, c: np.ndarray, x: np.ndarray, y: np.ndarray,
+def _upright_landmarks(photo: np.ndarray, landmarks: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray,
                        min_score: float) -> np.ndarray:
-    """Landmarks for step (b), in the quad's 512² frame: detected again on the upright crop, as
-    the recipe does (the face is then large and without roll, where dlib's landmarks are at their
-    best); the face nearest the crop's centre. Falls back to the photo's landmarks mapped into
-    the frame when the crop shows no face."""
-    mapped = to_quad_frame(face.landmarks, c, x, y)
+    """Landmarks [68, 2] for step (b), in the quad's 512² frame: detected again on the upright
+    crop, as the recipe does (the face is then large and without roll, where dlib's landmarks are
+    at their best); the face nearest the crop's centre. Falls back to the photo's ``landmarks``
+    mapped into the frame when the crop shows no face."""
     faces = detect_faces(quad_crop(photo, c, x, y), upsample=0, min_score=min_score)
     if not faces:
-        return mapped
+        return to_quad_frame(landmarks, c, x, y)
     centre = (FIT_SIZE - 1) / 2
     best = min(faces, key=lambda f: np.hypot((f.box[0] + f.box[2]) / 2 - centre, (f.box[1] + f.box[3]) / 2 - centre))
     return best.landmarks
@@ -145,15 +144,16 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE) -> CropResult:
     notes = []
     if len(faces) > 1:
         notes.append(f"{len(faces)} faces found: cropped the largest ({face.box[2] - face.box[0]} px wide)")
-    c, x, y = ffhq_quad(face.landmarks)
-    upright = _upright_landmarks(photo, face, c, x, y, min_score)
-    moved = float(np.sqrt(((upright - to_quad_frame(face.landmarks, c, x, y)) ** 2).sum(1).mean()))
+    landmarks = face.landmarks
+    c, x, y = ffhq_quad(landmarks)
+    upright = _upright_landmarks(photo, landmarks, c, x, y, min_score)
+    moved = float(np.sqrt(((upright - to_quad_frame(landmarks, c, x, y)) ** 2).sum(1).mean()))
     if moved > REDO_PX:
         # dlib's landmarks on the photo were poor (typically a strongly rolled head) and those of
         # the upright crop differ: redo step (a) with the latter (the authors run it once)
         landmarks = from_quad_frame(upright, c, x, y)
         c, x, y = ffhq_quad(landmarks)
-        upright = _upright_landmarks(photo, Face(face.box, face.score, landmarks), c, x, y, min_score)
+        upright = _upright_landmarks(photo, landmarks, c, x, y, min_score)
         notes.append(f"step (a) redone with the landmarks of the upright crop (they moved {moved:.0f} px of 512)")
     first = quad_corners(c, x, y)
     c, x, y, pose, scale = refine_quad(upright, c, x, y)
@@ -169,5 +169,5 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE) -> CropResult:
     image = Image.fromarray(canvas).resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.LANCZOS)
     camera = camera_from_rotation(pose.rotation)
     yaw, pitch = yaw_pitch(camera)
-    return CropResult(image, canvas, camera, yaw, pitch, face.landmarks, quad_corners(c, x, y), first, len(faces),
+    return CropResult(image, canvas, camera, yaw, pitch, landmarks, quad_corners(c, x, y), first, len(faces),
                       pose, photo, time.perf_counter() - t0, notes)
