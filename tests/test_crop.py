@@ -86,7 +86,14 @@ def test_astronaut_crop(astronaut_crop, tmp_path):
     tilt_photo = math.degrees(math.atan2(eyes[1], eyes[0]))
     tilt_quad = math.degrees(math.atan2(x_axis[1], x_axis[0]))
     assert abs(tilt_photo - tilt_quad) < 3
-    # the crop contains the face: the eye centres land in the canvas's upper middle
+    # the eye centres land in the canvas's upper middle, level with each other
+    from dp360rt.crop.recipe import to_quad_frame
+    q = r.quad
+    eyes_in_canvas = to_quad_frame(np.stack([r.landmarks[36:42].mean(0), r.landmarks[42:48].mean(0)]),
+                                   q.mean(0), (q[3] - q[0]) / 2, (q[1] - q[0]) / 2) + (25, 51)
+    assert ((eyes_in_canvas[:, 0] > 0.3 * 563) & (eyes_in_canvas[:, 0] < 0.7 * 563)).all()
+    assert ((eyes_in_canvas[:, 1] > 0.3 * 563) & (eyes_in_canvas[:, 1] < 0.6 * 563)).all()
+    assert abs(eyes_in_canvas[0, 1] - eyes_in_canvas[1, 1]) < 0.02 * 563
     out = r.save(tmp_path / "c")
     assert sorted(p.name for p in out.iterdir()) == ["camera.json", "crop.png", "overlay.png"]
     meta = json.loads((out / "camera.json").read_text())
@@ -104,11 +111,12 @@ def test_mirror_image_mirrors_the_crop(astronaut, astronaut_crop):
     mq = mq[[3, 2, 1, 0]]                           # left and right corners swap
     assert np.abs(mq - r.quad).max() < 0.02 * _side(r.quad)
     assert abs(m.yaw_deg + r.yaw_deg) < 3 and abs(m.pitch_deg - r.pitch_deg) < 3
+    assert m.yaw_deg * r.yaw_deg < 0
     diff = np.abs(np.asarray(m.image, float)[:, ::-1] - np.asarray(r.image, float)).mean()
-    assert diff < 15                                 # 8-bit levels; an unrelated crop differs by > 40
+    assert diff < 10                                 # 8-bit levels; an unrelated crop differs by > 40
 
 
-@pytest.mark.parametrize("angle", [25, -20])
+@pytest.mark.parametrize("angle", [25, -30])
 def test_rolled_photo_gives_the_same_crop(astronaut, astronaut_crop, angle):
     """Rolling the photo in-plane moves the quad with it (within 2 % of the side, once rotated
     back) and leaves the camera's yaw and pitch (within 3 deg) and the crop's pixels alike."""
@@ -121,7 +129,7 @@ def test_rolled_photo_gives_the_same_crop(astronaut, astronaut_crop, angle):
     back = (q.quad - centre) @ unroll.T + centre
     assert np.abs(back - r.quad).max() < 0.02 * _side(r.quad)
     assert abs(q.yaw_deg - r.yaw_deg) < 3 and abs(q.pitch_deg - r.pitch_deg) < 3
-    assert np.abs(np.asarray(q.image, float) - np.asarray(r.image, float)).mean() < 12
+    assert np.abs(np.asarray(q.image, float) - np.asarray(r.image, float)).mean() < 15   # unrelated: > 40
 
 
 def test_no_face_is_a_named_error_and_writes_nothing(tmp_path, capsys):

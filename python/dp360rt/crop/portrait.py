@@ -18,9 +18,11 @@ from PIL import Image, ImageDraw
 from ..images import ImageError, open_image, to_rgb
 from .face3d import FacePose
 from .landmarks import MIN_SCORE, detect_faces
-from .recipe import camera_from_rotation, ffhq_quad, quad_corners, refine_quad, warp_canvas, yaw_pitch
+from .recipe import (FIT_SIZE, camera_from_rotation, ffhq_quad, from_quad_frame, quad_corners, quad_crop, refine_quad,
+                     to_quad_frame, warp_canvas, yaw_pitch)
 
 OUTPUT_SIZE = 512
+REDO_PX = 12            # landmark disagreement (px of the 512² crop) that makes step (a) run again
 MIN_QUAD = 256          # the authors skip faces whose quad is smaller; we crop them and warn
 
 
@@ -109,6 +111,20 @@ def _photo(source: Any) -> tuple[np.ndarray, str]:
     return np.asarray(to_rgb(open_image(source))), str(source)
 
 
+def _upright_landmarks(photo: np.ndarray, landmarks: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray,
+                       min_score: float) -> np.ndarray:
+    """Landmarks [68, 2] for step (b), in the quad's 512² frame: detected again on the upright
+    crop, as the recipe does (the face is then large and without roll, where dlib's landmarks are
+    at their best); the face nearest the crop's centre. Falls back to the photo's ``landmarks``
+    mapped into the frame when the crop shows no face."""
+    faces = detect_faces(quad_crop(photo, c, x, y), upsample=0, min_score=min_score)
+    if not faces:
+        return to_quad_frame(landmarks, c, x, y)
+    centre = (FIT_SIZE - 1) / 2
+    best = min(faces, key=lambda f: np.hypot((f.box[0] + f.box[2]) / 2 - centre, (f.box[1] + f.box[3]) / 2 - centre))
+    return best.landmarks
+
+
 def crop_portrait(source: Any, *, min_score: float = MIN_SCORE) -> CropResult:
     """Crop a raw photo to PanoHead's framing and estimate its camera (PanoHead's recipe, steps
     (a)-(c) in :mod:`dp360rt.crop.recipe`).
@@ -122,15 +138,25 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE) -> CropResult:
     faces = detect_faces(photo, min_score=min_score)
     if not faces:
         raise FaceNotFoundError(f"no face found in {name} ({photo.shape[1]}x{photo.shape[0]}). Fix: pass a photo "
-                                "with a face at least 80 px wide, seen from the front or partly turned (dlib's detector misses "
-                                "profiles)")
+                                "with a face at least 80 px wide, upright (rolled less than about 40 degrees), seen from the "
+                                "front or partly turned (dlib's detector misses profiles)")
     face = faces[0]
     notes = []
     if len(faces) > 1:
         notes.append(f"{len(faces)} faces found: cropped the largest ({face.box[2] - face.box[0]} px wide)")
-    c, x, y = ffhq_quad(face.landmarks)
+    landmarks = face.landmarks
+    c, x, y = ffhq_quad(landmarks)
+    upright = _upright_landmarks(photo, landmarks, c, x, y, min_score)
+    moved = float(np.sqrt(((upright - to_quad_frame(landmarks, c, x, y)) ** 2).sum(1).mean()))
+    if moved > REDO_PX:
+        # dlib's landmarks on the photo were poor (typically a strongly rolled head) and those of
+        # the upright crop differ: redo step (a) with the latter (the authors run it once)
+        landmarks = from_quad_frame(upright, c, x, y)
+        c, x, y = ffhq_quad(landmarks)
+        upright = _upright_landmarks(photo, landmarks, c, x, y, min_score)
+        notes.append(f"step (a) redone with the landmarks of the upright crop (they moved {moved:.0f} px of 512)")
     first = quad_corners(c, x, y)
-    c, x, y, pose, scale = refine_quad(face.landmarks, c, x, y)
+    c, x, y, pose, scale = refine_quad(upright, c, x, y)
     if not 0.7 <= scale <= 1.3:     # the authors drop such photos: the landmarks do not fit a head
         notes.append(f"step (b) rescaled the quad by {scale:.2f} (the authors' recipe keeps 0.7 to 1.3 only): "
                      "check overlay.png")
@@ -143,5 +169,5 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE) -> CropResult:
     image = Image.fromarray(canvas).resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.LANCZOS)
     camera = camera_from_rotation(pose.rotation)
     yaw, pitch = yaw_pitch(camera)
-    return CropResult(image, canvas, camera, yaw, pitch, face.landmarks, quad_corners(c, x, y), first, len(faces),
+    return CropResult(image, canvas, camera, yaw, pitch, landmarks, quad_corners(c, x, y), first, len(faces),
                       pose, photo, time.perf_counter() - t0, notes)

@@ -66,12 +66,28 @@ def to_quad_frame(points: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarra
     return np.linalg.solve(M, (np.asarray(points, float) - c).T).T * h + h
 
 
-def refine_quad(landmarks: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray
+def from_quad_frame(points: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, size: int = FIT_SIZE) -> np.ndarray:
+    """Inverse of :func:`to_quad_frame`: crop pixels [N, 2] -> image points."""
+    h = (size - 1) / 2
+    return c + ((np.asarray(points, float) - h) / h) @ np.stack([x, y])
+
+
+def quad_crop(image: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, size: int = FIT_SIZE) -> np.ndarray:
+    """The quad's upright ``size``² crop [size, size, 3] uint8 of an RGB photo (bicubic, black
+    outside the photo, as the recipe's step (b) crop): the frame of :func:`to_quad_frame`."""
+    h = (size - 1) / 2
+    c, x, y = (np.asarray(t, float) for t in (c, x, y))
+    return np.asarray(_affine(Image.fromarray(np.ascontiguousarray(image)), (size, size), c - x - y, x / h, y / h,
+                              Image.BICUBIC))
+
+
+def refine_quad(fit_landmarks: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, FacePose, float]:
-    """Step (b): fit the generic face on the quad's 512² crop and move / scale the quad ->
-    (centre, x, y, pose, scale factor). The new centre is the head centre's projection; the new
-    half side is ``HEAD_WIDTH_MM / 2`` at the fitted scale."""
-    pose = fit_pose(to_quad_frame(landmarks, c, x, y))
+    """Step (b): fit the generic face to 68 landmarks [68, 2] of the quad's 512² crop (its frame:
+    :func:`to_quad_frame`) and move / scale the quad -> (centre, x, y, pose, scale factor). The
+    new centre is the head centre's projection; the new half side is ``HEAD_WIDTH_MM / 2`` at the
+    fitted scale."""
+    pose = fit_pose(fit_landmarks)
     h = (FIT_SIZE - 1) / 2
     centre = pose.project(HEAD_CENTRE[None])[0]
     tx, ty = (centre[0] - h) / h, (centre[1] - h) / h      # in units of the quad's half sides
