@@ -160,6 +160,8 @@ StepLoop::~StepLoop() {
 
 void StepLoop::stop_and_join() {
   core_->request_stop();
+  // Called from a callback on the loop thread: it stops once that callback returns.
+  if (thread_.joinable() && thread_.get_id() == std::this_thread::get_id()) return;
   // The loop may be waiting for the GIL to run a callback: never join while holding it.
   if (PyGILState_Check()) {
     py::gil_scoped_release release;

@@ -34,9 +34,7 @@ def no_models(monkeypatch):
         raise AssertionError("a model was loaded before the output location was checked")
     monkeypatch.setattr(Pipeline, "random", classmethod(boom))
     monkeypatch.setattr(Pipeline, "from_checkpoints", classmethod(boom))
-    import dp360rt.checkpoint
     import dp360rt.nerf.fit
-    monkeypatch.setattr(dp360rt.checkpoint, "convert", boom)
     monkeypatch.setattr(dp360rt.nerf.fit.Nerf, "load", classmethod(boom))
 
 
@@ -45,10 +43,8 @@ VERBS = {
     "stream": ["stream", "p.png", "--random", "tiny", "--out", "{out}"],
     "bench": ["bench", "--random", "tiny", "--out", "{out}"],
     "demo": ["demo", "--out", "{out}"],
-    "export": ["export", "--random", "--config", "tiny", "--to", "onnx", "--out", "{out}/sub"],
     "nerf render": ["nerf", "render", "model", "--cameras", "c.json", "--out", "{out}/sub"],
     "nerf video": ["nerf", "video", "model", "--out", "{out}/sub/v.mp4"],
-    "convert": ["convert", "in.th", "{out}/sub/x.safetensors"],
 }
 
 

@@ -109,42 +109,6 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     return d
 
 
-def check_writable_dir(path: str | Path) -> Path:
-    """Check, before any work, that files can be added to the directory ``path`` (existing or
-    not; its content is kept, e.g. an export that gains TensorRT engines). Creates nothing."""
-    d = Path(path)
-    if d.exists() and not d.is_dir():
-        raise OutputError(errno.ENOTDIR, f"cannot write to {d}: it is a file, not a directory. "
-                          "Fix: pass a writable --out directory")
-    probe_in = d if d.is_dir() else next((q for q in d.absolute().parents if q.exists()), Path("/"))
-    try:
-        if not probe_in.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "a parent is a file")
-        Path(tempfile.mkdtemp(prefix=".dp360rt-probe-", dir=probe_in)).rmdir()
-    except OSError as e:
-        raise OutputError(e.errno, f"cannot write to {d}: {_describe(e)} in {probe_in}. "
-                          "Fix: pass a writable --out directory") from e
-    return d
-
-
-def check_output_file(path: str | Path) -> Path:
-    """Check, before any work, that the file ``path`` can be written (not a directory, its
-    folder writable); an existing file is replaced atomically at the end."""
-    p = Path(path)
-    if p.is_dir():
-        raise OutputError(errno.EISDIR, f"cannot write {p}: it is a directory. Fix: pass a file name")
-    parent = p.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(e.errno, f"cannot write {p}: {_describe(e)} in {parent}. "
-                          "Fix: pass a file name in a writable directory") from e
-    return p
-
-
 def _sha256(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as fh:

@@ -91,12 +91,6 @@ def run(a: argparse.Namespace) -> int:
     if a.random and (a.nvs or a.backview or a.fixture) or (a.fixture and (a.nvs or a.backview)):
         print("export: --random, --fixture and checkpoints exclude each other", file=sys.stderr)
         return 2
-    from ..results import OutputError, check_writable_dir
-    try:
-        check_writable_dir(a.out)           # before any weights load
-    except OutputError as e:
-        print(f"export: {e}", file=sys.stderr)
-        return 2
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -111,7 +105,13 @@ def run(a: argparse.Namespace) -> int:
             print(f"export --to trt: {e}", file=sys.stderr)
             return 2
     from dp360rt.checkpoint import CheckpointError
+    from dp360rt.checks import writable_dir
     from dp360rt.config import ConfigError
+    try:                                    # before any model loads
+        writable_dir(a.out, "export directory")
+    except OSError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
     from .onnx_export import ExportOptions, export_models, format_summary
     from .profiles import DEFAULT_PROFILES, parse_profiles
     if a.threads:

@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
 from ..backends.torch_backend import TorchBackend
-from ..images import BACK_CONDITION_INDEX, ImageError, load_conditions, load_portrait, quantize8, to_unit
+from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
+                      quantize8, to_unit)
 from ..pipeline import GenerationResult, Pipeline, Window, prepare_windows
 from ..sampler.fast import window_task
 from ..sampler.noise import RecordedNoise, as_noise
@@ -169,6 +171,8 @@ class Runtime:
 
     def __init__(self, pipeline: Pipeline, policy: str = "throughput", max_rows: int | None = None,
                  max_memory: int | None = None, queue_size: int = 32, eta: float = 0.5, cfg_scale: float = 3.0):
+        from ..checks import max_memory_bytes
+        max_memory = max_memory_bytes(max_memory)       # None and 0: no limit (the loop's 0)
         check_sampler_params(eta=eta, cfg_scale=cfg_scale)
         self.pipe = pipeline
         self.policy = policy
@@ -217,11 +221,9 @@ class Runtime:
         s = self.pipe.image_size
         img = load_portrait(portrait, s)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
-        if cond.dim() != 4 or cond.shape[1:] != (3, s, s) or cond.shape[0] % self.frames:
-            raise ImageError(f"conditions must be [N, 3, {s}, {s}] with N a multiple of {self.frames}, "
-                             f"got {tuple(cond.shape)}")
-        if cond.shape[0] <= BACK_CONDITION_INDEX:
-            raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images, got {cond.shape[0]}")
+        if isinstance(features, (str, Path)):
+            features = load_frames(features, s, cond.shape[0] if cond.dim() == 4 else CONDITION_COUNT)
+        check_conditions(cond, s, self.frames, features)      # here, not after the back view
         from ..nerf.cameras import resolve_cameras
         cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         ddim_tables(self.pipe.nvs.alphas_cumprod, steps, self.eta)          # validates the step count
