@@ -124,7 +124,7 @@ def test_generate_with_checkpoints(tmp_path, recipe, capsys):
     assert "exactly 32" in capsys.readouterr().err
     # swapped checkpoints: a clear error, exit code 2
     rc = main(["generate", str(tmp_path / "portrait.png"), "--nvs", str(tmp_path / "backview.th"),
-               "--backview", str(tmp_path / "nvs.th"), "--conditions", str(cond_dir), "--out", str(out),
+               "--backview", str(tmp_path / "nvs.th"), "--conditions", str(cond_dir), "--out", str(tmp_path / "swapped"),
                "--config", str(SET_A / "config.json"), "--steps", "2"])
     assert rc == 2 and "swap" in capsys.readouterr().err
 
