@@ -95,6 +95,10 @@ def load_tensors(path: str | Path, what: str = "PyTorch checkpoint",
             hint = " It looks like a damaged or truncated zip archive."
         raise CheckpointError(f"{path} is not a {what} (neither a torch.save zip archive nor a "
                               f"legacy pickle).{hint} Fix: {fix}")
+    if not is_zip and _is_panohead_pickle(path):
+        raise CheckpointError(f"{path} is a PanoHead network pickle, not a DiffPortrait360 checkpoint. Fix: pass "
+                              "model_state-340000.th / back_head-230000.th here; PanoHead files go to "
+                              "`dp360rt conditions --panohead` or `dp360rt convert`")
     try:
         with warnings.catch_warnings():        # torch warns about odd pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
@@ -115,6 +119,12 @@ def _torch_load(path: Path) -> Any:
                                   "or a .safetensors file")
 
 
+def _is_panohead_pickle(path: Path) -> bool:
+    """A StyleGAN/PanoHead network pickle names its persistence helper within its first bytes."""
+    with open(path, "rb") as f:
+        return b"torch_utils.persistence" in f.read(1 << 16)
+
+
 def detect_kind(sd: Mapping[str, Tensor]) -> str | None:
     """``"nvs"`` when the 360° motion-module keys are present, ``"backview"`` when only the UNet is,
     None when it is not a DiffPortrait360 state dict at all."""
@@ -129,6 +139,9 @@ def check_state_dict(model: DiffPortrait360, sd: Mapping[str, Tensor], source: s
     """Strictly match ``sd`` against ``model``: same kind, same keys, same shapes, finite values.
     Returns the state dict to load (ignored keys removed). Raises :class:`CheckpointError`."""
     kind = detect_kind(sd)
+    if kind is None and any(k.startswith("backbone.synthesis.") for k in sd):
+        raise CheckpointError(f"{source} is a PanoHead generator, not a DiffPortrait360 checkpoint. Fix: pass "
+                              f"{KIND_FILES[model.kind]}; PanoHead files go to `dp360rt conditions --panohead`")
     if kind is None:
         raise CheckpointError(f"{source} is not a DiffPortrait360 checkpoint (no 'model.diffusion_model.*' keys; "
                               f"first keys: {_short(sorted(sd), 3)}). Fix: pass {KIND_FILES[model.kind]}")

@@ -19,6 +19,7 @@ from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_co
 from .model import DiffPortrait360, build_model
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
+from .sampler.params import check_finite_latents, check_sampler_params
 from .sampler.plan import BatchPlan, default_plan
 from .sampler.reference import sample_reference
 from .text.clip import empty_prompt_ids
@@ -52,6 +53,7 @@ class GenerationResult:
     latents: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     unet_calls: int = 0
+    crop: Any = None            # the dp360rt.crop.CropResult of crop="auto"
 
     def fit_nerf(self, seconds: float | None = 60.0, steps: int | None = None, progress: bool = True,
                  **options: Any) -> "Nerf":
@@ -67,7 +69,8 @@ class GenerationResult:
         return nerf
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``back_view.png``, ``000.png`` ... and ``cameras.json`` (the NeRF views layout)."""
+        """Write ``back_view.png``, ``000.png`` ... and ``cameras.json`` (the NeRF views layout); with
+        ``crop="auto"`` also ``crop/`` (crop.png, camera.json, overlay.png)."""
         d = Path(out_dir)
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,8 @@ class GenerationResult:
             (d / "timings.json").write_text(json.dumps(self.timings, indent=1))
         except OSError as e:
             raise OSError(f"cannot write results to {d}: {e.strerror or e}. Fix: pass a writable --out directory") from e
+        if self.crop is not None:
+            self.crop.save(d / "crop")
         return d
 
 
@@ -168,11 +173,12 @@ class Pipeline:
     def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None,
                  backend: str = "torch", export_dir: str | Path | Mapping[str, str | Path] | None = None,
-                 **backend_options: Any):
+                 crop: str | None = None, **backend_options: Any):
         if nvs.kind != "nvs" or backview.kind != "backview":
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
+        self.crop = _crop_mode(crop)
         self.device, max_memory = check_options(device, backend, max_memory)
         self.dtype = dtype
         self.engine = engine
@@ -211,7 +217,7 @@ class Pipeline:
                          dtype: torch.dtype = torch.float32, engine: str = "fast",
                          max_memory: int | None = None, backend: str = "torch",
                          export_dir: str | Path | Mapping[str, str | Path] | None = None,
-                         **backend_options: Any) -> "Pipeline":
+                         crop: str | None = None, **backend_options: Any) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
         identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many)."""
         check_options(device, backend, max_memory)          # before minutes of loading
@@ -222,7 +228,7 @@ class Pipeline:
             models[kind] = load_checkpoint(m, src)
         shared = share_identical_tensors(models["nvs"], models["backview"])     # before moving: one copy on the device
         pipe = cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
-                   max_memory=max_memory, backend=backend, export_dir=export_dir, **backend_options)
+                   max_memory=max_memory, backend=backend, export_dir=export_dir, crop=crop, **backend_options)
         pipe.shared = shared
         return pipe
 
@@ -253,11 +259,13 @@ class Pipeline:
         ``policy="latency"`` (default here) finishes and streams window 0 first; keyword arguments
         as for :meth:`submit`. Stopping the iteration early cancels the request.
         """
+        portrait, _ = self._crop_portrait(portrait, kw.pop("crop", self.crop))
         return self.runtime(policy).stream(portrait, conditions, **kw)
 
     def submit(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "throughput", **kw: Any):
         """Queue a generation on the C++ step loop; returns a handle with ``cancel()``, ``result()``,
         ``progress`` and view iteration. Keywords: steps, seed, features, cameras (as for ``__call__``)."""
+        portrait, _ = self._crop_portrait(portrait, kw.pop("crop", self.crop))
         return self.runtime(policy).submit(portrait, conditions, **kw)
 
     def close(self) -> None:
@@ -271,6 +279,18 @@ class Pipeline:
         from .flops import run_flops
         return run_flops(self.nvs.cfg, self.engine, steps)
 
+    def _crop_portrait(self, portrait: Any, crop: str | None) -> tuple[Any, Any]:
+        """(portrait, None), or with ``crop="auto"`` (the 512² PanoHead crop of the photo, its
+        :class:`dp360rt.crop.CropResult`)."""
+        if _crop_mode(crop) is None:
+            return portrait, None
+        if isinstance(portrait, Tensor):
+            raise ImageError("crop='auto' needs the raw photo (a path or PIL image), not a tensor. Fix: pass the "
+                             "photo, or crop=None for an already cropped portrait tensor")
+        from .crop import crop_portrait
+        result = crop_portrait(portrait)
+        return result.image, result
+
     def text_context(self, model: DiffPortrait360) -> Tensor:
         return self._net(model).encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
 
@@ -278,7 +298,7 @@ class Pipeline:
     def __call__(self, portrait: Any, conditions: str | Path | Tensor, *, features: Tensor | None = None,
                  cameras: Tensor | str | Path | None = None, steps: int = 50, eta: float = 0.5, cfg_scale: float = 3.0,
                  seed: int | torch.Generator | NoiseSource | None = 0,
-                 progress: Callable[[str, int, int], None] | None = None) -> GenerationResult:
+                 progress: Callable[[str, int, int], None] | None = None, crop: str | None = "default") -> GenerationResult:
         """Generate the back view, then all views.
 
         portrait: path / PIL image / [1, 3, S, S] tensor; conditions: the authors' condition folder
@@ -286,11 +306,18 @@ class Pipeline:
         features: optional [N, 3, S, S] frames (or a folder of them) for the 3D-aware start; cameras: the views' [N, 25]
         PanoHead cameras or a cameras.json (default: the condition folder's cameras.json, else the
         default orbit, see :func:`dp360rt.nerf.cameras.resolve_cameras`). Randomness from ``seed``
-        (an int, a CPU ``torch.Generator``, or a noise source).
+        (an int, a CPU ``torch.Generator``, or a noise source). ``crop="auto"`` first crops the
+        raw photo to PanoHead's framing (:func:`dp360rt.crop.crop_portrait`; ``result.crop``);
+        default: the pipeline's ``crop`` setting.
         """
+        check_sampler_params(steps=steps, eta=eta, cfg_scale=cfg_scale, seed=seed, conditions=conditions)
         s = self.image_size
         timings: dict[str, float] = {}
         tic = time.perf_counter()
+        portrait, cropped = self._crop_portrait(portrait, self.crop if crop == "default" else crop)
+        if cropped is not None:
+            timings["crop"] = time.perf_counter() - tic
+            tic = time.perf_counter()
         img = load_portrait(portrait, s).to(self.device)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
         if isinstance(features, (str, Path)):
@@ -315,6 +342,7 @@ class Pipeline:
             bv_window = Window(0, hint_b, None, RecordedNoise([noise(shape_b, self.device) for _ in range(steps + 1)]))
             (z_b,), calls = self._engine(bv, [bv_window], context=ctx_b, ref_front=ref, ref_back=[], steps=steps,
                                          eta=eta, cfg_scale=cfg_scale, progress=report("back view"))
+            check_finite_latents(z_b, "the back view")
             back = quantize8(self._net(bv).decode_latent(z_b).float())
             timings["back_view"] = time.perf_counter() - tic
 
@@ -332,12 +360,23 @@ class Pipeline:
                 m, windows, context=ctx, ref_front=ref_front, ref_back=[ref_back], steps=steps, eta=eta,
                 cfg_scale=cfg_scale, progress=report("views"))
             timings["views"] = time.perf_counter() - tic
+            for k, z in enumerate(latents):
+                check_finite_latents(z, f"window {k} (views {k * m.frames}-{(k + 1) * m.frames - 1})")
             tic = time.perf_counter()
             views = torch.cat([to_unit(self._net(m).decode_latent(z).float()) for z in latents]).cpu()
             timings["decode"] = time.perf_counter() - tic
         return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, latents=torch.cat(latents).cpu(),
                                 cameras=view_cameras, timings=timings,
-                                unet_calls=calls + n_calls)
+                                unet_calls=calls + n_calls, crop=cropped)
+
+
+def _crop_mode(crop: str | None) -> str | None:
+    if crop in (None, "none"):
+        return None
+    if crop != "auto":
+        raise ValueError(f"crop={crop!r} is not a crop mode. Fix: use crop='auto' (PanoHead's face crop of a raw "
+                         "photo) or crop=None (the portrait is already cropped)")
+    return "auto"
 
 
 def _init_random(model: DiffPortrait360) -> None:

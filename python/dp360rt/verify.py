@@ -209,7 +209,7 @@ def verify(fixture_dir: str | Path, engine: str = "reference", backend: str = "t
         runner = BackendRunner(d, backend, export_dir, **backend_options)
         if fresh:
             try:
-                export_fixture(d, export_dir, runner)
+                export_fixture(d, export_dir, runner, cases=cases)
             except (CheckpointError, ConfigError, ValueError, RuntimeError) as e:
                 add(CaseResult("export", False, message=f"{type(e).__name__}: {e}"))
                 return results

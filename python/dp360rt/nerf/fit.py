@@ -280,6 +280,28 @@ class Nerf:
             out.append(psnr(r, im))
         return out
 
+    @torch.no_grad()
+    def snapshot(self) -> "Nerf":
+        """A frozen copy of the fitted state (field, occupancy, background) for rendering while
+        training goes on: a training step updates the tables in place and may re-index or resample
+        them, so a render must never read the live field. Call it between training steps."""
+        import copy
+        if self.field is None or self.occ is None:
+            raise RuntimeError("nothing to snapshot: the field is not fitted. Fix: train at least one step first")
+        snap = Nerf(self.config)
+        snap.encoding = self.encoding
+        snap.field = copy.deepcopy(self.field)
+        for p in snap.field.parameters():        # the copy is never trained: drop gradients
+            p.grad = None
+            p.requires_grad_(False)
+        snap.occ = copy.deepcopy(self.occ)
+        snap.background = self.background.detach().clone()
+        snap.background_mode = self.background_mode
+        snap.image_size = self.image_size
+        snap.camera_info = dict(self.camera_info) if self.camera_info else None
+        snap.stats = dict(self.stats)
+        return snap
+
     # -- persistence ---------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
         """Write ``model.safetensors`` (field, occupancy, background) and ``config.json``."""
