@@ -86,6 +86,14 @@ def test_image_over_100_megapixels_refused_from_header(tmp_path):
         load_portrait(p)
 
 
+def test_service_upload_over_100_megapixels_refused(tmp_path):
+    from dp360rt.serve.backend import BadInput, decode_portrait
+    Image.new("1", (12000, 12000)).save(tmp_path / "144mp.png")
+    with pytest.raises(BadInput, match="12000x12000, more than 100 MP. Fix: downscale") as e:
+        decode_portrait((tmp_path / "144mp.png").read_bytes())
+    assert e.value.status == 413
+
+
 def test_conditions_checked_before_any_model_runs(pipe):
     calls = []
     with pytest.raises(ImageError, match="31 condition images cannot be split into windows of 8 frames"):

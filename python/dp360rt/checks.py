@@ -88,6 +88,11 @@ def device(name: Any, what: str = "device") -> torch.device:
     return dev
 
 
+def device_name(name: Any, what: str = "device") -> str:
+    """:func:`device` as text (``"cpu"``, ``"cuda:1"``): what configs saved as JSON hold."""
+    return str(device(name, what))
+
+
 def writable_dir(path: str | Path, what: str = "output directory") -> Path:
     """Create ``path`` (with parents) and prove a file can be written there; else an ``OSError``
     naming the place and the fix. Returns the path."""

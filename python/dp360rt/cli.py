@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import arg, gib_budget, positive_int
-from .checks import device as check_device
+from .checks import arg, device_name, gib_budget, positive_int
 from .config import ConfigError
 from .images import ImageError
 
@@ -233,7 +232,7 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   type=arg(check_device, "--device", convert=str), help="cpu, cuda or cuda:N")
+                   type=arg(device_name, "--device", convert=str), help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--engine", default="fast", choices=["fast", "reference"],
                    help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")

@@ -107,11 +107,6 @@ def run(a: argparse.Namespace) -> int:
     from dp360rt.checkpoint import CheckpointError
     from dp360rt.checks import writable_dir
     from dp360rt.config import ConfigError
-    try:                                    # before any model loads
-        writable_dir(a.out, "export directory")
-    except OSError as e:
-        print(f"export: {e}", file=sys.stderr)
-        return 2
     from .onnx_export import ExportOptions, export_models, format_summary
     from .profiles import DEFAULT_PROFILES, parse_profiles
     if a.threads:
@@ -128,6 +123,11 @@ def run(a: argparse.Namespace) -> int:
                              attention=a.attention or ("concat" if a.to == "trt" else "lse"), check=not a.no_check,
                              modules=tuple(a.modules) if a.modules else None, release_weights=a.release)
     except (ConfigError, ValueError) as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
+    try:                                    # before any model loads
+        writable_dir(a.out, "export directory")
+    except OSError as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
     rows = []

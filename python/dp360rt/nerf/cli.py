@@ -13,13 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..checks import arg, positive_float, positive_int
-from ..checks import device as check_device
+from ..checks import arg, device_name, positive_float, positive_int
 
 DEFAULT_SECONDS = 120.0
 # Limits shared with the API (dp360rt.nerf.fit / .export), repeated here so `--help` needs no torch.
 MAX_SIDE, GRID_RES, MAX_FRAMES, MAX_MESH_RES = 8192, (8, 1024), 100_000, 1024
-_DEVICE = arg(check_device, "--device", convert=str)
+_DEVICE = arg(device_name, "--device", convert=str)
 
 
 def _writable_dir(path: str | Path) -> Path:

@@ -51,8 +51,13 @@ def decode_portrait(data: bytes) -> Image.Image:
         raise BadInput("the portrait file is empty (0 bytes)", "upload a PNG or JPEG image")
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))         # the header only: the size is checked before decoding
+        if img.width * img.height > MAX_PIXELS:    # Pillow itself only warns up to twice its limit
+            raise BadInput(f"the portrait is {img.width}x{img.height}, more than {MAX_PIXELS // 1_000_000} MP",
+                           "downscale it", status=413)
         img.load()
+    except BadInput:
+        raise
     except UnidentifiedImageError:
         raise BadInput("the portrait is not an image Pillow can read", "upload a PNG or JPEG file") from None
     except Image.DecompressionBombError:
