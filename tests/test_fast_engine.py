@@ -86,6 +86,7 @@ def test_flop_targets_full_size():
     # the waste the fast engine removes: appearance net x8 copies, the discarded pose pass
     assert fast_w["appearance net"] < ref_w["appearance net"] / 20
     assert fast_w["pose net"] == pytest.approx(ref_w["pose net"] / 2, rel=1e-6)
+    assert unet_equivalent() == pytest.approx(0.8033e12, rel=1e-3)   # one plain SD1.5 UNet pass, counted
     assert ref_w["total"] / unet_equivalent() == pytest.approx(49, abs=0.5)
 
 
