@@ -1,6 +1,7 @@
 """Options that trade accuracy for speed, each against the exact path, in one run.
 
     python benchmarks/bench_approx.py --config tiny medium [--json out.json]
+    python -m pytest benchmarks/bench_approx.py --benchmark-json out.json       # tiny, one option
 
 The exact path is the authors' setting (50 DDIM steps, eta 0.5) through the fast engine, which
 equals the reference loop to fp32 tolerance (tests/test_fast_engine.py). Each option generates the
@@ -76,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+# -- pytest-benchmark (pytest benchmarks --benchmark-json out.json): one option at tiny size ---------
+def test_approx_tiny(benchmark):
+    rows = benchmark.pedantic(run, args=("tiny", {"10 steps": OPTIONS["10 steps"]}), rounds=1, iterations=1)
+    benchmark.extra_info["rows"] = [{k: v for k, v in r.items() if isinstance(v, (int, float, str))} for r in rows]
+    assert rows
 
 
 if __name__ == "__main__":

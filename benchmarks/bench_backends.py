@@ -1,6 +1,7 @@
 """ONNX Runtime vs torch, network by network, on this machine's CPU (or CUDA), in one run.
 
     python benchmarks/bench_backends.py --config tiny medium [--json out.json] [--repeats 5]
+    python -m pytest benchmarks/bench_backends.py --benchmark-json out.json     # tiny, one repeat
     python benchmarks/bench_backends.py --config medium --export-dir /tmp/onnx_medium   # reuse an export
 
 Per config: a random-weight 360° model is exported (profile ``window8x2cfg``: the UNet at 8
@@ -158,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+# -- pytest-benchmark (pytest benchmarks --benchmark-json out.json): tiny, one repeat -----------------
+def test_backends_tiny(benchmark):
+    import pytest
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    r = benchmark.pedantic(bench_config, args=("tiny", 1, None, "cpu", 1), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: v for k, v in r.items() if isinstance(v, (int, float, str))})
 
 
 if __name__ == "__main__":

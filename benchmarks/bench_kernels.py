@@ -202,5 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# -- pytest-benchmark: a GPU benchmark; under pytest it runs only where CUDA is --------------------------
+def test_kernels_gpu(benchmark):
+    import pytest
+    if not torch.cuda.is_available():
+        pytest.skip("bench_kernels times CUDA kernels: no CUDA device here")
+    rc = benchmark.pedantic(main, args=(["--repeats", "5", "--warmup", "2"],), rounds=1, iterations=1)
+    assert rc in (0, None)
+
+
 if __name__ == "__main__":
     sys.exit(main())

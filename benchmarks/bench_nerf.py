@@ -9,6 +9,7 @@ scene, 4 views held out), render fps at 512x512, hash encoding (forward + backwa
 PyTorch path, our Triton kernel and tiny-cuda-nn (when importable).
 
     python benchmarks/bench_nerf.py [--seconds 120] [--json out.json] [--skip-gpu] [--skip-cpu]
+    python -m pytest benchmarks/bench_nerf.py --benchmark-json out.json         # 3 s CPU fit
 """
 from __future__ import annotations
 
@@ -155,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+# -- pytest-benchmark (pytest benchmarks --benchmark-json out.json): 3-second CPU fit, 64x64 frames -----
+def test_nerf_cpu_fit_and_render(benchmark):
+    r = benchmark.pedantic(bench_cpu_fit, args=(3.0,), kwargs={"size": 32}, rounds=1, iterations=1)
+    render = bench_render(r.pop("_nerf"), sizes=(64,), repeats=1)
+    benchmark.extra_info.update({k: v for k, v in r.items() if isinstance(v, (int, float, str))})
+    benchmark.extra_info["render"] = render
 
 
 if __name__ == "__main__":

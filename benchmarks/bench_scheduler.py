@@ -1,6 +1,7 @@
 """The native scheduler: its own overhead, time to first view by policy, concurrent requests.
 
     python benchmarks/bench_scheduler.py [--steps 10] [--json out.json]
+    python -m pytest benchmarks/bench_scheduler.py --benchmark-json out.json    # overhead only
 
 1. Overhead: a stub backend of fixed, sleep-free cost (it only counts calls and returns zeros)
    isolates the loop: planning and bookkeeping in C++ (``LoopStats.overhead_s``) and the Python
@@ -60,6 +61,9 @@ def overhead(pipe: Pipeline, steps: int) -> dict:
     rt.shutdown()
     return {"batches": st.batches, "task_steps": st.task_steps, "views": n_views,
             "native_overhead_us_per_batch": 1e6 * st.overhead_s / max(1, st.batches),
+            # the Python callback per batch (stub networks: the glue that runs a batch's tasks)
+            "callback_us_per_batch": 1e6 * st.callback_s / max(1, st.batches),
+            "overhead_with_callback_us_per_batch": 1e6 * (st.overhead_s + st.callback_s) / max(1, st.batches),
             "callback_s": st.callback_s, "wall_s": wall,
             "wall_us_per_step": 1e6 * wall / steps, "wall_us_per_view": 1e6 * wall / max(1, n_views)}
 
@@ -138,6 +142,17 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
+
+
+# -- pytest-benchmark (pytest benchmarks --benchmark-json out.json): the stub-backend overhead ------------
+def test_scheduler_overhead(benchmark):
+    pipe = Pipeline.random("tiny", seed=0)
+    try:
+        r = benchmark.pedantic(overhead, args=(pipe, 10), rounds=1, iterations=1)
+    finally:
+        pipe.close()
+    benchmark.extra_info.update(r)
+    assert r["batches"] > 0
 
 
 if __name__ == "__main__":

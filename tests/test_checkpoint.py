@@ -55,12 +55,16 @@ def test_position_ids_accepted_and_ignored(recipe, tmp_path):
     sd = dict(recipe["nvs"])
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     torch.save(sd, tmp_path / "with_pos.th")
-    load_checkpoint(build_model("nvs", SET_A), tmp_path / "with_pos.th")
+    m = load_checkpoint(build_model("nvs", SET_A), tmp_path / "with_pos.th")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(m.state_dict()[key], recipe["nvs"][key])
 
 
 def test_wrapped_state_dict_accepted(recipe, tmp_path):
     torch.save({"state_dict": recipe["backview"]}, tmp_path / "wrapped.ckpt")
-    load_checkpoint(build_model("backview", SET_A), tmp_path / "wrapped.ckpt")
+    m = load_checkpoint(build_model("backview", SET_A), tmp_path / "wrapped.ckpt")
+    key = "control_model.input_blocks.0.0.weight"
+    assert torch.equal(m.state_dict()[key], recipe["backview"][key])
 
 
 def test_convert_fp16_roundtrip(saved, recipe, tmp_path):

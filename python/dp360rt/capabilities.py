@@ -37,4 +37,11 @@ def capabilities() -> dict[str, Any]:
         caps["onnxruntime_providers"] = onnxruntime.get_available_providers()
     if torch.cuda.is_available():
         caps["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    from .kernels import dispatch
+    if torch.cuda.is_available() and caps["triton"] and not caps["triton"].startswith("broken"):
+        try:
+            dispatch.probe("cuda")
+        except RuntimeError as e:        # DP360RT_KERNELS=triton and a kernel failed: report it here
+            caps["triton_kernel_error"] = str(e)
+    caps["triton_kernel_checks"] = dispatch.kernel_status() or None
     return caps

@@ -259,7 +259,7 @@ class ExportedBackend:
         raise ExportMismatchError(
             f"{type(self).__name__} ({self.kind}): no exported '{module}' file has the static shapes of this call "
             f"({call}). Exported '{module}' variants: {have}. Fix: export a profile with these shapes "
-            f"(python -m dp360rt.export --profiles ..., custom NAME=ROWS:COND){hint}")
+            f"(python -m dp360rt.export --profiles ..., custom NAME=ROWS:COND, another image size PROFILE@HxW){hint}")
 
     def _run(self, module: str, feeds: dict[str, Tensor], cond_rows: int | None = None) -> list[Tensor]:
         entry = self._select(module, feeds, cond_rows)

@@ -70,6 +70,36 @@ def environment(device: int | str | torch.device | None = None) -> dict[str, str
 
 
 # -- building ----------------------------------------------------------------------------------------
+STRONGLY_TYPED_FROM = (10, 12)     # BuilderFlag.FP16/BF16 are deprecated from here and removed in 11
+
+
+def trt_version(trt) -> tuple[int, int]:
+    """(major, minor) of a ``tensorrt`` module."""
+    parts = (str(trt.__version__).split(".") + ["0"])[:2]
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def precision_setup(trt, precision: str) -> tuple[int, list, list]:
+    """(network creation flags, builder flags to set, builder flags to clear) for ``precision``.
+
+    From TensorRT 10.12 reduced precision comes from the ONNX file's own types: the network is
+    strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; an ``--fp16`` export holds fp16
+    weights and matmuls/convolutions) and no precision flag is set (they are deprecated there and
+    gone in 11). Older TensorRT 10 builds a weakly typed network with ``FP16``/``BF16`` allowed."""
+    strong = trt_version(trt) >= STRONGLY_TYPED_FROM
+    if precision == "fp32":
+        return 0, [], [trt.BuilderFlag.TF32]       # fp32 means fp32: no TF32 matmuls/convolutions
+    if strong:
+        if precision == "bf16":
+            raise ValueError(f"TensorRT {trt.__version__} builds strongly typed networks, so bf16 engines need a "
+                             "bf16 ONNX file, and the exporter writes fp16. Fix: build precision='fp16' from an "
+                             "--fp16 export")
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED), [], []
+    if precision in ("fp8", "int8"):
+        return 0, [trt.BuilderFlag.FP8 if precision == "fp8" else trt.BuilderFlag.INT8, trt.BuilderFlag.FP16], []
+    return 0, [trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16], []
+
+
 def _has_explicit_quantization(trt, network) -> bool:
     kinds = {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE}
     return any(network.get_layer(i).type in kinds for i in range(network.num_layers))
@@ -79,17 +109,19 @@ def build_engine(onnx_path: str | Path, precision: str = "fp16", workspace_bytes
                  builder_optimization_level: int | None = None, log: Callable[[str], None] | None = None) -> bytes:
     """Parse one (static-shape) ONNX file and build a serialized engine.
 
-    ``fp16``/``bf16`` allow those kernels besides fp32 (weakly typed network; an fp16 export's casts
-    are kept); ``fp32`` also turns TensorRT's default TF32 off. ``fp8``/``int8`` need explicit quantization (Q/DQ nodes, e.g. from NVIDIA's Model
+    ``fp16``: from TensorRT 10.12 a strongly typed network of the file's own types (build from an
+    ``--fp16`` export), before that a weakly typed one with fp16 kernels allowed
+    (:func:`precision_setup`); ``bf16`` only before 10.12; ``fp32`` also turns TensorRT's default TF32 off. ``fp8``/``int8`` need explicit quantization (Q/DQ nodes, e.g. from NVIDIA's Model
     Optimizer) - TensorRT 10 deprecates implicit int8 calibration - so they raise
     :class:`NotImplementedError` for files without Q/DQ layers.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     trt = import_trt()
+    network_flags, set_flags, clear_flags = precision_setup(trt, precision)
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)            # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_flags)   # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -105,14 +137,10 @@ def build_engine(onnx_path: str | Path, precision: str = "fp16", workspace_bytes
                 f"{precision} engines need an ONNX file with explicit Q/DQ quantization (TensorRT 10 dropped implicit "
                 f"int8 calibration); {Path(onnx_path).name} has none. Quantize the exported file first (e.g. NVIDIA "
                 "TensorRT Model Optimizer) or build fp16")
-        config.set_flag(trt.BuilderFlag.FP8 if precision == "fp8" else trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    else:                                           # fp32 means fp32: no TF32 matmuls/convolutions
-        config.clear_flag(trt.BuilderFlag.TF32)
+    for flag in set_flags:
+        config.set_flag(flag)
+    for flag in clear_flags:
+        config.clear_flag(flag)
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

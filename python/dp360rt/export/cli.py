@@ -38,8 +38,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (manifest.json, <kind>/*.onnx)")
     p.add_argument("--config", default="full", help="full | tiny | medium | PATH to config.json (default: full)")
     p.add_argument("--profiles", nargs="+", metavar="PROFILE",
-                   help=f"built-in {sorted(BUILTIN_PROFILES)} or NAME=ROWS:COND[:KIND] (default: every built-in "
-                        "profile of the given models)")
+                   help=f"built-in {sorted(BUILTIN_PROFILES)} or NAME=ROWS:COND[:KIND], either with @HxW for another "
+                        "image size (default: every built-in profile of the given models)")
     p.add_argument("--modules", nargs="+", choices=MODULES, help="export only these networks")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and matmuls/convolutions (autocast-like)")
     p.add_argument("--opset", type=int, default=17)
