@@ -8,7 +8,11 @@ Stages (each timed, each failure recorded without stopping the others):
                      when ``--steps`` says so (time scales linearly in steps);
 4. ``kernels``     - ``benchmarks/bench_kernels.py``;
 5. ``nerf``        - ``benchmarks/bench_nerf.py``: time to 30 dB on 32 views at 512², render fps at
-                     512², hash encoding (PyTorch, Triton, tiny-cuda-nn when importable).
+                     512², hash encoding (PyTorch, Triton, tiny-cuda-nn when importable);
+6. ``viewer``      - ``benchmarks/bench_viewer.py``: the browser viewer's frames per second at 256²
+                     and 512² (snapshot render, JPEG, WebSocket), goal >= 200 fps at 512².
+7. ``panohead``    - ``benchmarks/bench_panohead.py``: one 512² PanoHead render at the released size (random
+                     weights, float32), its tri-grid backbone and mapping.
 
 ``--dry-run`` runs the same code on the CPU at the tiny config in seconds (CI keeps it from rotting).
 Writes one JSON file to ``$OUT`` (or ``./gpu_results``).
@@ -145,6 +149,13 @@ def main() -> int:
         "nerf": lambda: out.__setitem__("nerf", run_script("bench_nerf.py", ["--skip-cpu"],
                                                            ["--skip-gpu", "--seconds", "2"] if a.dry_run else None,
                                                            out_dir, 240)),
+        # the browser viewer's server-side frame: render a snapshot + JPEG + WebSocket (goal: >= 200 fps at 512²)
+        "viewer": lambda: out.__setitem__("viewer", run_script("bench_viewer.py", ["--seconds", "20", "--frames", "60"],
+                                                               ["--seconds", "2", "--sizes", "32", "--frames", "2",
+                                                                "--view-size", "16"], out_dir, 240)),
+        "panohead": lambda: out.__setitem__("panohead", run_script("bench_panohead.py", [],
+                                                                   ["--config", "tiny", "--device", "cpu", "--repeats", "1"],
+                                                                   out_dir, 240)),
     }
     for name, fn in stages.items():
         if name in a.skip:

@@ -11,6 +11,9 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 if [ -d gpu_wheels ]; then
   "$PY" -m pip install --quiet --no-index --find-links gpu_wheels pillow safetensors tqdm pytest numpy 2>&1 | tail -2 || true
+  # the viewer stage's WebSocket figure (its render figures need none of these)
+  "$PY" -m pip install --quiet --no-index --find-links gpu_wheels starlette anyio sniffio idna typing_extensions \
+    httpx httpcore h11 certifi 2>&1 | tail -2 || true
 fi
 # dp360rt._C (the native scheduler) is built in place from the image's cmake + pybind11 when it is
 # not importable (no pip build needed; about 15 s).

@@ -76,6 +76,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("running", &StepLoop::running)
       .def_property_readonly("stats", &StepLoop::stats);
 
+  m.def("shutdown_all_loops", &StepLoop::shutdown_all,
+        "Stop and join every live StepLoop. Registered with atexit: no loop thread outlives the\n"
+        "interpreter (a thread asking a finalizing interpreter for the GIL aborts the process).");
+  py::module_::import("atexit").attr("register")(m.attr("shutdown_all_loops"));
+
   py::class_<RayBatcher>(m, "RayBatcher", "Shuffled ray batches over a growing pool of views (fixed seed).")
       .def(py::init<uint64_t>(), py::arg("seed") = 0)
       .def("add_view", &RayBatcher::add_view, py::arg("origins"), py::arg("directions"), py::arg("colours"))

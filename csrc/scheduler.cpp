@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 
 namespace dp360rt {
@@ -122,52 +123,102 @@ size_t ViewQueue::size() const {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Live loops, for shutdown_all at interpreter exit. Touched only with the GIL held.
+static std::set<StepLoop*>& live_loops() {
+  static auto* loops = new std::set<StepLoop*>();   // never destroyed: used during finalization
+  return *loops;
+}
+
 StepLoop::StepLoop(const std::string& policy, int max_rows, int64_t budget_bytes, int64_t fixed_bytes,
                    py::function run_batch, py::function on_done)
-    : policy_(parse_policy(policy)), max_rows_(max_rows), budget_bytes_(budget_bytes),
-      fixed_bytes_(fixed_bytes), run_batch_(std::move(run_batch)), on_done_(std::move(on_done)) {
+    : core_(std::make_shared<Core>()) {
   if (max_rows <= 0) throw std::invalid_argument("max_rows must be >= 1");
+  Core& c = *core_;
+  c.policy_ = parse_policy(policy);
+  c.max_rows_ = max_rows;
+  c.budget_bytes_ = budget_bytes;
+  c.fixed_bytes_ = fixed_bytes;
+  c.run_batch_ = std::move(run_batch);
+  c.on_done_ = std::move(on_done);
+  live_loops().insert(this);
 }
 
 StepLoop::~StepLoop() {
+  live_loops().erase(this);
+  core_->request_stop();
+  if (thread_.joinable() && thread_.get_id() == std::this_thread::get_id()) {
+    // Destroyed inside one of our own callbacks: joining would wait for ourselves. The thread
+    // keeps the state alive and leaves once this callback returns; the Python callbacks are
+    // released here, where the GIL is held, not at thread exit, where it is not.
+    core_->run_batch_ = py::function();
+    core_->on_done_ = py::function();
+    thread_.detach();
+    return;
+  }
+  stop_and_join();
+}
+
+void StepLoop::stop_and_join() {
+  core_->request_stop();
+  // The loop may be waiting for the GIL to run a callback: never join while holding it.
+  if (PyGILState_Check()) {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lk(join_mu_);
+    if (thread_.joinable()) thread_.join();
+  } else {
+    std::lock_guard<std::mutex> lk(join_mu_);
+    if (thread_.joinable()) thread_.join();
+  }
+}
+
+void StepLoop::shutdown_all() {
+  // One at a time, re-reading the set: a loop may be destroyed while another is being joined.
+  std::set<StepLoop*> seen;
+  while (true) {
+    StepLoop* next = nullptr;
+    for (StepLoop* l : live_loops())
+      if (!seen.count(l)) {
+        next = l;
+        break;
+      }
+    if (!next) return;
+    seen.insert(next);
+    next->shutdown();
+  }
+}
+
+void StepLoop::Core::request_stop() {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stop_ = true;
   }
   cv_.notify_all();
-  if (thread_.joinable()) {
-    // Destroyed from Python (GIL held): let the loop finish its callback before joining.
-    if (PyGILState_Check()) {
-      py::gil_scoped_release release;
-      thread_.join();
-    } else {
-      thread_.join();
-    }
-  }
+  idle_cv_.notify_all();
 }
 
 void StepLoop::add_task(int64_t id, int64_t request, int window, int model, int rows, int steps_total,
                         int64_t bytes_per_row, const std::vector<int64_t>& deps) {
+  Core& c = *core_;
   if (rows <= 0 || steps_total <= 0) throw std::invalid_argument("rows and steps_total must be >= 1");
-  if (rows > max_rows_)
+  if (rows > c.max_rows_)
     throw std::invalid_argument("task of " + std::to_string(rows) + " rows exceeds max_rows=" +
-                                std::to_string(max_rows_) + "; raise max_rows");
-  if (budget_bytes_ > 0 && fixed_bytes_ + rows * bytes_per_row > budget_bytes_)
-    throw std::invalid_argument("task needs about " + std::to_string(fixed_bytes_ + rows * bytes_per_row) +
-                                " bytes, more than the budget of " + std::to_string(budget_bytes_) +
+                                std::to_string(c.max_rows_) + "; raise max_rows");
+  if (c.budget_bytes_ > 0 && c.fixed_bytes_ + rows * bytes_per_row > c.budget_bytes_)
+    throw std::invalid_argument("task needs about " + std::to_string(c.fixed_bytes_ + rows * bytes_per_row) +
+                                " bytes, more than the budget of " + std::to_string(c.budget_bytes_) +
                                 "; raise max_memory");
   {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (tasks_.count(id)) throw std::invalid_argument("task id " + std::to_string(id) + " already exists");
+    std::lock_guard<std::mutex> lk(c.mu_);
+    if (c.tasks_.count(id)) throw std::invalid_argument("task id " + std::to_string(id) + " already exists");
     Task t;
     t.info = TaskInfo{id, request, window, model, rows, 0, steps_total, bytes_per_row, true};
     t.deps = deps;
-    tasks_[id] = std::move(t);
+    c.tasks_[id] = std::move(t);
   }
-  cv_.notify_all();
+  c.cv_.notify_all();
 }
 
-void StepLoop::drop_request_locked(int64_t request) {
+void StepLoop::Core::drop_request_locked(int64_t request) {
   for (auto it = tasks_.begin(); it != tasks_.end();) {
     if (it->second.info.request == request)
       it = tasks_.erase(it);
@@ -177,15 +228,16 @@ void StepLoop::drop_request_locked(int64_t request) {
 }
 
 void StepLoop::cancel(int64_t request) {
+  Core& c = *core_;
   {
-    std::lock_guard<std::mutex> lk(mu_);
-    drop_request_locked(request);
+    std::lock_guard<std::mutex> lk(c.mu_);
+    c.drop_request_locked(request);
   }
-  cv_.notify_all();
-  idle_cv_.notify_all();
+  c.cv_.notify_all();
+  c.idle_cv_.notify_all();
 }
 
-std::vector<TaskInfo> StepLoop::snapshot_locked() const {
+std::vector<TaskInfo> StepLoop::Core::snapshot_locked() const {
   std::vector<TaskInfo> out;
   out.reserve(tasks_.size());
   for (const auto& kv : tasks_) {
@@ -201,67 +253,61 @@ std::vector<TaskInfo> StepLoop::snapshot_locked() const {
   return out;
 }
 
-void StepLoop::finish_locked(int64_t id) {
+void StepLoop::Core::finish_locked(int64_t id) {
   auto it = tasks_.find(id);
   if (it != tasks_.end()) it->second.done = true;
 }
 
 void StepLoop::start() {
-  std::lock_guard<std::mutex> lk(mu_);
+  std::lock_guard<std::mutex> jl(join_mu_);
   if (thread_.joinable()) return;
-  stop_ = false;
-  thread_ = std::thread([this] { loop(); });
+  {
+    std::lock_guard<std::mutex> lk(core_->mu_);
+    core_->stop_ = false;
+  }
+  std::shared_ptr<Core> core = core_;
+  thread_ = std::thread([core] { core->loop(); });
 }
 
-void StepLoop::shutdown() {
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  idle_cv_.notify_all();
-  if (thread_.joinable()) {
-    py::gil_scoped_release release;
-    thread_.join();
-  }
-}
+void StepLoop::shutdown() { stop_and_join(); }
 
 size_t StepLoop::pending() const {
-  std::lock_guard<std::mutex> lk(mu_);
+  std::lock_guard<std::mutex> lk(core_->mu_);
   size_t n = 0;
-  for (const auto& kv : tasks_)
+  for (const auto& kv : core_->tasks_)
     if (!kv.second.done) ++n;
   return n;
 }
 
 bool StepLoop::running() const {
-  std::lock_guard<std::mutex> lk(mu_);
-  return thread_.joinable() && !stop_;
+  std::lock_guard<std::mutex> lk(core_->mu_);
+  return thread_.joinable() && !core_->stop_;
 }
 
 LoopStats StepLoop::stats() const {
-  std::lock_guard<std::mutex> lk(mu_);
-  return stats_;
+  std::lock_guard<std::mutex> lk(core_->mu_);
+  return core_->stats_;
 }
 
 bool StepLoop::wait_idle(double timeout_s) {
+  Core& c = *core_;
   py::gil_scoped_release release;
-  std::unique_lock<std::mutex> lk(mu_);
+  std::unique_lock<std::mutex> lk(c.mu_);
   auto idle = [&] {
-    if (stop_) return true;
-    if (busy_) return false;
-    for (const auto& kv : tasks_)
+    if (c.stop_) return true;
+    if (c.busy_) return false;
+    for (const auto& kv : c.tasks_)
       if (!kv.second.done) return false;
     return true;
   };
   if (timeout_s < 0) {
-    idle_cv_.wait(lk, idle);
+    c.idle_cv_.wait(lk, idle);
     return true;
   }
-  return idle_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), idle);
+  return c.idle_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), idle);
 }
 
-void StepLoop::loop() {
+void StepLoop::Core::loop() {
   while (true) {
     auto t0 = Clock::now();
     std::vector<int64_t> batch;
@@ -289,7 +335,9 @@ void StepLoop::loop() {
     {
       py::gil_scoped_acquire gil;
       try {
-        py::tuple res = run_batch_(batch);
+        py::function fn = run_batch_;   // a copy: the member may be emptied during the call
+        if (!fn) return;
+        py::tuple res = fn(batch);
         finished = res[0].cast<std::vector<int64_t>>();
         failed = res[1].cast<std::vector<int64_t>>();
       } catch (std::exception& e) {
@@ -326,13 +374,15 @@ void StepLoop::loop() {
     for (int64_t id : finished) {
       {
         std::lock_guard<std::mutex> lk(mu_);
+        if (stop_) break;                 // shutting down: nobody will read the views
         if (!tasks_.count(id)) continue;  // cancelled meanwhile
       }
       auto td = Clock::now();
       {
         py::gil_scoped_acquire gil;
         try {
-          on_done_(id);
+          py::function fn = on_done_;
+          if (fn) fn(id);
         } catch (std::exception& e) {
           if (auto* pe = dynamic_cast<py::error_already_set*>(&e)) {
             pe->restore();

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -80,11 +81,19 @@ struct LoopStats {
 // The step loop. run_batch(ids) -> (finished_task_ids, failed_request_ids) advances every task of
 // the batch by one step; on_done(task_id) is called for each finished task (it may block, e.g. on a
 // full ViewQueue, which pauses the loop: backpressure).
+//
+// The thread stops and is joined on every path: shutdown(), destruction (garbage collection; the
+// GIL is released while joining), and interpreter exit (shutdown_all, registered with atexit by
+// the module), so no joinable std::thread is ever destroyed and the loop never asks for the GIL of
+// a finalizing interpreter. Destruction from the loop thread itself (a callback dropped the last
+// reference) cannot join; the thread then leaves after that callback, owning the shared state.
 class StepLoop {
  public:
   StepLoop(const std::string& policy, int max_rows, int64_t budget_bytes, int64_t fixed_bytes,
            py::function run_batch, py::function on_done);
   ~StepLoop();
+  StepLoop(const StepLoop&) = delete;
+  StepLoop& operator=(const StepLoop&) = delete;
 
   void add_task(int64_t id, int64_t request, int window, int model, int rows, int steps_total,
                 int64_t bytes_per_row, const std::vector<int64_t>& deps);
@@ -95,6 +104,8 @@ class StepLoop {
   size_t pending() const;
   bool running() const;
   LoopStats stats() const;
+  // Stops and joins every live loop (called at interpreter exit, GIL held).
+  static void shutdown_all();
 
  private:
   struct Task {
@@ -103,22 +114,30 @@ class StepLoop {
     bool done = false;
     bool dropped = false;
   };
-  void loop();
-  std::vector<TaskInfo> snapshot_locked() const;
-  void finish_locked(int64_t id);
-  void drop_request_locked(int64_t request);
+  // Everything the loop thread touches; the thread holds a reference of its own.
+  struct Core {
+    Policy policy_;
+    int max_rows_;
+    int64_t budget_bytes_, fixed_bytes_;
+    py::function run_batch_, on_done_;   // emptied (GIL held) before the thread may outlive us
+    mutable std::mutex mu_;
+    std::condition_variable cv_, idle_cv_;
+    std::map<int64_t, Task> tasks_;
+    bool stop_ = false;
+    bool busy_ = false;
+    LoopStats stats_;
 
-  Policy policy_;
-  int max_rows_;
-  int64_t budget_bytes_, fixed_bytes_;
-  py::function run_batch_, on_done_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_, idle_cv_;
-  std::map<int64_t, Task> tasks_;
-  bool stop_ = false;
-  bool busy_ = false;
+    void loop();
+    void request_stop();
+    std::vector<TaskInfo> snapshot_locked() const;
+    void finish_locked(int64_t id);
+    void drop_request_locked(int64_t request);
+  };
+  void stop_and_join();
+
+  std::shared_ptr<Core> core_;
+  std::mutex join_mu_;                  // one joiner at a time (shutdown_all vs. destructor)
   std::thread thread_;
-  LoopStats stats_;
 };
 
 // Shuffled ray batches over a growing pool of views (fixed seed): fitting can start before all

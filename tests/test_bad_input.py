@@ -181,3 +181,63 @@ def test_generate_without_checkpoints(capsys):
 def test_backend_without_export_dir(capsys):
     assert main(["stream", "p.png", "--random", "tiny", "--backend", "ort", "--out", "x"]) == 2
     assert "--export-dir" in capsys.readouterr().err
+
+
+BAD_SAMPLER_PARAMS = [
+    ({"eta": float("nan")}, "eta=nan is not finite"),
+    ({"eta": -5.0}, "eta=-5.0 is negative"),
+    ({"cfg_scale": float("inf")}, "cfg_scale=inf is not finite"),
+    ({"cfg_scale": "3"}, "cfg_scale must be a real number"),
+    ({"steps": 2.0}, "steps must be an int, got 2.0"),
+    ({"steps": "2"}, "steps must be an int, got '2'"),
+    ({"steps": True}, "steps must be an int, got True"),
+    ({"steps": 0}, "steps=0 must be >= 1"),
+    ({"seed": 10 ** 23}, r"seed=100000000000000000000000 is outside \[0, 2\*\*64\)"),
+    ({"seed": "0"}, "seed must be an int, a torch.Generator"),
+    ({"seed": 1.5}, "seed must be an int, a torch.Generator"),
+]
+
+
+@pytest.mark.parametrize("kw,message", BAD_SAMPLER_PARAMS)
+def test_sampler_params_refused(pipe, kw, message):
+    """Refused at the API before any model runs (the portrait argument is never even read)."""
+    from dp360rt.sampler.params import SamplerParamError
+    with pytest.raises(SamplerParamError, match=message + ".*Fix: "):
+        pipe("never-read.png", synthetic_conditions(32, 64), **kw)
+    stream_kw = {k: v for k, v in kw.items() if k in ("steps", "seed")}
+    if stream_kw:
+        with pytest.raises(SamplerParamError, match=message):
+            pipe.submit("never-read.png", synthetic_conditions(32, 64), **stream_kw)
+        with pytest.raises(SamplerParamError, match=message):
+            next(iter(pipe.stream("never-read.png", synthetic_conditions(32, 64), **stream_kw)))
+    else:
+        from dp360rt.runtime import Runtime
+        with pytest.raises(SamplerParamError, match=message):
+            Runtime(pipe, **kw)
+
+
+def test_integer_conditions_tensor_refused(pipe):
+    from dp360rt.sampler.params import SamplerParamError
+    cond = (synthetic_conditions(32, 64) * 127.5 + 127.5).round().to(torch.int64)
+    for call in (pipe, pipe.submit):
+        with pytest.raises(SamplerParamError, match=r"dtype torch.int64.*Fix: convert it"):
+            call(synthetic_portrait(64), cond, steps=1)
+
+
+@pytest.mark.parametrize("kind,stage", [("backview", "the back view"), ("nvs", r"window 0 \(views 0-7\)")])
+def test_nan_latents_name_their_stage(kind, stage):
+    """NaN latents (here from a NaN weight) are refused before decoding, naming the stage, on the
+    direct path and on the streaming runtime; no view is produced."""
+    from dp360rt.sampler.params import NonFiniteLatentsError
+    p = Pipeline.random("tiny", seed=0)
+    with torch.no_grad():
+        getattr(p, kind).model.diffusion_model.out[-1].bias.fill_(float("nan"))
+    por, cond = synthetic_portrait(64), synthetic_conditions(32, 64)
+    with pytest.raises(NonFiniteLatentsError, match=stage + " produced .* NaN/Inf latent values.*Fix: "):
+        p(por, cond, steps=1)
+    try:
+        with pytest.raises(NonFiniteLatentsError, match=stage):
+            views = list(p.stream(por, cond, steps=1))
+            assert views == []
+    finally:
+        p.close()

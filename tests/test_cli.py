@@ -157,14 +157,16 @@ def test_stream_and_bench_random_tiny(tmp_path, capsys):
 def test_demo_subprocess(tmp_path):
     """`python -m dp360rt demo` as a user runs it."""
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "dp360rt", "demo", "--out", str(out), "--steps", "2", "--nerf-seconds", "3"],
+    r = subprocess.run([sys.executable, "-m", "dp360rt", "demo", "--out", str(out), "--steps", "2", "--nerf-seconds", "3",
+                        "--synthetic-seconds", "2"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "official checkpoints" in r.stdout
     for f in ("back_view.png", "000.png", "031.png", "contact_sheet.png", "timings.json", "timings.png", "cameras.json",
-              "orbit.mp4", "nerf/model.safetensors"):
+              "orbit.mp4", "nerf/model.safetensors", "synthetic_head_views.png", "synthetic_head_orbit.mp4"):
         assert (out / f).is_file(), f
+    assert "synthetic head scene (built in, NOT a generated portrait)" in r.stdout
     timings = json.loads((out / "timings.json").read_text())
-    assert {"back_view", "nerf_fit", "orbit_render", "total"} <= set(timings), timings
+    assert {"back_view", "nerf_fit", "orbit_render", "synthetic_head", "total"} <= set(timings), timings
     import imageio.v2 as imageio
     assert len(imageio.mimread(out / "orbit.mp4")) == 60

@@ -21,3 +21,6 @@ def test_gpu_suite_dry_run(tmp_path):
     # the NeRF stage runs its CPU path in a dry run (fit, render, hash encoding)
     nerf = out["nerf"]["results"]["cpu"]
     assert nerf["fit"]["steps"] > 0 and nerf["render"]["64x64"]["rays_per_s"] > 0
+    # the viewer stage: a fitted snapshot served over the WebSocket route
+    viewer = out["viewer"]["results"]["sizes"]["32x32"]
+    assert viewer["ws_fps"] > 0 and viewer["render_ms"] > 0

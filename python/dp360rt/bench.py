@@ -41,7 +41,11 @@ def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int 
     """Time every stage ``warmup + repeats`` times (the NeRF fit with a fixed ``nerf_steps``,
     the render of one view at the generation's size); write ``bench.json`` and ``bench.png`` in
     ``out`` and return the report."""
+    from .checks import positive_int
     from .demo import synthetic_portrait
+    repeats = positive_int(repeats, "repeats")         # medians need at least one timed run
+    warmup = positive_int(warmup, "warmup", minimum=0)
+    nerf_steps = positive_int(nerf_steps, "nerf_steps")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s = pipe.image_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,6 +17,8 @@ from torch import Tensor
 from .model import DiffPortrait360
 
 # Saved by the authors' pinned transformers 4.30 as a persistent buffer; later versions drop it.
+# Stored float precisions a float parameter accepts; load_checkpoint casts them to the parameter's dtype.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 MOTION_MARKER = "model.diffusion_model.input_blocks_motion_module."
 KIND_FILES = {"nvs": "model_state-340000.th", "backview": "back_head-230000.th"}
@@ -35,6 +38,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     or ``.safetensors``. A ``{"state_dict": ...}`` wrapper is unwrapped. Raises
     :class:`CheckpointError` with the cause and a fix for anything else."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(f.name for f in path.iterdir() if f.suffix in (".th", ".pt", ".ckpt", ".pth", ".safetensors"))
+        hint = f" (it holds {_short(inside, 3)})" if inside else ""
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file{hint}. Fix: pass the checkpoint file "
+                              "itself, e.g. model_state-340000.th")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
@@ -59,7 +67,25 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(sd)
 
 
-def _torch_load(path: Path) -> Any:
+# Lines of torch.load's own error text that advise loading with weights_only=False (which would
+# run whatever code the file holds): never passed on to the user.
+_TORCH_ADVICE = ("weights_only", "Weights only", "trusted source", "file an issue", "documentation of torch.load")
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """The reason in a ``torch.load(weights_only=True)`` error, without torch's advice to retry
+    with ``weights_only=False``."""
+    lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in str(e).splitlines()]
+    keep = [line for line in lines if line and not any(a in line for a in _TORCH_ADVICE)]
+    return "; ".join(keep) or type(e).__name__
+
+
+def load_tensors(path: str | Path, what: str = "PyTorch checkpoint",
+                 fix: str = "pass the .th/.pt/.ckpt file the authors published, or a .safetensors file") -> Any:
+    """``torch.load(path, weights_only=True)`` (memory-mapped for zip archives) with every failure
+    turned into a :class:`CheckpointError` that names ``path`` and ``fix`` and never suggests
+    ``weights_only=False``. ``what`` names the kind of file expected."""
+    path = Path(path)
     is_zip = zipfile.is_zipfile(path)
     with open(path, "rb") as f:
         magic = f.read(8)
@@ -67,20 +93,36 @@ def _torch_load(path: Path) -> Any:
         hint = ""
         if magic[:2] == b"PK":
             hint = " It looks like a damaged or truncated zip archive."
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
-                              f"legacy pickle).{hint} Fix: pass the .th/.pt/.ckpt file the authors published, "
-                              "or a .safetensors file")
+        raise CheckpointError(f"{path} is not a {what} (neither a torch.save zip archive nor a "
+                              f"legacy pickle).{hint} Fix: {fix}")
+    if not is_zip and _is_panohead_pickle(path):
+        raise CheckpointError(f"{path} is a PanoHead network pickle, not a DiffPortrait360 checkpoint. Fix: pass "
+                              "model_state-340000.th / back_head-230000.th here; PanoHead files go to "
+                              "`dp360rt conditions --panohead` or `dp360rt convert`")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():        # torch warns about odd pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path} was refused by torch.load(weights_only=True): it contains pickled Python objects other "
-            f"than tensors ({msg}). dp360rt never unpickles arbitrary code. Fix: load it once in a trusted "
-            "environment and re-save only its state_dict, or convert it to .safetensors") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                              "The file is probably truncated or corrupted. Fix: download it again") from e
+            f"{path} was refused by torch.load(weights_only=True): it is damaged or contains pickled Python "
+            f"objects other than tensors ({torch_load_reason(e)}). dp360rt never unpickles arbitrary code. "
+            f"Fix: {fix}; a file of your own: load it once in a trusted environment and re-save only its "
+            "tensors (or convert it to .safetensors)") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {torch_load_reason(e)}). "
+                              f"The file is probably truncated or corrupted. Fix: {fix}") from None
+
+
+def _torch_load(path: Path) -> Any:
+    return load_tensors(path, fix="download it again, or pass the .th/.pt/.ckpt file the authors published, "
+                                  "or a .safetensors file")
+
+
+def _is_panohead_pickle(path: Path) -> bool:
+    """A StyleGAN/PanoHead network pickle names its persistence helper within its first bytes."""
+    with open(path, "rb") as f:
+        return b"torch_utils.persistence" in f.read(1 << 16)
 
 
 def detect_kind(sd: Mapping[str, Tensor]) -> str | None:
@@ -97,6 +139,9 @@ def check_state_dict(model: DiffPortrait360, sd: Mapping[str, Tensor], source: s
     """Strictly match ``sd`` against ``model``: same kind, same keys, same shapes, finite values.
     Returns the state dict to load (ignored keys removed). Raises :class:`CheckpointError`."""
     kind = detect_kind(sd)
+    if kind is None and any(k.startswith("backbone.synthesis.") for k in sd):
+        raise CheckpointError(f"{source} is a PanoHead generator, not a DiffPortrait360 checkpoint. Fix: pass "
+                              f"{KIND_FILES[model.kind]}; PanoHead files go to `dp360rt conditions --panohead`")
     if kind is None:
         raise CheckpointError(f"{source} is not a DiffPortrait360 checkpoint (no 'model.diffusion_model.*' keys; "
                               f"first keys: {_short(sorted(sd), 3)}). Fix: pass {KIND_FILES[model.kind]}")
@@ -120,6 +165,13 @@ def check_state_dict(model: DiffPortrait360, sd: Mapping[str, Tensor], source: s
         raise CheckpointError(f"{source}: {len(wrong)} tensor(s) have the wrong shape (file vs model): "
                               f"{_short(wrong, 3)}. Fix: build the model with the config these weights were "
                               "trained with (official files: config='full')")
+    wrong_dtype = [f"{k} ({sd[k].dtype})" for k, v in expected.items()
+                   if (sd[k].dtype not in FLOAT_DTYPES if v.is_floating_point() else sd[k].dtype != v.dtype)]
+    if wrong_dtype:
+        raise CheckpointError(f"{source}: {len(wrong_dtype)} tensor(s) are stored as integer, bool, complex or "
+                              f"8-bit float numbers where the model has float weights: {_short(wrong_dtype, 5)}. "
+                              "dp360rt does not dequantize or truncate weights. Fix: pass the original float "
+                              "checkpoint (float32, or float16/bfloat16/float64, which are cast on load)")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{source}: {len(bad)} tensor(s) contain NaN or Inf: {_short(bad, 3)}. "
@@ -130,8 +182,9 @@ def check_state_dict(model: DiffPortrait360, sd: Mapping[str, Tensor], source: s
 def load_checkpoint(model: DiffPortrait360, source: str | Path | Mapping[str, Tensor]) -> DiffPortrait360:
     """Load weights strictly into ``model`` from a file path or an in-memory state dict.
 
-    Keeps each parameter's dtype and device (weights are cast on copy). Raises
-    :class:`CheckpointError` naming the problem and its fix.
+    Keeps each parameter's dtype and device: weights stored as float16, bfloat16 or float64 are
+    cast explicitly to the parameter's dtype (float32 as built); integer, bool, complex or 8-bit
+    float tensors are refused. Raises :class:`CheckpointError` naming the problem and its fix.
     """
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     sd = read_state_dict(source) if not isinstance(source, Mapping) else source
@@ -141,6 +194,8 @@ def load_checkpoint(model: DiffPortrait360, source: str | Path | Mapping[str, Te
         if sd[k].dtype != model.state_dict()[k].dtype:
             raise CheckpointError(f"{name}: schedule table '{k}' is {sd[k].dtype}, expected "
                                   f"{model.state_dict()[k].dtype} (the reference keeps these tables exact)")
+    expected = model.state_dict()
+    sd = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=False)
     return model
 
@@ -223,9 +278,14 @@ def convert(src: str | Path, dst: str | Path, fp16: bool = False) -> dict[str, A
     """Convert a checkpoint to ``.safetensors`` (optionally float32 weights -> float16; the float16
     schedule tables stay as they are). Returns a small summary dict."""
     from safetensors.torch import save_file
+
+    from .checks import writable_dir
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"output must end in .safetensors, got {dst.name}")
+    if dst.is_dir():
+        raise CheckpointError(f"{dst} is a directory. Fix: give the output file's name, e.g. {dst / 'model.safetensors'}")
+    writable_dir(dst.parent, "output folder")         # before reading gigabytes
     sd = read_state_dict(src)
     kind = detect_kind(sd)
     if kind is None:
@@ -234,6 +294,9 @@ def convert(src: str | Path, dst: str | Path, fp16: bool = False) -> dict[str, A
     if fp16:
         sd = {k: (v.half() if v.dtype == torch.float32 and k != "logvar" else v) for k, v in sd.items()}
     sd = {k: v.contiguous() for k, v in sd.items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(dst), metadata={"format": "pt", "kind": kind, "source": Path(src).name})
+    try:
+        save_file(sd, str(dst), metadata={"format": "pt", "kind": kind, "source": Path(src).name})
+    except OSError as e:
+        raise OSError(f"cannot write {dst} ({e.strerror or e}). Fix: choose a writable place with room for "
+                      "the checkpoint") from None
     return {"kind": kind, "tensors": len(sd), "bytes": dst.stat().st_size}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import arg, gib_budget, positive_int
+from .checks import device as check_device
 from .config import ConfigError
 from .images import ImageError
 
@@ -72,6 +74,10 @@ def cmd_info(a: argparse.Namespace) -> int:
             print(f"  {'':<9} per run (back view + 32 views): {format_flops(r['run'], 1e15, 'PFLOP')}")
         ratio = summary["flops_fast"]["run"]["total"] / summary["flops_reference"]["run"]["total"]
         print(f"  fast / reference per run: {ratio:.3f}")
+    if a.panohead:
+        from .panohead.cli import info_lines
+        lines, summary["panohead"] = info_lines("full")
+        print("\n".join(lines))
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
     return 0
@@ -79,7 +85,14 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .checkpoint import convert
+    from .panohead.cli import convert_pickle, is_panohead_file
     t = time.perf_counter()
+    if is_panohead_file(a.input):
+        s = convert_pickle(a.input, a.output, fp16=a.fp16)
+        print(f"wrote {a.output}: {s['kind']}, {s['tensors']} tensors, {s['bytes'] / 2**20:.1f} MiB, neural rendering "
+              f"resolution {s['neural_rendering_resolution']} ({time.perf_counter() - t:.1f} s; nothing in the pickle "
+              "was executed)")
+        return 0
     s = convert(a.input, a.output, fp16=a.fp16)
     print(f"wrote {a.output}: {s['kind']} checkpoint, {s['tensors']} tensors, {s['bytes'] / 2**20:.1f} MiB "
           f"({time.perf_counter() - t:.1f} s)")
@@ -102,7 +115,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from .images import load_frames
         features = load_frames(a.features, pipe.image_size)
     res = pipe(a.portrait, _conditions(a, pipe.image_size), features=features, cameras=a.cameras, steps=a.steps,
-               seed=a.seed, progress=_progress_bar())
+               seed=a.seed, progress=_progress_bar(), crop=a.crop)
+    if res.crop is not None:
+        print(_crop_summary(res.crop))
     out = res.save(a.out)
     print(f"wrote back view + {len(res.views)} views to {out}; timings (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
@@ -113,6 +128,9 @@ def _backend_kw(a: argparse.Namespace) -> dict:
     if a.backend != "torch" and not a.export_dir:
         raise ConfigError(f"--backend {a.backend} runs exported networks. Fix: pass --export-dir DIR "
                           "(made by `dp360rt export ... --out DIR`)")
+    if a.backend == "trt":
+        from .backends.trt_backend import import_trt
+        import_trt()          # TensorRT and a GPU, before any weights load
     return {"backend": a.backend, "export_dir": a.export_dir} if a.backend != "torch" else {}
 
 
@@ -128,12 +146,24 @@ def _pipeline(a: argparse.Namespace):
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
     kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem, **_backend_kw(a))
     if a.random:
+        _check_inputs_early(a)
         return Pipeline.random(a.random, seed=0, **kw)
     if not (a.nvs and a.backview):
         raise ConfigError("pass both --nvs and --backview checkpoints, or --random CONFIG for random weights")
     if not a.conditions:        # checked before the checkpoints load
         raise ImageError("--conditions DIR (the authors' sphere32 folder) is required with real checkpoints")
+    _check_inputs_early(a)
     return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, **kw)
+
+
+def _check_inputs_early(a: argparse.Namespace) -> None:
+    """Portrait and condition folder problems are named before any weights load (their pixels
+    are decoded later, by the pipeline)."""
+    from .images import condition_files, open_image
+    if getattr(a, "portrait", None):
+        open_image(a.portrait)
+    if getattr(a, "conditions", None):
+        condition_files(a.conditions)
 
 
 def _conditions(a: argparse.Namespace, size: int):
@@ -152,7 +182,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
     views = {}
     try:
         for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps, seed=a.seed,
-                             cameras=a.cameras, back_view=True):
+                             cameras=a.cameras, back_view=True, crop=a.crop):
             if v.is_back_view:
                 save_png(v.image, out / "back_view.png")
                 print(f"back view ready at {v.t_ready:7.2f} s -> {out / 'back_view.png'}", flush=True)
@@ -194,17 +224,69 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
     p.add_argument("--cameras", help=_CAMERAS_HELP)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   type=arg(check_device, "--device", convert=str), help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--engine", default="fast", choices=["fast", "reference"],
                    help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
-    p.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
+    p.add_argument("--max-memory", type=arg(gib_budget, "--max-memory", convert=float),
+                   help="GiB the fast engine may plan for (default, or 0: no limit)")
     _add_backend_args(p)
+
+
+def _add_crop_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--crop", default="none", choices=["none", "auto"],
+                   help="auto: crop the raw photo to PanoHead's framing first (as `dp360rt crop`; needs the crop extra)")
+
+
+def _crop_summary(r) -> str:
+    found = f"{r.faces_found} faces found, cropped the largest" if r.faces_found > 1 else "1 face found"
+    return (f"{found}: yaw {r.yaw_deg:+.1f} deg, pitch {r.pitch_deg:+.1f} deg, landmark fit rms "
+            f"{r.pose.rms:.1f} px (of 512), {r.seconds:.2f} s")
+
+
+def cmd_crop(a: argparse.Namespace) -> int:
+    from .crop import FaceNotFoundError, crop_portrait
+    try:
+        r = crop_portrait(a.photo, min_score=a.min_score)
+    except FaceNotFoundError as e:           # nothing was written
+        print(f"dp360rt crop: error: {e}", file=sys.stderr)
+        return 1
+    out = r.save(a.out)
+    print(_crop_summary(r))
+    print(f"wrote {out / 'crop.png'} (512x512), {out / 'camera.json'}, {out / 'overlay.png'}")
+    return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds)
+    run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds, synthetic_seconds=a.synthetic_seconds)
+    return 0
+
+
+def cmd_view(a: argparse.Namespace) -> int:
+    # Starlette and uvicorn (the serve extra) load here only, so the rest of the CLI works without them
+    if not a.paths and not a.synthetic:
+        raise ValueError("nothing to show. Fix: pass a views or NeRF folder, or --synthetic head")
+    try:
+        import uvicorn
+        from .viewer.app import build_app, load_path, load_synthetic
+        from .viewer.sessions import NerfSessions
+    except ImportError as e:
+        raise ImportError(f"dp360rt view needs Starlette and uvicorn ({e}). Fix: pip install 'dp360rt[serve]'") from None
+    sessions = NerfSessions(seconds=a.seconds)
+    try:
+        if a.synthetic:
+            load_synthetic(sessions, a.synthetic, a.size)
+        for p in a.paths:
+            load_path(sessions, p)
+    except BaseException:
+        sessions.close()
+        raise
+    host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
+    print(f"dp360rt view: open http://{host}:{a.port}/ ({len(sessions.preloaded())} result(s); Ctrl-C stops)",
+          flush=True)
+    uvicorn.run(build_app(sessions), host=a.host, port=a.port, log_level="warning")
     return 0
 
 
@@ -226,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", help="also write the counts to this JSON file")
     i.add_argument("--flops", action="store_true", help="also count FLOPs per step and per run, both engines")
     i.add_argument("--steps", type=int, default=50, help="DDIM steps for --flops (default 50)")
+    i.add_argument("--panohead", action="store_true", help="also the PanoHead generator's key/element counts")
     i.set_defaults(fn=cmd_info)
 
-    c = sub.add_parser("convert", help="convert a checkpoint to .safetensors")
+    c = sub.add_parser("convert", help="convert a checkpoint (or a PanoHead .pkl) to .safetensors")
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--fp16", action="store_true", help="store float32 weights as float16")
@@ -240,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--features", help="32 feature frames (PNG/JPEG, name order) for the 3D-aware start "
                                       "(the authors' --denoise_from_guidance renders)")
     _add_model_args(g)
+    _add_crop_arg(g)
     g.set_defaults(fn=cmd_generate)
 
     st = sub.add_parser("stream", help="print and save views as they finish, the back view first (C++ step loop)")
@@ -247,22 +331,33 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True)
     st.add_argument("--policy", default="latency", choices=["latency", "throughput"])
     _add_model_args(st)
+    _add_crop_arg(st)
     st.set_defaults(fn=cmd_stream)
 
     b = sub.add_parser("bench", help="per-stage latency with warm-up and repeats; JSON + PNG")
     b.add_argument("--out", default="dp360rt_bench")
     b.add_argument("--portrait", help="portrait image (default: a synthetic one)")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--nerf-steps", type=int, default=200, help="NeRF fitting steps timed per repeat")
-    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--repeats", type=arg(positive_int, "--repeats"), default=3)
+    b.add_argument("--nerf-steps", type=arg(positive_int, "--nerf-steps"), default=200,
+                   help="NeRF fitting steps timed per repeat")
+    b.add_argument("--warmup", type=arg(positive_int, "--warmup", minimum=0), default=1)
     _add_model_args(b)
     b.set_defaults(fn=cmd_bench)
+
+    cr = sub.add_parser("crop", help="raw photo -> PanoHead's 512² face crop, its camera (camera.json), overlay.png")
+    cr.add_argument("photo")
+    cr.add_argument("--out", required=True)
+    cr.add_argument("--min-score", type=float, default=0.25,
+                    help="drop face detections scoring below this (dlib's detector score; default 0.25)")
+    cr.set_defaults(fn=cmd_crop)
 
     d = sub.add_parser("demo", help="the whole pipeline on a tiny random-weight model (no checkpoints needed)")
     d.add_argument("--out", default="dp360rt_demo")
     d.add_argument("--steps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--nerf-seconds", type=float, default=20.0, help="NeRF fitting budget (default 20 s)")
+    d.add_argument("--synthetic-seconds", type=float, default=10.0,
+                   help="NeRF budget for the built-in synthetic head scene (default 10 s; 0 skips it)")
     d.set_defaults(fn=cmd_demo)
 
     # the offline export toolchain: argparse only here; onnx / torch.onnx load inside its handler
@@ -270,6 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     from .nerf.cli import add_parser as add_nerf_parser
     add_nerf_parser(sub)
+    from .serve.cli import add_parser as add_serve_parser
+    add_serve_parser(sub)
+
+    vw = sub.add_parser("view", help="browser viewer for a saved result, a fitted NeRF or --synthetic head")
+    vw.add_argument("paths", nargs="*", metavar="VIEWS_DIR_OR_NERF_DIR",
+                    help="a views folder (generate/demo --out) or a fitted NeRF folder (nerf fit --out)")
+    vw.add_argument("--synthetic", metavar="SCENE", help="also show a built-in synthetic scene, fitted now (e.g. head)")
+    vw.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    vw.add_argument("--port", type=int, default=8360)
+    vw.add_argument("--seconds", type=float, default=30.0, help="NeRF fitting budget per unfitted folder (default 30)")
+    vw.add_argument("--size", type=int, default=64, help="synthetic scene view size in pixels (default 64)")
+    vw.set_defaults(fn=cmd_view)
+    from .panohead.cli import add_parsers as add_panohead_parsers
+    add_panohead_parsers(sub)
     return p
 
 
@@ -288,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _verb(args: argparse.Namespace) -> str:
-    return " ".join(v for v in (args.cmd, getattr(args, "nerf_cmd", None)) if v)
+    return " ".join(v for v in (args.cmd, getattr(args, "nerf_cmd", None), getattr(args, "panohead_cmd", None)) if v)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ Pillow's bicubic filter, mapped to [-1, 1]. For a square input this equals the a
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 CONDITION_COUNT = 32
@@ -23,31 +24,76 @@ class ImageError(ValueError):
 
 
 def open_image(path: str | Path) -> Image.Image:
+    """Open and decode an image file with its EXIF orientation applied (phone photos come out
+    upright). The size is checked from the header before any pixel is decoded: more than
+    :data:`MAX_PIXELS` pixels is refused. Raises :class:`ImageError` naming the problem and fix."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory, not an image file. Fix: pass the PNG or JPEG file itself")
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"{path} is empty (0 bytes). Fix: pass a PNG or JPEG image")
+    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; with the limit at ours,
+    # every image Pillow would complain about is refused here first, by its header.
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    too_large = f"Fix: downscale it to at most {MAX_PIXELS // 1_000_000} MP (e.g. 2048x2048 is plenty)"
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageError(f"{path} is too large: {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} MP, "
+                             f"more than {MAX_PIXELS // 1_000_000} MP. {too_large}")
         img.load()
+        img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError as e:
         raise ImageError(f"{path} is not an image Pillow can read. Fix: pass a PNG or JPEG file") from e
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path} is too large ({e}). Fix: downscale it below {MAX_PIXELS} pixels") from e
-    except OSError as e:
+        raise ImageError(f"{path} is too large ({e}). {too_large}") from e
+    except (OSError, SyntaxError) as e:
         raise ImageError(f"{path} could not be decoded ({e}); it may be truncated. Fix: re-export the image") from e
     return img
 
 
+# Modes whose samples are not 8-bit: Pillow's own convert("RGB") clips them to 0..255.
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _high_bit_to_l(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float gray image -> 8-bit "L" by the range of its format:
+    16-bit modes (and "I" holding 0..65535, as 16-bit PNGs decode) by 65535; float ("F") by the
+    smallest of 1, 255, 65535 that holds its values (float images are usually in [0, 1]); other
+    "I" data by its own min..max."""
+    a = np.asarray(img).astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ImageError(f"the {img.mode} image contains NaN or Inf pixels. Fix: pass an image with finite values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 65535.0
+    elif img.mode == "F" and lo >= 0 and hi <= 65535:
+        a = a / next(r for r in (1.0, 255.0, 65535.0) if hi <= r)
+    else:
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode -> RGB; transparent pixels become white (the generated views' background)."""
+    """Any mode -> RGB; transparent pixels become white (the generated views' background);
+    16-bit and float images are scaled by their real range (see :func:`_high_bit_to_l`)."""
+    if img.mode in HIGH_BIT_MODES:
+        img = _high_bit_to_l(img)
+    if img.mode in ("La", "RGBa"):             # premultiplied alpha: undo it first
+        img = img.convert("LA" if img.mode == "La" else "RGBA")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"images of mode {img.mode} cannot be converted to RGB ({e}). "
+                         "Fix: save the portrait as an 8-bit RGB PNG or JPEG") from e
 
 
 def pil_to_tensor(img: Image.Image) -> Tensor:
@@ -71,7 +117,7 @@ def load_portrait(source: str | Path | Image.Image | Tensor, size: int = 512) ->
             raise ImageError(f"portrait tensor is {tuple(t.shape[2:])}, the model needs {size}x{size}. "
                              "Fix: pass an image file or PIL image (resized automatically)")
         return t.float()
-    img = source if isinstance(source, Image.Image) else open_image(source)
+    img = ImageOps.exif_transpose(source) if isinstance(source, Image.Image) else open_image(source)
     if img.width < 1 or img.height < 1:
         raise ImageError("portrait image is empty (0 pixels)")
     img = to_rgb(img)
@@ -118,6 +164,30 @@ def load_frames(folder: str | Path, size: int = 512, count: int = CONDITION_COUN
     if len(files) != count:
         raise ImageError(f"feature folder {d} must hold exactly {count} PNG/JPEG frames, found {len(files)}")
     return torch.stack([pil_to_tensor(to_rgb(open_image(f)).resize((size, size), Image.BICUBIC)) for f in files])
+
+
+def check_conditions(cond: Tensor, size: int, frames: int, features: Tensor | None = None) -> None:
+    """Refuse condition images (and feature frames) a generation cannot use, before any model
+    runs: cond [N, 3, size, size] finite, N a multiple of the window length ``frames`` and past
+    the back-view hint (index 18); features, when given, of cond's shape and finite."""
+    if cond.dim() != 4 or cond.shape[1:] != (3, size, size):
+        raise ImageError(f"conditions must be [N, 3, {size}, {size}], got {tuple(cond.shape)}. Fix: pass the "
+                         "condition folder, or condition images at the model's resolution")
+    if cond.shape[0] % frames:
+        raise ImageError(f"{cond.shape[0]} condition images cannot be split into windows of {frames} frames (N must "
+                         f"be a multiple of {frames}). Fix: pass the whole sphere32 set ({CONDITION_COUNT} images)")
+    if cond.shape[0] <= BACK_CONDITION_INDEX:
+        raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images (index {BACK_CONDITION_INDEX} "
+                         f"is the back-view hint), got {cond.shape[0]}. Fix: pass the whole sphere32 set")
+    if not bool(torch.isfinite(cond).all()):
+        raise ImageError("condition images contain NaN or Inf. Fix: pass finite values in [-1, 1]")
+    if features is not None:
+        if not isinstance(features, Tensor) or features.shape != cond.shape:
+            got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ImageError(f"feature frames {got} must match the conditions {tuple(cond.shape)}. Fix: one "
+                             "feature frame per condition image (a tensor, or a folder via load_frames)")
+        if not bool(torch.isfinite(features).all()):
+            raise ImageError("feature frames contain NaN or Inf. Fix: pass finite values in [-1, 1]")
 
 
 def to_unit(images: Tensor) -> Tensor:

@@ -15,12 +15,13 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint, share_identical_tensors
 from .config import ModelConfig, load_config
-from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, load_conditions, load_portrait, quantize8, save_png,
-                     to_unit)
+from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
+                     load_portrait, quantize8, save_png, to_unit)
 from .model import DiffPortrait360, build_model
 from .offload import ModelSwap
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
+from .sampler.params import check_finite_latents, check_sampler_params
 from .sampler.plan import BatchPlan, default_plan
 from .sampler.reference import sample_reference
 from .text.clip import empty_prompt_ids
@@ -56,6 +57,7 @@ class GenerationResult:
     latents: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     unet_calls: int = 0
+    crop: Any = None            # the dp360rt.crop.CropResult of crop="auto"
 
     def fit_nerf(self, seconds: float | None = 60.0, steps: int | None = None, progress: bool = True,
                  **options: Any) -> "Nerf":
@@ -71,7 +73,8 @@ class GenerationResult:
         return nerf
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``back_view.png``, ``000.png`` ... and ``cameras.json`` (the NeRF views layout)."""
+        """Write ``back_view.png``, ``000.png`` ... and ``cameras.json`` (the NeRF views layout); with
+        ``crop="auto"`` also ``crop/`` (crop.png, camera.json, overlay.png)."""
         d = Path(out_dir)
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -88,6 +91,8 @@ class GenerationResult:
             (d / "timings.json").write_text(json.dumps(self.timings, indent=1))
         except OSError as e:
             raise OSError(f"cannot write results to {d}: {e.strerror or e}. Fix: pass a writable --out directory") from e
+        if self.crop is not None:
+            self.crop.save(d / "crop")
         return d
 
 
@@ -112,6 +117,21 @@ def sample_windows_reference(model: DiffPortrait360, windows: list[Window], *, c
 
 
 ENGINES = ("fast", "reference")
+BACKENDS = ("torch", "ort", "trt")
+
+
+def check_options(device: str | torch.device, backend: str, max_memory: Any) -> tuple[torch.device, int | None]:
+    """Refuse a device, backend or memory budget this process cannot honour, before any weights
+    load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no limit)."""
+    from .checks import device as check_device
+    from .checks import max_memory_bytes
+    dev = check_device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}")
+    if backend == "trt":
+        from .backends.trt_backend import import_trt
+        import_trt()                  # TrtUnavailableError (an ImportError) with the fix
+    return dev, max_memory_bytes(max_memory)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -148,7 +168,7 @@ class Pipeline:
     ``pipe(portrait, conditions)`` -> :class:`GenerationResult` with the back view and all views.
     ``engine="fast"`` (default) computes the reference's numbers with the shared-bank schedule;
     ``engine="reference"`` runs the authors' loop as it is (the ground truth). ``max_memory``
-    (bytes) bounds the fast engine's batch (see ``pipe.plan``); when both diffusion models and the
+    (bytes; None or 0: no limit) bounds the fast engine's batch (see ``pipe.plan``); when both diffusion models and the
     smallest batch do not fit, edge mode keeps one model resident at a time (the idle one written
     once to ``offload_dir``, default a temporary folder, and reloaded when needed: ``pipe.swap``)
     and decodes views in slices. ``backend="ort"|"trt"`` runs the
@@ -160,12 +180,13 @@ class Pipeline:
     def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None,
                  backend: str = "torch", export_dir: str | Path | Mapping[str, str | Path] | None = None,
-                 offload_dir: str | Path | None = None, **backend_options: Any):
+                 crop: str | None = None, offload_dir: str | Path | None = None, **backend_options: Any):
         if nvs.kind != "nvs" or backview.kind != "backview":
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
-        self.device = torch.device(device)
+        self.crop = _crop_mode(crop)
+        self.device, max_memory = check_options(device, backend, max_memory)
         self.dtype = dtype
         self.engine = engine
         self.nvs, self.backview = nvs, backview
@@ -230,9 +251,10 @@ class Pipeline:
                          dtype: torch.dtype = torch.float32, engine: str = "fast",
                          max_memory: int | None = None, backend: str = "torch",
                          export_dir: str | Path | Mapping[str, str | Path] | None = None,
-                         **backend_options: Any) -> "Pipeline":
+                         crop: str | None = None, **backend_options: Any) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
         identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many)."""
+        check_options(device, backend, max_memory)          # before minutes of loading
         cfgs = load_config(config)
         models = {}
         for kind, src in (("nvs", nvs), ("backview", backview)):
@@ -240,7 +262,7 @@ class Pipeline:
             models[kind] = load_checkpoint(m, src)
         shared = share_identical_tensors(models["nvs"], models["backview"])     # before moving: one copy on the device
         pipe = cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
-                   max_memory=max_memory, backend=backend, export_dir=export_dir, **backend_options)
+                   max_memory=max_memory, backend=backend, export_dir=export_dir, crop=crop, **backend_options)
         pipe.shared = shared
         return pipe
 
@@ -248,6 +270,7 @@ class Pipeline:
     def random(cls, config: str | Path | Mapping[str, Any] | dict[str, ModelConfig], seed: int = 0,
                **kw: Any) -> "Pipeline":
         """Random-weight models (for demos, tests and benchmarks): real speed, meaningless pictures."""
+        check_options(kw.get("device", "cpu"), kw.get("backend", "torch"), kw.get("max_memory"))
         cfgs = config if isinstance(config, dict) and all(isinstance(v, ModelConfig) for v in config.values()) \
             else load_config(config)
         torch.manual_seed(seed)
@@ -270,11 +293,13 @@ class Pipeline:
         ``policy="latency"`` (default here) finishes and streams window 0 first; keyword arguments
         as for :meth:`submit`. Stopping the iteration early cancels the request.
         """
+        portrait, _ = self._crop_portrait(portrait, kw.pop("crop", self.crop))
         return self.runtime(policy).stream(portrait, conditions, **kw)
 
     def submit(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "throughput", **kw: Any):
         """Queue a generation on the C++ step loop; returns a handle with ``cancel()``, ``result()``,
         ``progress`` and view iteration. Keywords: steps, seed, features, cameras (as for ``__call__``)."""
+        portrait, _ = self._crop_portrait(portrait, kw.pop("crop", self.crop))
         return self.runtime(policy).submit(portrait, conditions, **kw)
 
     def close(self) -> None:
@@ -291,6 +316,18 @@ class Pipeline:
         from .flops import run_flops
         return run_flops(self.nvs.cfg, self.engine, steps)
 
+    def _crop_portrait(self, portrait: Any, crop: str | None) -> tuple[Any, Any]:
+        """(portrait, None), or with ``crop="auto"`` (the 512² PanoHead crop of the photo, its
+        :class:`dp360rt.crop.CropResult`)."""
+        if _crop_mode(crop) is None:
+            return portrait, None
+        if isinstance(portrait, Tensor):
+            raise ImageError("crop='auto' needs the raw photo (a path or PIL image), not a tensor. Fix: pass the "
+                             "photo, or crop=None for an already cropped portrait tensor")
+        from .crop import crop_portrait
+        result = crop_portrait(portrait)
+        return result.image, result
+
     def text_context(self, model: DiffPortrait360) -> Tensor:
         return self._net(model).encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
 
@@ -298,34 +335,35 @@ class Pipeline:
     def __call__(self, portrait: Any, conditions: str | Path | Tensor, *, features: Tensor | None = None,
                  cameras: Tensor | str | Path | None = None, steps: int = 50, eta: float = 0.5, cfg_scale: float = 3.0,
                  seed: int | torch.Generator | NoiseSource | None = 0,
-                 progress: Callable[[str, int, int], None] | None = None) -> GenerationResult:
+                 progress: Callable[[str, int, int], None] | None = None, crop: str | None = "default") -> GenerationResult:
         """Generate the back view, then all views.
 
         portrait: path / PIL image / [1, 3, S, S] tensor; conditions: the authors' condition folder
         or a tensor [N, 3, S, S] in [-1, 1] (N a multiple of 8; index 18 is the back-view hint);
-        features: optional [N, 3, S, S] frames for the 3D-aware start; cameras: the views' [N, 25]
+        features: optional [N, 3, S, S] frames (or a folder of them) for the 3D-aware start; cameras: the views' [N, 25]
         PanoHead cameras or a cameras.json (default: the condition folder's cameras.json, else the
         default orbit, see :func:`dp360rt.nerf.cameras.resolve_cameras`). Randomness from ``seed``
-        (an int, a CPU ``torch.Generator``, or a noise source).
+        (an int, a CPU ``torch.Generator``, or a noise source). ``crop="auto"`` first crops the
+        raw photo to PanoHead's framing (:func:`dp360rt.crop.crop_portrait`; ``result.crop``);
+        default: the pipeline's ``crop`` setting.
         """
+        check_sampler_params(steps=steps, eta=eta, cfg_scale=cfg_scale, seed=seed, conditions=conditions)
         s = self.image_size
         timings: dict[str, float] = {}
         tic = time.perf_counter()
+        portrait, cropped = self._crop_portrait(portrait, self.crop if crop == "default" else crop)
+        if cropped is not None:
+            timings["crop"] = time.perf_counter() - tic
+            tic = time.perf_counter()
         img = load_portrait(portrait, s).to(self.device)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
-        if cond.dim() != 4 or cond.shape[1:] != (3, s, s):
-            raise ImageError(f"conditions must be [N, 3, {s}, {s}], got {tuple(cond.shape)}")
-        if not bool(torch.isfinite(cond).all()):
-            raise ImageError("condition images contain NaN or Inf")
-        if cond.shape[0] <= BACK_CONDITION_INDEX:
-            raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images (index "
-                             f"{BACK_CONDITION_INDEX} is the back-view hint), got {cond.shape[0]}")
+        if isinstance(features, (str, Path)):
+            features = load_frames(features, s, cond.shape[0] if cond.dim() == 4 else CONDITION_COUNT)
+        check_conditions(cond, s, self.nvs.frames, features)      # before any model runs
         from .nerf.cameras import resolve_cameras
         view_cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         cond = cond.to(self.device)
         if features is not None:
-            if features.shape != cond.shape:
-                raise ImageError(f"feature frames {tuple(features.shape)} must match conditions {tuple(cond.shape)}")
             features = features.to(self.device)
         noise = as_noise(seed)
         timings["preprocess"] = time.perf_counter() - tic
@@ -342,6 +380,7 @@ class Pipeline:
             bv_window = Window(0, hint_b, None, RecordedNoise([noise(shape_b, self.device) for _ in range(steps + 1)]))
             (z_b,), calls = self._engine(bv, [bv_window], context=ctx_b, ref_front=ref, ref_back=[], steps=steps,
                                          eta=eta, cfg_scale=cfg_scale, progress=report("back view"))
+            check_finite_latents(z_b, "the back view")
             back = quantize8(self._net(bv).decode_latent(z_b).float())
             timings["back_view"] = time.perf_counter() - tic
 
@@ -359,6 +398,8 @@ class Pipeline:
                 m, windows, context=ctx, ref_front=ref_front, ref_back=[ref_back], steps=steps, eta=eta,
                 cfg_scale=cfg_scale, progress=report("views"))
             timings["views"] = time.perf_counter() - tic
+            for k, z in enumerate(latents):
+                check_finite_latents(z, f"window {k} (views {k * m.frames}-{(k + 1) * m.frames - 1})")
             tic = time.perf_counter()
             views = torch.cat([to_unit(self.decode(m, z).float()).cpu() for z in latents])
             timings["decode"] = time.perf_counter() - tic
@@ -366,7 +407,16 @@ class Pipeline:
             timings["reload"] = self.swap.reload_seconds - reloaded       # part of back_view/encode above
         return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, latents=torch.cat(latents).cpu(),
                                 cameras=view_cameras, timings=timings,
-                                unet_calls=calls + n_calls)
+                                unet_calls=calls + n_calls, crop=cropped)
+
+
+def _crop_mode(crop: str | None) -> str | None:
+    if crop in (None, "none"):
+        return None
+    if crop != "auto":
+        raise ValueError(f"crop={crop!r} is not a crop mode. Fix: use crop='auto' (PanoHead's face crop of a raw "
+                         "photo) or crop=None (the portrait is already cropped)")
+    return "auto"
 
 
 def _init_random(model: DiffPortrait360) -> None:

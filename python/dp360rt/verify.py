@@ -9,7 +9,6 @@ fixtures' README).
 from __future__ import annotations
 
 import contextlib
-import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, fixture_state_dict, load_checkpoint
+from .checkpoint import CheckpointError, fixture_state_dict, load_checkpoint, load_tensors
 from .config import ConfigError
 from .model import DiffPortrait360, build_model
 from .sampler.noise import RecordedNoise
@@ -190,10 +189,13 @@ def verify(fixture_dir: str | Path, engine: str = "reference", backend: str = "t
             on_result(r)
 
     try:
-        cases = torch.load(d / "cases.pt", map_location="cpu", weights_only=True)
+        if not (d / "cases.pt").is_file():
+            raise FileNotFoundError(f"{d / 'cases.pt'} not found")
+        cases = load_tensors(d / "cases.pt", "fixture case file",
+                             "restore cases.pt from the fixture set (it holds tensors only)")
         if not isinstance(cases, dict):
             raise ValueError("top level is not a dict of cases")
-    except (FileNotFoundError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except (FileNotFoundError, CheckpointError, ValueError) as e:      # never torch's weights_only advice
         add(CaseResult("cases.pt", False, message=f"unreadable: {e}"))
         return results
     if backend == "torch":
@@ -207,7 +209,7 @@ def verify(fixture_dir: str | Path, engine: str = "reference", backend: str = "t
         runner = BackendRunner(d, backend, export_dir, **backend_options)
         if fresh:
             try:
-                export_fixture(d, export_dir, runner)
+                export_fixture(d, export_dir, runner, cases=cases)
             except (CheckpointError, ConfigError, ValueError, RuntimeError) as e:
                 add(CaseResult("export", False, message=f"{type(e).__name__}: {e}"))
                 return results

@@ -28,8 +28,11 @@ from .ort_backend import ExportedBackend, ExportedFile, ExportManifest, ExportMi
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 
 
-class TrtUnavailableError(RuntimeError):
-    """TensorRT >= 10 or a CUDA GPU is missing."""
+class TrtUnavailableError(ImportError, RuntimeError):
+    """TensorRT >= 10 or a CUDA GPU is missing (an ``ImportError``: an optional dependency)."""
+
+
+_TRT_FIX = "Fix: pip install tensorrt (>= 10, CUDA 12 wheels) on a CUDA GPU machine, or use --backend ort (backend='ort')"
 
 
 def import_trt():
@@ -37,12 +40,12 @@ def import_trt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise TrtUnavailableError("the trt backend needs TensorRT >= 10: pip install tensorrt (CUDA 12 wheels)") from e
+        raise TrtUnavailableError(f"TensorRT is not installed: the trt backend needs TensorRT >= 10. {_TRT_FIX}") from e
     major = int(str(trt.__version__).split(".")[0])
     if major < 10:
-        raise TrtUnavailableError(f"TensorRT {trt.__version__} found; the trt backend needs >= 10")
+        raise TrtUnavailableError(f"TensorRT {trt.__version__} found; the trt backend needs >= 10. {_TRT_FIX}")
     if not torch.cuda.is_available():
-        raise TrtUnavailableError("the trt backend needs a CUDA GPU (torch.cuda.is_available() is False)")
+        raise TrtUnavailableError(f"the trt backend needs a CUDA GPU (torch.cuda.is_available() is False). {_TRT_FIX}")
     return trt
 
 

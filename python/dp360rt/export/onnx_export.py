@@ -39,7 +39,7 @@ from dp360rt.model import DiffPortrait360
 from dp360rt.text.clip import empty_prompt_ids
 
 from . import wrappers as W
-from .profiles import MODULES, Profile
+from .profiles import LATENT_FACTOR, MODULES, Profile
 
 STORE_NAME = "weights.data"
 INLINE_BYTES = 1024                        # smaller tensors stay inside the graph file
@@ -84,21 +84,35 @@ class ExportJob:
     refs: int
     profiles: list[str] = field(default_factory=list)
     trace_rows: int = 0                # batch the graph is traced at (0: rows)
+    image_hw: tuple[int, int] | None = None   # (height, width) pixels; None: the config's square size
 
     def __post_init__(self) -> None:
         self.trace_rows = self.trace_rows or self.rows
 
     @property
     def file(self) -> str:
+        size = "" if self.image_hw is None or self.module == "text" else f"_{self.image_hw[0]}x{self.image_hw[1]}"
         if self.module == "unet":
-            return f"{self.kind}/unet_b{self.rows}_c{self.cond_rows}_r{self.refs}.onnx"
+            return f"{self.kind}/unet_b{self.rows}_c{self.cond_rows}_r{self.refs}{size}.onnx"
         if self.module == "appearance":
-            return f"{self.kind}/appearance_r{self.rows}.onnx"
-        return f"{self.kind}/{self.module}_b{self.rows}.onnx"
+            return f"{self.kind}/appearance_r{self.rows}{size}.onnx"
+        return f"{self.kind}/{self.module}_b{self.rows}{size}.onnx"
+
+    @property
+    def size_key(self) -> tuple[int, int] | None:
+        """The image size as far as this network sees it (the text tower sees none)."""
+        return None if self.module == "text" else self.image_hw
+
+    def latent_hw(self, model: DiffPortrait360) -> tuple[int, int]:
+        """Latent (height, width) of this file's inputs."""
+        square = model.cfg.latent_size
+        return (square, square) if self.image_hw is None else (self.image_hw[0] // LATENT_FACTOR,
+                                                               self.image_hw[1] // LATENT_FACTOR)
 
     @property
     def key(self) -> tuple:
-        return (self.kind, self.module, self.rows, self.cond_rows, self.refs if self.module == "unet" else None)
+        return (self.kind, self.module, self.rows, self.cond_rows, self.refs if self.module == "unet" else None,
+                self.size_key)
 
     @property
     def all_conditional(self) -> bool:
@@ -108,7 +122,8 @@ class ExportJob:
     def trace_key(self) -> tuple:
         """Jobs with equal trace keys are one graph at different batch sizes."""
         cond = "all" if self.all_conditional else self.cond_rows
-        return (self.kind, self.module, self.trace_rows, cond, self.refs if self.module == "unet" else None)
+        return (self.kind, self.module, self.trace_rows, cond, self.refs if self.module == "unet" else None,
+                self.size_key)
 
     def traced(self) -> "ExportJob":
         """This job at its trace batch."""
@@ -160,7 +175,8 @@ def plan_jobs(models: Mapping[str, DiffPortrait360], profiles: Iterable[Profile]
                 if module in ("unet", "unet_nobank", "pose") and (rows % frames or (cond or 0) % frames):
                     raise ValueError(f"profile {p.name!r}: {module} batch {rows} (cond {cond}) is not a multiple "
                                      f"of the {p.kind} model's {frames}-frame window")
-                job = ExportJob(p.kind, module, rows, cond, p.refs, trace_rows=trace_rows(module, rows, cond, frames))
+                job = ExportJob(p.kind, module, rows, cond, p.refs, trace_rows=trace_rows(module, rows, cond, frames),
+                                image_hw=None if module == "text" else p.image_hw)
                 job = jobs.setdefault(job.key, job)
                 if p.name not in job.profiles:
                     job.profiles.append(p.name)
@@ -183,17 +199,18 @@ def _meta_model(kind: str, cfg: Any) -> DiffPortrait360:
     return build_model(kind, cfg, device="meta")
 
 
-def _meta_shapes(model: DiffPortrait360, refs: int, rows: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+def _meta_shapes(model: DiffPortrait360, refs: int, rows: int,
+                 latent_hw: tuple[int, int]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """(bank entry shapes [refs, HW, C], pose residual shapes [rows, C, h, w]) without computing anything."""
     m = _meta_model(model.kind, model.cfg)
     cfg = model.cfg
-    h = cfg.latent_size
+    h, w = latent_hw
     ctx = torch.empty(refs, cfg.text.max_position_embeddings, cfg.unet.context_dim, device="meta")
     with torch.no_grad():
-        entries = W.AppearanceExport(m)(torch.empty(refs, 4, h, h, device="meta"),
+        entries = W.AppearanceExport(m)(torch.empty(refs, 4, h, w, device="meta"),
                                         torch.zeros(refs, dtype=torch.long, device="meta"), ctx)
-        res = W.PoseExport(m)(torch.empty(rows, 4, h, h, device="meta"),
-                              torch.empty(rows, 3, 8 * h, 8 * h, device="meta"),
+        res = W.PoseExport(m)(torch.empty(rows, 4, h, w, device="meta"),
+                              torch.empty(rows, 3, LATENT_FACTOR * h, LATENT_FACTOR * w, device="meta"),
                               torch.zeros(rows, dtype=torch.long, device="meta"),
                               torch.empty(rows, ctx.shape[1], ctx.shape[2], device="meta"))
     return [tuple(e.shape) for e in entries], [tuple(r.shape) for r in res]
@@ -204,8 +221,8 @@ def build_job(job: ExportJob, model: DiffPortrait360,
     """(wrapper module, example inputs, input names, output names) of one file."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
-    h = cfg.latent_size
-    s = cfg.image_size
+    h, w = job.latent_hw(model)
+    sh, sw = LATENT_FACTOR * h, LATENT_FACTOR * w
     ctx_len, cdim = cfg.text.max_position_embeddings, cfg.unet.context_dim
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     unif = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731
@@ -215,22 +232,22 @@ def build_job(job: ExportJob, model: DiffPortrait360,
         ids = empty_prompt_ids(ctx_len).expand(b, -1).contiguous()
         return W.TextExport(model), (ids,), ["token_ids"], ["context"]
     if job.module == "vae_encoder":
-        return W.VAEEncoderExport(model), (unif(b, 3, s, s),), ["image"], ["mean", "logvar"]
+        return W.VAEEncoderExport(model), (unif(b, 3, sh, sw),), ["image"], ["mean", "logvar"]
     if job.module == "vae_decoder":
-        return W.VAEDecoderExport(model), (randn(b, 4, h, h),), ["latent"], ["image"]
+        return W.VAEDecoderExport(model), (randn(b, 4, h, w),), ["latent"], ["image"]
     if job.module == "appearance":
-        entries, _ = _meta_shapes(model, b, 1)
-        return (W.AppearanceExport(model), (randn(b, 4, h, h), t(b), randn(b, ctx_len, cdim)),
+        entries, _ = _meta_shapes(model, b, 1, (h, w))
+        return (W.AppearanceExport(model), (randn(b, 4, h, w), t(b), randn(b, ctx_len, cdim)),
                 ["refs", "t", "context"], [N_BANK_NAME.format(i) for i in range(len(entries))])
     if job.module == "pose":
-        _, res = _meta_shapes(model, 1, b)
-        return (W.PoseExport(model), (randn(b, 4, h, h), unif(b, 3, 8 * h, 8 * h), t(b), randn(b, ctx_len, cdim)),
+        _, res = _meta_shapes(model, 1, b, (h, w))
+        return (W.PoseExport(model), (randn(b, 4, h, w), unif(b, 3, sh, sw), t(b), randn(b, ctx_len, cdim)),
                 ["x", "hint", "t", "context"], [N_RES_NAME.format(i) for i in range(len(res))])
-    base = (randn(b, 4, h, h), t(b), randn(b, ctx_len, cdim))
+    base = (randn(b, 4, h, w), t(b), randn(b, ctx_len, cdim))
     if job.module == "unet_nobank":
         return W.UNetNoBankExport(model), base, ["x", "t", "context"], ["eps"]
     if job.module == "unet":
-        entries, res = _meta_shapes(model, job.refs, job.cond_rows)
+        entries, res = _meta_shapes(model, job.refs, job.cond_rows, (h, w))
         bank = tuple(randn(1, e[0] * e[1], e[2]) for e in entries)
         resid = tuple(randn(*r) for r in res)
         names = (["x", "t", "context"] + [N_BANK_NAME.format(i) for i in range(len(bank))]
@@ -451,8 +468,8 @@ def export_models(models: Mapping[str, DiffPortrait360], out_dir: str | Path, pr
     for model kinds not exported now.
     """
     opts = options or ExportOptions()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..checks import writable_dir
+    out = writable_dir(out_dir, "export directory")
     for kind, m in models.items():
         if m.kind != kind:
             raise ValueError(f"models[{kind!r}] is a {m.kind} model")
@@ -534,7 +551,7 @@ def _merge_manifest(out: Path, kinds: Iterable[str], model_info: dict, entries: 
         prof[pr.name] = {"kind": pr.kind, "description": pr.description, "unet": [list(x) for x in pr.unet],
                          "nobank": list(pr.nobank), "pose": list(pr.pose), "refs": pr.refs,
                          "vae_encoder": list(pr.vae_encoder), "vae_decoder": list(pr.vae_decoder),
-                         "text": list(pr.text),
+                         "text": list(pr.text), "image_hw": list(pr.image_hw) if pr.image_hw else None,
                          "files": [e["file"] for e in entries if pr.name in e["profiles"]]}
     return {"format": MANIFEST_FORMAT, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(), "opset": opts.opset, "precision": opts.precision, "attention": opts.attention,

@@ -16,13 +16,19 @@ A profile fixes, for one model kind, the rows of every network call the fast sam
 
 Custom profiles: ``NAME=ROWS:COND[:KIND]`` (e.g. ``w2x2=32:16`` for two windows with batched
 guidance); the pose net and the no-bank UNet get ``COND`` rows.
+
+Image size: a profile is exported at the config's square image size unless it names another,
+``PROFILE@HxW`` in pixels (e.g. ``window8@128x192``: 16x24 latents), height and width multiples of
+the VAE's factor 8.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
 KINDS = ("nvs", "backview")
+LATENT_FACTOR = 8                         # image pixels per latent pixel (the VAE's downsampling)
 MODULES = ("text", "vae_encoder", "vae_decoder", "pose", "appearance", "unet_nobank", "unet")
 
 
@@ -39,6 +45,7 @@ class Profile:
     vae_encoder: tuple[int, ...] = (1,)
     vae_decoder: tuple[int, ...] = (1,)
     text: tuple[int, ...] = (1,)
+    image_hw: tuple[int, int] | None = None  # (height, width) in pixels; None: the config's square size
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +55,10 @@ class Profile:
             if not 0 < cond <= rows:
                 raise ValueError(f"profile {self.name!r}: UNet call of {rows} rows with {cond} conditional rows; "
                                  "need 0 < cond_rows <= rows")
+        if self.image_hw is not None and (len(self.image_hw) != 2
+                                          or any(v <= 0 or v % LATENT_FACTOR for v in self.image_hw)):
+            raise ValueError(f"profile {self.name!r}: image size {self.image_hw} must be (height, width), positive "
+                             f"multiples of {LATENT_FACTOR}. Fix: pass e.g. @128x192")
 
     def batches(self, module: str) -> list[tuple[int, int | None]]:
         """(rows, cond_rows or None) of every exported variant of ``module`` in this profile."""
@@ -72,16 +83,28 @@ BUILTIN_PROFILES: dict[str, Profile] = {p.name: p for p in (
 DEFAULT_PROFILES = ("window8", "window8x2cfg", "batch32", "backview")
 
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)=(?P<rows>\d+):(?P<cond>\d+)(?::(?P<kind>nvs|backview))?$")
+_SIZE = re.compile(r"^(?P<spec>.+)@(?P<h>\d+)x(?P<w>\d+)$")
+
+
+def sized(profile: Profile, image_hw: tuple[int, int] | None) -> Profile:
+    """``profile`` at image size ``image_hw`` (pixels), named ``NAME@HxW``; None keeps it as it is."""
+    if image_hw is None:
+        return profile
+    h, w = int(image_hw[0]), int(image_hw[1])
+    return dataclasses.replace(profile, name=f"{profile.name}@{h}x{w}", image_hw=(h, w))
 
 
 def parse_profile(spec: str) -> Profile:
-    """A built-in profile name, or ``NAME=ROWS:COND[:KIND]``."""
+    """A built-in profile name, or ``NAME=ROWS:COND[:KIND]``, either optionally ``@HxW`` (image pixels)."""
+    m = _SIZE.match(spec)
+    if m:
+        return sized(parse_profile(m["spec"]), (int(m["h"]), int(m["w"])))
     if spec in BUILTIN_PROFILES:
         return BUILTIN_PROFILES[spec]
     m = _CUSTOM.match(spec)
     if not m:
         raise ValueError(f"unknown profile {spec!r}: use one of {sorted(BUILTIN_PROFILES)} or NAME=ROWS:COND[:KIND] "
-                         "(e.g. w2x2=32:16)")
+                         "(e.g. w2x2=32:16), optionally @HxW for another image size (e.g. window8@128x192)")
     rows, cond, kind = int(m["rows"]), int(m["cond"]), m["kind"] or "nvs"
     if m["name"] in BUILTIN_PROFILES:
         raise ValueError(f"custom profile {spec!r} reuses the built-in name {m['name']!r}")

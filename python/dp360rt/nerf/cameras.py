@@ -272,21 +272,15 @@ def write_cameras_json(path: str | Path, cameras: Tensor | Iterable[Sequence[flo
 
 
 def load_image(path: str | Path) -> Tensor:
-    """A PNG (or any image PIL reads) as float32 [H, W, 3] in [0, 1]; alpha is composited over white."""
-    from PIL import Image, UnidentifiedImageError
+    """A PNG (or any image PIL reads) as float32 [H, W, 3] in [0, 1]; alpha is composited over white
+    (decoded as portraits are: EXIF orientation, 16-bit and float by their range, size limit)."""
+    from ..images import open_image, to_rgb
     p = Path(path)
     if not p.is_file():
         raise CameraError(f"image {p} not found. Fix: put the file listed in cameras.json next to it")
     try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        arr = np.asarray(to_rgb(open_image(p)), dtype=np.float32) / 255.0
+    except ImageError as e:
         raise CameraError(f"cannot read image {p} ({e}). Fix: replace it with a valid PNG") from None
     return torch.from_numpy(arr.copy())
 
@@ -299,6 +293,20 @@ def save_image(image: Tensor, path: str | Path) -> None:
         Image.fromarray(arr).save(path)
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}. Fix: choose a writable output directory") from e
+
+
+def view_file(folder: Path, name: str, where: str) -> Path:
+    """``folder / name`` when it stays inside ``folder`` (after following symlinks); an absolute
+    path, ``..`` or a symlink out of the folder is refused: a views folder is self-contained, and
+    a cameras.json must not make dp360rt read files elsewhere."""
+    p = Path(name)
+    inside = folder.resolve()
+    target = (folder / p).resolve()
+    if p.is_absolute() or ".." in p.parts or (target != inside and inside not in target.parents):
+        raise CameraError(f'{where}: "file" {name!r} points outside the views folder {folder}. Fix: give the '
+                          "name of an image inside the folder (e.g. 000.png), not an absolute path, '..' or a "
+                          "symlink to elsewhere")
+    return folder / p
 
 
 def load_views(folder: str | Path) -> tuple[list[Tensor], Tensor, list[str]]:
@@ -319,6 +327,8 @@ def load_views(folder: str | Path) -> tuple[list[Tensor], Tensor, list[str]]:
     if any(f is None for f in files):
         raise CameraError(f'{d / "cameras.json"}: every view needs a "file" entry naming its PNG. '
                           'Fix: write {"file": "000.png", "camera": [...]} per view')
+    for i, f in enumerate(files):
+        view_file(d, f, f"{d / 'cameras.json'} view {i}")  # type: ignore[arg-type]
     pngs = {x.name for x in d.glob("*.png")}
     missing = [f for f in files if not (d / f).is_file()]  # type: ignore[operator]
     if missing:

@@ -13,7 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+from ..checks import arg, positive_float, positive_int
+from ..checks import device as check_device
+
 DEFAULT_SECONDS = 120.0
+# Limits shared with the API (dp360rt.nerf.fit / .export), repeated here so `--help` needs no torch.
+MAX_SIDE, GRID_RES, MAX_FRAMES, MAX_MESH_RES = 8192, (8, 1024), 100_000, 1024
+_DEVICE = arg(check_device, "--device", convert=str)
 
 
 def _writable_dir(path: str | Path) -> Path:
@@ -159,14 +165,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a views folder (PNG + cameras.json) and save the field")
     f.add_argument("views", metavar="VIEWS_DIR", help="folder with PNG images and cameras.json")
     f.add_argument("--out", required=True, metavar="DIR", help="where to save the fitted field")
-    f.add_argument("--seconds", type=float, help=f"training time budget (default {DEFAULT_SECONDS:g} s unless --steps)")
-    f.add_argument("--steps", type=int, help="training steps (with --seconds: whichever comes first)")
-    f.add_argument("--holdout", type=int, default=0, metavar="K", help="hold out K evenly spread views and report their PSNR")
+    f.add_argument("--seconds", type=arg(positive_float, "--seconds", convert=float),
+                   help=f"training time budget (default {DEFAULT_SECONDS:g} s unless --steps)")
+    f.add_argument("--steps", type=arg(positive_int, "--steps"), help="training steps (with --seconds: whichever comes first)")
+    f.add_argument("--holdout", type=arg(positive_int, "--holdout", minimum=0), default=0, metavar="K",
+                   help="hold out K evenly spread views and report their PSNR")
     f.add_argument("--encoding", choices=["auto", "grid", "hash"], help="auto: voxel grid on CPU, hash grid on CUDA")
     f.add_argument("--background", help="auto (default), fit, white, black or r,g,b")
-    f.add_argument("--bound", type=float, help="scene box half-size (default 0.5: [-0.5, 0.5]^3)")
-    f.add_argument("--grid-res", type=int, help="final voxel grid resolution (default 128)")
-    f.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    f.add_argument("--bound", type=arg(positive_float, "--bound", convert=float),
+                   help="scene box half-size (default 0.5: [-0.5, 0.5]^3)")
+    f.add_argument("--grid-res", type=arg(positive_int, "--grid-res", minimum=GRID_RES[0], maximum=GRID_RES[1]),
+                   help=f"final voxel grid resolution ({GRID_RES[0]}..{GRID_RES[1]}, default 128)")
+    f.add_argument("--device", type=_DEVICE, help="cpu, cuda, ... (default: cuda when available)")
     f.add_argument("--seed", type=int)
     f.add_argument("--json", help="also write the training statistics to this JSON file")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -176,30 +186,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("model", metavar="DIR", help="a folder written by `nerf fit`")
     r.add_argument("--cameras", required=True, metavar="CAMERAS.json", help='{"views": [{"camera": [25 numbers]}, ...]}')
     r.add_argument("--out", required=True, metavar="OUT_DIR")
-    r.add_argument("--width", type=int, help="default: the training views' width")
-    r.add_argument("--height", type=int, help="default: the training views' height")
+    r.add_argument("--width", type=arg(positive_int, "--width", MAX_SIDE), help="default: the training views' width")
+    r.add_argument("--height", type=arg(positive_int, "--height", MAX_SIDE), help="default: the training views' height")
     r.add_argument("--depth", action="store_true", help="also write <name>_depth.npy (distance along the ray)")
-    r.add_argument("--device")
+    r.add_argument("--device", type=_DEVICE)
     r.set_defaults(fn=cmd_render)
 
     v = sub.add_parser("video", help="orbit video (.mp4 needs imageio-ffmpeg; .gif; or a folder of PNG frames)")
     v.add_argument("model", metavar="DIR")
     v.add_argument("--out", required=True, help="file.mp4, file.gif or a folder for PNG frames")
-    v.add_argument("--frames", type=int, default=120)
-    v.add_argument("--fps", type=int, default=30)
-    v.add_argument("--width", type=int)
-    v.add_argument("--height", type=int)
+    v.add_argument("--frames", type=arg(positive_int, "--frames", MAX_FRAMES), default=120)
+    v.add_argument("--fps", type=arg(positive_int, "--fps", 1000), default=30)
+    v.add_argument("--width", type=arg(positive_int, "--width", MAX_SIDE))
+    v.add_argument("--height", type=arg(positive_int, "--height", MAX_SIDE))
     v.add_argument("--radius", type=float, help="default: the training cameras' mean distance")
     v.add_argument("--elevation", type=float, help="degrees; default: the training cameras' mean")
-    v.add_argument("--device")
+    v.add_argument("--device", type=_DEVICE)
     v.set_defaults(fn=cmd_video)
 
     m = sub.add_parser("mesh", help="marching-cubes mesh of the density (.ply or .obj)")
     m.add_argument("model", metavar="DIR")
     m.add_argument("--out", required=True, help="mesh.ply or mesh.obj")
-    m.add_argument("--resolution", type=int, default=128)
+    m.add_argument("--resolution", type=arg(positive_int, "--resolution", MAX_MESH_RES, minimum=2), default=128)
     m.add_argument("--level", type=float, default=10.0, help="density iso-level (per world unit), default 10")
-    m.add_argument("--device")
+    m.add_argument("--device", type=_DEVICE)
     m.set_defaults(fn=cmd_mesh)
     return p
 

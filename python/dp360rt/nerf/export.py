@@ -24,12 +24,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from .fit import Nerf
 
 
+MAX_FRAMES = 100_000                # an hour at 30 fps
+MAX_MESH_RESOLUTION = 1024          # cells per side of the marching grid
+
+
 # ---------------------------------------------------------------------------------------------
 # Video
 # ---------------------------------------------------------------------------------------------
 
 def orbit_frames(nerf: "Nerf", frames: int = 120, width: int | None = None, height: int | None = None,
                  radius: float | None = None, elevation_deg: float | None = None) -> list[torch.Tensor]:
+    from ..checks import positive_int
+    frames = positive_int(frames, "frames", MAX_FRAMES)
     info = nerf.camera_info or {}
     cams = orbit_cameras(frames, radius if radius is not None else info.get("radius", 2.7),
                          elevation_deg if elevation_deg is not None else info.get("elevation_deg", 0.0),
@@ -75,6 +81,9 @@ def write_video(frames: list[torch.Tensor], path: str | Path, fps: int = 30) -> 
 
 def orbit_video(nerf: "Nerf", path: str | Path, frames: int = 120, fps: int = 30, width: int | None = None,
                 height: int | None = None, radius: float | None = None, elevation_deg: float | None = None) -> Path:
+    from ..checks import positive_int
+    frames = positive_int(frames, "frames", MAX_FRAMES)       # before rendering any
+    fps = positive_int(fps, "fps", 1000)
     suffix = Path(path).suffix.lower()
     if suffix in (".mp4", ".mov", ".mkv", ".avi"):
         try:                                            # fail before rendering, not after
@@ -184,6 +193,8 @@ def extract_mesh(nerf: "Nerf", resolution: int = 128, level: float = 10.0, chunk
     """Iso-surface ``density == level`` (per world unit) over the occupied box ->
     {"vertices" [V, 3] world, "faces" [T, 3], "colors" [V, 3] uint8, "normals" [V, 3]}.
     ``method``: "auto" (scikit-image when installed), "skimage" or "tetra"."""
+    from ..checks import positive_int
+    resolution = positive_int(resolution, "resolution", MAX_MESH_RESOLUTION, minimum=2)
     if nerf.field is None or nerf.occ is None:
         raise RuntimeError("the field is not fitted. Fix: fit or load a model first")
     b = nerf.config.bound

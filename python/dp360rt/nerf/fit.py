@@ -21,12 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import positive_float, positive_int
+from ..checks import device as check_device
 from .cameras import CameraError, camera_rays, split_camera
 from .field import GridField, HashField, build_field
 from .occupancy import OccupancyGrid, ViewCarver
 from .render import march, render_rays_train
 
 FORMAT_VERSION = 1
+MAX_RENDER_SIDE = 8192           # pixels per side of a render (67 MP): more is a typo, not a request
+GRID_RES_RANGE = (8, 1024)       # a dense grid of 1024^3 already needs about 17 GB
 
 
 @dataclass
@@ -68,6 +72,10 @@ class NerfConfig:
     carve_res: int = 64
     tune_threads: bool = True         # CPU: pick 1 or all threads by measured speed (shared machines)
 
+    def __post_init__(self) -> None:
+        self.bound = positive_float(self.bound, "bound")
+        self.grid_res = positive_int(self.grid_res, "grid_res", minimum=GRID_RES_RANGE[0], maximum=GRID_RES_RANGE[1])
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "NerfConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
@@ -79,7 +87,7 @@ class NerfConfig:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return check_device(name)
 
 
 def to_image(img: Any) -> Tensor:
@@ -255,8 +263,8 @@ class Nerf:
         to the training views' resolution."""
         if self.image_size is None and (width is None or height is None):
             raise ValueError("render needs width and height (no training views known). Fix: pass width= and height=")
-        w = int(width or self.image_size[0])       # type: ignore[index]
-        h = int(height or self.image_size[1])      # type: ignore[index]
+        w = self.image_size[0] if width is None else positive_int(width, "width", MAX_RENDER_SIDE)   # type: ignore[index]
+        h = self.image_size[1] if height is None else positive_int(height, "height", MAX_RENDER_SIDE)  # type: ignore[index]
         if self.field is not None:
             self.field.eval()
         o, d = camera_rays(torch.as_tensor(camera, dtype=torch.float64), w, h, device=self.device)
@@ -271,6 +279,28 @@ class Nerf:
             r = self.render(cam, im.shape[1], im.shape[0])["rgb"]
             out.append(psnr(r, im))
         return out
+
+    @torch.no_grad()
+    def snapshot(self) -> "Nerf":
+        """A frozen copy of the fitted state (field, occupancy, background) for rendering while
+        training goes on: a training step updates the tables in place and may re-index or resample
+        them, so a render must never read the live field. Call it between training steps."""
+        import copy
+        if self.field is None or self.occ is None:
+            raise RuntimeError("nothing to snapshot: the field is not fitted. Fix: train at least one step first")
+        snap = Nerf(self.config)
+        snap.encoding = self.encoding
+        snap.field = copy.deepcopy(self.field)
+        for p in snap.field.parameters():        # the copy is never trained: drop gradients
+            p.grad = None
+            p.requires_grad_(False)
+        snap.occ = copy.deepcopy(self.occ)
+        snap.background = self.background.detach().clone()
+        snap.background_mode = self.background_mode
+        snap.image_size = self.image_size
+        snap.camera_info = dict(self.camera_info) if self.camera_info else None
+        snap.stats = dict(self.stats)
+        return snap
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
@@ -422,6 +452,8 @@ class Fitter:
     def __init__(self, nerf: Nerf, seconds: float | None = None, steps: int | None = None, progress: bool = True):
         if seconds is None and steps is None:
             raise ValueError("give a training budget: seconds and/or steps. Fix: e.g. seconds=120")
+        seconds = None if seconds is None else positive_float(seconds, "seconds")
+        steps = None if steps is None else positive_int(steps, "steps")
         self.nerf = nerf
         self.seconds = seconds
         self.steps = steps

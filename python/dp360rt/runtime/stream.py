@@ -23,20 +23,26 @@ never alternates models step by step.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
+from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
 from ..backends.torch_backend import TorchBackend
-from ..images import BACK_CONDITION_INDEX, ImageError, load_conditions, load_portrait, quantize8, to_unit
+from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
+                      quantize8, to_unit)
 from ..pipeline import GenerationResult, Pipeline, Window, prepare_windows
 from ..sampler.fast import window_task
 from ..sampler.noise import RecordedNoise, as_noise
+from ..sampler.params import check_finite_latents, check_sampler_params
 from ..sampler.plan import activation_bytes, weight_bytes
 from ..sampler.tasks import BankCache, Task, step_tasks
 from ..scheduler.schedule import ddim_tables
@@ -171,7 +177,9 @@ class Runtime:
 
     def __init__(self, pipeline: Pipeline, policy: str = "throughput", max_rows: int | None = None,
                  max_memory: int | None = None, queue_size: int = 32, eta: float = 0.5, cfg_scale: float = 3.0):
-        from .. import _C
+        from ..checks import max_memory_bytes
+        max_memory = max_memory_bytes(max_memory)       # None and 0: no limit (the loop's 0)
+        check_sampler_params(eta=eta, cfg_scale=cfg_scale)
         self.pipe = pipeline
         self.policy = policy
         self.frames = pipeline.nvs.frames
@@ -195,28 +203,40 @@ class Runtime:
         self._requests: dict[int, _Request] = {}
         self._tasks: dict[int, tuple[_Request, int]] = {}
         self._ids = itertools.count()
+        # The loop gets weak callbacks: a strong pair would make runtime <-> loop a cycle the garbage
+        # collector cannot see through (the loop is native), so a dropped pipeline would never stop.
+        this = weakref.ref(self)
+
+        def run_batch(ids: list[int]) -> tuple[list[int], list[int]]:
+            rt = this()
+            return rt._run_batch(ids) if rt is not None else ([], [])
+
+        def on_done(tid: int) -> None:
+            rt = this()
+            if rt is not None:
+                rt._on_done(tid)
+
         self._loop = _C.StepLoop(policy, self.max_rows, int(max_memory or 0), fixed if max_memory else 0,
-                                 self._run_batch, self._on_done)
+                                 run_batch, on_done)
         self._per_row = per_row
         self._loop.start()
+        _LIVE.add(self)
 
     # -- public ------------------------------------------------------------------------------
     def submit(self, portrait: Any, conditions: Any, *, steps: int = 50, seed: Any = 0,
                features: Tensor | None = None, cameras: Any = None, back_view: bool = False) -> Handle:
         """Queue one portrait; returns at once with a :class:`Handle` (inputs are validated here).
         ``back_view=True``: also stream the back view (index -1) the moment it is decoded."""
+        check_sampler_params(steps=steps, seed=seed, conditions=conditions)
         s = self.pipe.image_size
         img = load_portrait(portrait, s)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
-        if cond.dim() != 4 or cond.shape[1:] != (3, s, s) or cond.shape[0] % self.frames:
-            raise ImageError(f"conditions must be [N, 3, {s}, {s}] with N a multiple of {self.frames}, "
-                             f"got {tuple(cond.shape)}")
-        if cond.shape[0] <= BACK_CONDITION_INDEX:
-            raise ImageError(f"need at least {BACK_CONDITION_INDEX + 1} condition images, got {cond.shape[0]}")
+        if isinstance(features, (str, Path)):
+            features = load_frames(features, s, cond.shape[0] if cond.dim() == 4 else CONDITION_COUNT)
+        check_conditions(cond, s, self.frames, features)      # here, not after the back view
         from ..nerf.cameras import resolve_cameras
         cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         ddim_tables(self.pipe.nvs.alphas_cumprod, steps, self.eta)          # validates the step count
-        from .. import _C
         rid = next(self._ids)
         req = _Request(rid, img, cond, features, steps, as_noise(seed), _C.ViewQueue(self.queue_size),
                        time.perf_counter(), cameras=cameras, stream_back_view=back_view)
@@ -265,6 +285,16 @@ class Runtime:
         for req in list(self._requests.values()):
             self._cancel(req, RequestCancelled("runtime shut down"))
         self._loop.shutdown()
+        _LIVE.discard(self)
+
+    def __del__(self) -> None:
+        # Garbage-collected without shutdown(): unblock a loop waiting on a full view queue; the
+        # native loop's destructor then stops and joins its thread.
+        try:
+            for req in list(self._requests.values()):
+                req.queue.close()
+        except Exception:  # noqa: BLE001 - half-built runtime or interpreter teardown
+            pass
 
     def __enter__(self) -> "Runtime":
         return self
@@ -305,6 +335,7 @@ class Runtime:
         m, dev = self.pipe.nvs, self.pipe.device
         with self._autocast():
             bv = self.pipe.use(self.pipe.backview)
+            check_finite_latents(req.bv_task.x, "the back view")
             back = quantize8(self.pipe._net(bv).decode_latent(req.bv_task.x).float())
             req.back_view = back.cpu()
             if req.stream_back_view:
@@ -378,6 +409,7 @@ class Runtime:
     def _finish_window(self, req: _Request, w: int) -> None:
         task = req.window_tasks.pop(w)
         m = self.pipe.use(self.pipe.nvs)
+        check_finite_latents(task.x, f"window {w} (views {w * self.frames}-{(w + 1) * self.frames - 1})")
         req.latents[w] = task.x.cpu()
         # Latency: the window's first frame is decoded (and streamed) before the other seven.
         parts = [slice(0, 1), slice(1, None)] if self.policy == "latency" else [slice(None)]
@@ -428,3 +460,18 @@ class Runtime:
         for req, admit in wave:
             req.status = "queued"
             admit()
+
+
+# Runtimes not shut down yet. At interpreter exit each is shut down (requests cancelled, queues
+# closed, loop joined) before the interpreter finalizes: a loop thread still running then would
+# ask a finalizing interpreter for the GIL and abort the process.
+_LIVE: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_runtimes() -> None:
+    for rt in list(_LIVE):
+        try:
+            rt.shutdown()
+        except Exception:  # noqa: BLE001 - exit must go on
+            pass
