@@ -138,8 +138,9 @@ def test_memory_tiny(benchmark):
     from dp360rt.sampler.plan import activation_bytes, weight_bytes
     cfgs = load_config("tiny")
     nvs, bv, lat = cfgs["nvs"], cfgs["backview"], cfgs["nvs"].latent_size
-    both_min = (weight_bytes(nvs, 2) + weight_bytes(bv, 2) + activation_bytes(nvs, 2, lat, lat, 2)
-                + activation_bytes(nvs, 8, lat, lat, 2))
+    both_min = (weight_bytes(nvs, 2) + weight_bytes(bv, 2)
+                + activation_bytes(nvs, 2, lat, lat, 2, fused_attention=True)
+                + activation_bytes(nvs, 8, lat, lat, 2, fused_attention=True))
     budget_gib = (both_min - 1) / 2**30       # the smallest batch with both models resident does not fit
     rows = benchmark.pedantic(lambda: [measure(m, "tiny", budget_gib, 1) for m in MODES], rounds=1, iterations=1)
     default, edge_r = rows
