@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,15 @@ from .config import ModelConfig, load_config
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, save_png, to_unit)
 from .model import DiffPortrait360, build_model
+from .offload import ModelSwap
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
 from .sampler.params import check_finite_latents, check_sampler_params
 from .sampler.plan import BatchPlan, default_plan
 from .sampler.reference import sample_reference
 from .text.clip import empty_prompt_ids
+
+log = logging.getLogger("dp360rt")
 
 if TYPE_CHECKING:
     from .nerf import Nerf
@@ -169,7 +173,10 @@ class Pipeline:
     ``pipe(portrait, conditions)`` -> :class:`GenerationResult` with the back view and all views.
     ``engine="fast"`` (default) computes the reference's numbers with the shared-bank schedule;
     ``engine="reference"`` runs the authors' loop as it is (the ground truth). ``max_memory``
-    (bytes; None or 0: no limit) bounds the fast engine's batch (see ``pipe.plan``). ``backend="ort"|"trt"`` runs the
+    (bytes; None or 0: no limit) bounds the fast engine's batch (see ``pipe.plan``); when both diffusion models and the
+    smallest batch do not fit, edge mode keeps one model resident at a time (the idle one written
+    once to ``offload_dir``, default a temporary folder, and reloaded when needed: ``pipe.swap``)
+    and decodes views in slices. ``backend="ort"|"trt"`` runs the
     networks from an ONNX export (``export_dir``: one directory, or ``{"nvs": DIR, "backview": DIR}``;
     make one with ``dp360rt export``) under the fast engine's schedule; ``"torch"`` (default) runs
     the PyTorch modules.
@@ -178,7 +185,7 @@ class Pipeline:
     def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None,
                  backend: str = "torch", export_dir: str | Path | Mapping[str, str | Path] | None = None,
-                 crop: str | None = None, **backend_options: Any):
+                 crop: str | None = None, offload_dir: str | Path | None = None, **backend_options: Any):
         if nvs.kind != "nvs" or backview.kind != "backview":
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
@@ -187,15 +194,30 @@ class Pipeline:
         self.device, max_memory = check_options(device, backend, max_memory)
         self.dtype = dtype
         self.engine = engine
-        self.nvs = nvs.to(self.device)
-        self.backview = backview.to(self.device)
+        self.nvs, self.backview = nvs, backview
         self.image_size = nvs.cfg.image_size
         self.max_memory = max_memory
         self.plan: BatchPlan | None = None
         self.shared = {"tensors": 0, "bytes": 0}        # tensors the two models hold as one copy
+        self.swap: ModelSwap | None = None
         if engine == "fast":
             dbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-            self.plan = default_plan(nvs.cfg, self.device.type, dbytes, max_memory, CONDITION_WINDOWS)
+            nvs_ids = {id(p) for p in nvs.parameters()}
+            shared = sum(p.numel() for p in backview.parameters() if id(p) in nvs_ids) * dbytes
+            self.plan = default_plan(nvs.cfg, self.device.type, dbytes, max_memory, CONDITION_WINDOWS,
+                                     backview=backview.cfg if max_memory is not None else None, shared_bytes=shared)
+            log.info("memory plan: %s", self.plan.describe(CONDITION_WINDOWS, nvs.frames))
+        if self.plan is not None and self.plan.one_model_resident:
+            if backend != "torch":
+                raise ValueError(
+                    f"max_memory={max_memory / 2**30:.2f} GiB needs one diffusion model resident at a time (edge mode), "
+                    f"which only backend='torch' does; backend={backend!r} keeps its own copy of each network. "
+                    "Fix: use backend='torch' or raise max_memory")
+            # The back view runs first, so the 360° model starts offloaded.
+            self.swap = ModelSwap({"backview": backview, "nvs": nvs}, self.device, offload_dir)
+        else:
+            self.nvs.to(self.device)
+            self.backview.to(self.device)
         self.backend = backend
         self.backends: dict[str, Any] = {}           # kind -> exported-network backend (none for torch)
         if backend != "torch":
@@ -210,6 +232,18 @@ class Pipeline:
     def _net(self, model: DiffPortrait360) -> Any:
         """What runs ``model``'s text tower and VAE: its exported backend, or the module itself."""
         return self.backends.get(model.kind, model)
+
+    def use(self, model: DiffPortrait360) -> DiffPortrait360:
+        """Make ``model`` resident (edge mode reloads it and offloads the other; otherwise a no-op)."""
+        if self.swap is not None:
+            self.swap.use(model.kind)
+        return model
+
+    def decode(self, model: DiffPortrait360, latent: Tensor) -> Tensor:
+        """Latents [B, 4, h, w] -> images [B, 3, 8h, 8w] (about [-1, 1]) in slices of the plan's
+        ``decode_frames`` (edge mode), else in one call."""
+        n = self.plan.decode_frames if self.plan is not None and self.plan.decode_frames else latent.shape[0]
+        return torch.cat([self._net(model).decode_latent(latent[i:i + n]) for i in range(0, latent.shape[0], n)])
 
     def _engine(self, model: DiffPortrait360, windows: list[Window], **kw: Any) -> tuple[list[Tensor], int]:
         if self.engine == "fast":
@@ -274,9 +308,12 @@ class Pipeline:
         return self.runtime(policy).submit(portrait, conditions, **kw)
 
     def close(self) -> None:
-        """Stop the runtimes' loop threads (also done at interpreter exit)."""
+        """Stop the runtimes' loop threads (also done at interpreter exit) and remove edge mode's
+        temporary offload files."""
         for rt in self.__dict__.pop("_runtimes", {}).values():
             rt.shutdown()
+        if self.swap is not None:
+            self.swap.close()
 
     def flops(self, steps: int = 50) -> dict[str, dict[str, float]]:
         """FLOPs of this pipeline's engine per step and per run, per module (counted on meta tensors;
@@ -336,9 +373,10 @@ class Pipeline:
         noise = as_noise(seed)
         timings["preprocess"] = time.perf_counter() - tic
         report = (lambda stage: (lambda i, n: progress(stage, i, n))) if progress else (lambda stage: None)
+        reloaded = self.swap.reload_seconds if self.swap is not None else 0.0
         with _autocast(self.device, self.dtype):
             tic = time.perf_counter()
-            bv = self.backview
+            bv = self.use(self.backview)
             ctx_b = self.text_context(bv)
             mean, logvar = self._net(bv).encode_image(img)
             ref = bv.sample_latent(mean, logvar, noise(mean.shape, self.device))
@@ -352,7 +390,7 @@ class Pipeline:
             timings["back_view"] = time.perf_counter() - tic
 
             tic = time.perf_counter()
-            m = self.nvs
+            m = self.use(self.nvs)
             ctx = self.text_context(m)
             mean, logvar = self._net(m).encode_image(img)
             ref_front = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
@@ -368,8 +406,10 @@ class Pipeline:
             for k, z in enumerate(latents):
                 check_finite_latents(z, f"window {k} (views {k * m.frames}-{(k + 1) * m.frames - 1})")
             tic = time.perf_counter()
-            views = torch.cat([to_unit(self._net(m).decode_latent(z).float()) for z in latents]).cpu()
+            views = torch.cat([to_unit(self.decode(m, z).float()).cpu() for z in latents])
             timings["decode"] = time.perf_counter() - tic
+        if self.swap is not None:
+            timings["reload"] = self.swap.reload_seconds - reloaded       # part of back_view/encode above
         return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, latents=torch.cat(latents).cpu(),
                                 cameras=view_cameras, timings=timings,
                                 unet_calls=calls + n_calls, crop=cropped)

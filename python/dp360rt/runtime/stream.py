@@ -14,6 +14,12 @@ the total is at least ``b + (1 - b) / 4`` (``b``: the back view's share), above 
 ``latency`` policy gets close to that bound (window 0 alone, its first frame decoded alone), and
 ``back_view=True`` streams the back view itself (a real view of the head, at the back-view
 hint's camera) as soon as it exists, before any window.
+
+Edge mode (the pipeline's plan keeps one diffusion model resident, see :mod:`dp360rt.offload`):
+requests are admitted in waves. A request submitted while others run waits until they have
+finished; then the waiting requests start together: the back-view model is reloaded for their
+back views, the 360° model for their windows. So each wave costs two reloads, and the loop
+never alternates models step by step.
 """
 from __future__ import annotations
 
@@ -106,7 +112,7 @@ class Handle:
 
     @property
     def status(self) -> str:
-        """queued, running, done, failed or cancelled."""
+        """queued, waiting (edge mode: for the running wave to finish), running, done, failed or cancelled."""
         return self._req.status
 
     @property
@@ -185,8 +191,12 @@ class Runtime:
         dbytes = 2 if pipeline.dtype in (torch.float16, torch.bfloat16) else 4
         cfg = pipeline.nvs.cfg
         lat = cfg.latent_size
-        fixed = weight_bytes(cfg, dbytes) + weight_bytes(pipeline.backview.cfg, dbytes)
-        per_row = activation_bytes(cfg, 2 if self.batch_cfg else 1, lat, lat, dbytes)
+        fixed = (plan.weights_bytes if plan and plan.weights_bytes else
+                 weight_bytes(cfg, dbytes) + weight_bytes(pipeline.backview.cfg, dbytes))
+        self._edge = pipeline.swap is not None
+        self._waiting: list[Any] = []          # edge mode: admissions of requests waiting for the next wave
+        self._admit_lock = threading.Lock()
+        per_row = activation_bytes(cfg, 2 if self.batch_cfg else 1, lat, lat, dbytes, fused_attention=True)
         self._backends = {BACKVIEW: pipeline.backends.get("backview") or TorchBackend(pipeline.backview),
                           NVS: pipeline.backends.get("nvs") or TorchBackend(pipeline.nvs)}
         self._caches = {BACKVIEW: BankCache(), NVS: BankCache()}
@@ -240,9 +250,18 @@ class Runtime:
             req.task_ids[tid] = w
             self._tasks[tid] = (req, w)
             wins.append((tid, w))
-        self._loop.add_task(bv_id, rid, -1, BACKVIEW, 1, steps, self._per_row, [])
-        for tid, w in wins:
-            self._loop.add_task(tid, rid, w, NVS, self.frames, steps, self._per_row, [bv_id])
+        def admit() -> None:
+            self._loop.add_task(bv_id, rid, -1, BACKVIEW, 1, steps, self._per_row, [])
+            for tid, w in wins:
+                self._loop.add_task(tid, rid, w, NVS, self.frames, steps, self._per_row, [bv_id])
+
+        with self._admit_lock:
+            running = [r for r in self._requests.values() if r is not req and r.status != "waiting"]
+            if self._edge and (running or self._waiting):
+                req.status = "waiting"
+                self._waiting.append((req, admit))
+                return Handle(self, req)
+        admit()
         return Handle(self, req)
 
     def stream(self, portrait: Any, conditions: Any, **kw: Any) -> Iterator[View]:
@@ -301,7 +320,7 @@ class Runtime:
     def _start_backview(self, req: _Request) -> None:
         """The reference's first draws: portrait posterior, then the back view's start and step noises."""
         req.status = "running"
-        bv, dev, s = self.pipe.backview, self.pipe.device, self.pipe.image_size
+        bv, dev, s = self.pipe.use(self.pipe.backview), self.pipe.device, self.pipe.image_size
         with self._autocast():
             mean, logvar = self.pipe._net(bv).encode_image(req.portrait.to(dev))
             ref = bv.sample_latent(mean, logvar, req.noise(mean.shape, dev))
@@ -315,13 +334,14 @@ class Runtime:
     def _start_windows(self, req: _Request) -> None:
         m, dev = self.pipe.nvs, self.pipe.device
         with self._autocast():
-            bv = self.pipe.backview
+            bv = self.pipe.use(self.pipe.backview)
             check_finite_latents(req.bv_task.x, "the back view")
             back = quantize8(self.pipe._net(bv).decode_latent(req.bv_task.x).float())
             req.back_view = back.cpu()
             if req.stream_back_view:
                 req.queue.push(View(BACK_VIEW_INDEX, req.cameras[BACK_CONDITION_INDEX], to_unit(req.back_view[0]),
                                     time.perf_counter() - req.t0))
+            self.pipe.use(m)
             ctx = self.pipe.text_context(m)
             mean, logvar = self.pipe._net(m).encode_image(req.portrait.to(dev))
             ref_front = m.sample_latent(mean, logvar, req.noise(mean.shape, dev))
@@ -360,6 +380,7 @@ class Runtime:
 
     def _step(self, group: list) -> list[int]:
         model = BACKVIEW if group[0][2] < 0 else NVS
+        self.pipe.use(self.pipe.backview if model == BACKVIEW else self.pipe.nvs)
         tasks = [self._task(req, w) for _, req, w in group]
         with torch.no_grad(), self._autocast():
             calls = step_tasks(self._backends[model], tasks, self.cfg_scale, self.batch_cfg, self._caches[model])
@@ -387,14 +408,14 @@ class Runtime:
     @torch.no_grad()
     def _finish_window(self, req: _Request, w: int) -> None:
         task = req.window_tasks.pop(w)
-        m = self.pipe.nvs
+        m = self.pipe.use(self.pipe.nvs)
         check_finite_latents(task.x, f"window {w} (views {w * self.frames}-{(w + 1) * self.frames - 1})")
         req.latents[w] = task.x.cpu()
         # Latency: the window's first frame is decoded (and streamed) before the other seven.
         parts = [slice(0, 1), slice(1, None)] if self.policy == "latency" else [slice(None)]
         for part in parts:
             with self._autocast():
-                images = to_unit(self.pipe._net(m).decode_latent(task.x[part]).float()).cpu()
+                images = to_unit(self.pipe.decode(m, task.x[part]).float()).cpu()
             for j, img in zip(range(self.frames)[part], images):
                 idx = w * self.frames + j
                 if not req.queue.push(View(idx, req.cameras[idx], img, time.perf_counter() - req.t0)):
@@ -426,6 +447,19 @@ class Runtime:
         req.bv_task = None
         req.window_tasks.clear()
         req.portrait = req.conditions = req.features = None  # type: ignore[assignment]
+        self._admit_next_wave(req)
+
+    def _admit_next_wave(self, gone: _Request) -> None:
+        """Edge mode: once no admitted request is left, start every waiting one together."""
+        with self._admit_lock:
+            self._waiting = [(r, a) for r, a in self._waiting if r is not gone]
+            admitted = [r for r in self._requests.values() if r.status != "waiting"]
+            if admitted or not self._waiting:
+                return
+            wave, self._waiting = self._waiting, []
+        for req, admit in wave:
+            req.status = "queued"
+            admit()
 
 
 # Runtimes not shut down yet. At interpreter exit each is shut down (requests cancelled, queues
