@@ -52,7 +52,9 @@ class GenerationReplica:
             raise RuntimeError("the pipeline is not loaded")
 
     def __del__(self) -> None:
-        self.backend.close()
+        backend = getattr(self, "backend", None)       # absent when __init__ failed
+        if backend is not None:
+            backend.close()
 
 
 class RayJob:
