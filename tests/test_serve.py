@@ -120,12 +120,14 @@ def test_four_concurrent_generations(server, backend):
         assert sorted(d["index"] for e, d in events if e == "view") == list(range(-1, 32))
         ids.add(r.headers["x-generation-id"])
     assert len(ids) == 4
-    # same seed, same views: the batched requests do not disturb one another
+    # same seed, same view whether batched with 3 other requests or alone (within one 8-bit level:
+    # batch sizes may change float rounding, not the picture)
     r1, ev1 = results[0]
     r2, ev2 = generate(client, base, steps=2, seed=0)
     url1 = next(d["url"] for e, d in ev1 if e == "view" and d["index"] == 7)
     url2 = next(d["url"] for e, d in ev2 if e == "view" and d["index"] == 7)
-    assert client.get(base + url1).content == client.get(base + url2).content
+    a, b = (np.asarray(Image.open(io.BytesIO(client.get(base + u).content)), dtype=int) for u in (url1, url2))
+    assert np.abs(a - b).max() <= 1
 
 
 def test_hang_up_cancels_the_work(server, backend):
