@@ -1,0 +1,80 @@
+"""dp360rt serve --ray: the same contract on Ray Serve, 2 generation replicas (tiny model, CPU).
+Ray starts once for the module (about half a minute on 2 cores)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
+
+from serve_helpers import free_port, generate, metric, portrait_png, sse_events  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_server():
+    import ray
+    from ray import serve
+    from dp360rt.serve.ray_app import build_app
+    spec = {"nvs": None, "backview": None, "random": "tiny", "config": "full", "conditions": None, "device": "cpu",
+            "dtype": "fp32", "engine": "fast", "max_memory": None, "backend": "torch", "export_dir": None,
+            "policy": "latency"}
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(spec, replicas=2, viewer=False, replica_cpus=0.5), name="dp360rt", route_prefix="/")
+        with httpx.Client(timeout=120) as client:
+            yield f"http://127.0.0.1:{port}", client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_ray_requests_stream_and_spread_over_replicas(ray_server):
+    base, client = ray_server
+    assert client.get(base + "/readyz").status_code == 200
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda s: generate(client, base, steps=2, seed=s), range(4)))
+    replicas = set()
+    for r, events in results:
+        assert r.status_code == 200 and events[-1][0] == "done", events[-1:]
+        views = [d for e, d in events if e == "view"]
+        assert views[0]["index"] == -1 and sorted(v["index"] for v in views) == list(range(-1, 32))
+        assert client.get(base + views[3]["url"]).headers["content-type"] == "image/png"
+        name, pid = r.headers["x-replica"].rsplit("/", 1)
+        assert name.startswith("GenerationReplica#") and int(pid) != os.getpid()
+        replicas.add(r.headers["x-replica"])
+    assert len(replicas) == 2, replicas                           # the 4 requests used both replicas
+    bad = client.post(base + "/v1/generations", files={"portrait": ("f.png", portrait_png(), "image/png")},
+                      data={"steps": "3"})
+    assert bad.status_code == 400 and "steps=3" in bad.json()["error"]["message"]
+    text = client.get(base + "/metrics").text                      # the ingress's global metrics
+    assert metric(text, 'dp360rt_generations_total{status="done"}') >= 4
+    assert metric(text, "dp360rt_active_generations") == 0
+
+
+def test_killed_replica_costs_one_stream_not_the_service(ray_server):
+    base, client = ray_server
+    files = {"portrait": ("face.png", portrait_png(), "image/png")}
+    t0 = time.monotonic()
+    with client.stream("POST", f"{base}/v1/generations", files=files, data={"steps": "50"}) as r:
+        assert r.status_code == 200
+        pid = int(r.headers["x-replica"].rsplit("/", 1)[1])
+        events = []
+        for event, data in sse_events(r.iter_lines()):
+            events.append((event, data))
+            if len(events) == 1:
+                os.kill(pid, signal.SIGKILL)                        # the replica dies mid-request
+                t_kill = time.monotonic()
+        t_end = time.monotonic()
+    assert events[-1][0] == "error" and "died" in events[-1][1]["message"], events[-2:]
+    assert t_end - t_kill < 15, "the stream of a dead replica did not end quickly"
+    r, events = generate(client, base, steps=2, seed=5)            # the service still works
+    assert r.status_code == 200 and events[-1][0] == "done"
+    assert metric(client.get(base + "/metrics").text, 'dp360rt_generations_total{status="failed"}') >= 1
+    assert time.monotonic() - t0 < 120
