@@ -34,6 +34,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--store", help="folder for the generated views (default: a temporary folder removed on exit)")
     s.add_argument("--store-max-gb", type=float, default=2.0, help="store size cap; oldest generations go first")
     s.add_argument("--no-viewer", action="store_true", help="do not mount the browser viewer (dp360rt.viewer)")
+    s.add_argument("--nerf-seconds", type=float, default=None,
+                   help="viewer: NeRF training time per generation (default 30 s)")
+    s.add_argument("--nerf-steps", type=int, default=None,
+                   help="viewer: NeRF training steps per generation (with --nerf-seconds: whichever ends first)")
     s.add_argument("--ray", action="store_true", help="run on Ray Serve: one ingress, --replicas generation replicas")
     s.add_argument("--replicas", type=int, default=1, help="generation replicas with --ray (one per GPU)")
     s.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
@@ -55,6 +59,10 @@ def check_args(a: argparse.Namespace) -> None:
     for name in ("max_queue", "replicas"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be 1 or more. Fix: pass a positive count")
+    for name in ("nerf_seconds", "nerf_steps"):
+        v = getattr(a, name, None)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {v}: must be positive. Fix: pass e.g. --nerf-seconds 30")
     if a.max_upload <= 0:
         raise ValueError(f"--max-upload {a.max_upload}: must be positive. Fix: pass a size in MB, e.g. 20")
     if not 0 < a.port < 65536:
@@ -85,12 +93,14 @@ def backend_from_spec(spec: dict[str, Any], replica: str | None = None):
     return LocalBackend(lambda: _pipeline(ns), conditions=spec["conditions"], policy=spec["policy"], replica=replica)
 
 
-def viewer_parts(enabled: bool = True) -> tuple[list[Any], list[Any]]:
-    """The viewer's listener and routes when ``dp360rt.viewer`` is present (else nothing)."""
+def viewer_parts(enabled: bool = True, nerf_seconds: float | None = None,
+                 nerf_steps: int | None = None) -> tuple[list[Any], list[Any]]:
+    """The viewer's listener and routes when ``dp360rt.viewer`` is present (else nothing); the
+    NeRF budget per generation is ``nerf_seconds`` / ``nerf_steps`` (default: the viewer's 30 s)."""
     if not enabled or importlib.util.find_spec("dp360rt.viewer") is None:
         return [], []
     from dp360rt.viewer import NerfSessions, viewer_routes
-    sessions = NerfSessions()
+    sessions = NerfSessions(seconds=nerf_seconds, steps=nerf_steps)
     return [sessions], list(viewer_routes(sessions, upload=True))
 
 
@@ -105,7 +115,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
     from .app import create_app
     from .store import ResultStore
-    listeners, routes = viewer_parts(not a.no_viewer)
+    listeners, routes = viewer_parts(not a.no_viewer, a.nerf_seconds, a.nerf_steps)
     app = create_app(backend_from_spec(spec), store=ResultStore(a.store, int(a.store_max_gb * 2**30)),
                      max_queue=a.max_queue, max_upload_mb=a.max_upload, token=a.token, listeners=listeners,
                      extra_routes=routes)

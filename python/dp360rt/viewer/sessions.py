@@ -185,8 +185,12 @@ class NerfSession:
             self._extend_budget(f)              # views came after the budget ran out: train them in
         if not f.done:
             self.state = "fitting"
-            f.train(seconds=chunk_seconds)
-            self._publish(f)
+            before = f.step
+            # the first call sets up (background, carving, thread probe) and may use up a short
+            # chunk before any step: make it take one step whatever the clock says
+            f.train(steps=1) if f.step == 0 else f.train(seconds=chunk_seconds)
+            if f.step > before:
+                self._publish(f)
         if f.done:
             self._trained_views = f.num_views
             if self.generation != "running" and self.state != "failed":
