@@ -145,6 +145,10 @@ def _pipeline(a: argparse.Namespace):
     from .pipeline import Pipeline
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
     kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem, **_backend_kw(a))
+    if hasattr(a, "no_noise3d"):
+        from .invert.cli import check_noise3d_files, inverter_from_args
+        check_noise3d_files(a)               # a missing PanoHead / VGG16 file, before any weights load
+        kw["inverter"] = inverter_from_args(a, a.device)
     if a.random:
         _check_inputs_early(a)
         return Pipeline.random(a.random, seed=0, **kw)
@@ -182,7 +186,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
     views = {}
     try:
         for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps, seed=a.seed,
-                             cameras=a.cameras, back_view=True, crop=a.crop):
+                             cameras=a.cameras, back_view=True, crop=a.crop, progress=_progress_bar()):
             if v.is_back_view:
                 save_png(v.image, out / "back_view.png")
                 print(f"back view ready at {v.t_ready:7.2f} s -> {out / 'back_view.png'}", flush=True)
@@ -324,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(the authors' --denoise_from_guidance renders)")
     _add_model_args(g)
     _add_crop_arg(g)
+    from .invert.cli import add_noise3d_args
+    add_noise3d_args(g)
     g.set_defaults(fn=cmd_generate)
 
     st = sub.add_parser("stream", help="print and save views as they finish, the back view first (C++ step loop)")
@@ -332,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--policy", default="latency", choices=["latency", "throughput"])
     _add_model_args(st)
     _add_crop_arg(st)
+    add_noise3d_args(st)
     st.set_defaults(fn=cmd_stream)
 
     b = sub.add_parser("bench", help="per-stage latency with warm-up and repeats; JSON + PNG")
@@ -379,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     vw.set_defaults(fn=cmd_view)
     from .panohead.cli import add_parsers as add_panohead_parsers
     add_panohead_parsers(sub)
+    from .invert.cli import add_parser as add_invert_parser
+    add_invert_parser(sub)
     return p
 
 

@@ -144,12 +144,14 @@ class _RayStart:
         self.g.rendering_kwargs["ray_start"] = self.saved
 
 
+@torch.enable_grad()        # also inside a caller's no_grad (the pipeline runs under one)
 def project_w(g: TriPlaneGenerator, target: Tensor, c: Tensor, perceptual: nn.Module, *, steps: int = W_STEPS,
               draws: Draws | None = None, ray_start: float = RAY_START, log: ProjectionLog | None = None,
-              progress: Progress | None = None) -> tuple[Tensor, Tensor]:
+              progress: Progress | None = None, until: int | None = None) -> tuple[Tensor, Tensor]:
     """W projection of ``target`` (uint8 [3, 512, 512]) seen from camera ``c`` [1, 25] (PanoHead
     label, before the camera shift) -> (w [1, num_ws, w_dim] after the last step, the shifted
-    camera [1, 25]). ``perceptual``: images [N, 3, 256, 256] in [0, 255] -> features [N, F]."""
+    camera [1, 25]). ``perceptual``: images [N, 3, 256, 256] in [0, 255] -> features [N, F].
+    ``until``: stop after that many steps of the ``steps``-step schedule (tests, benchmarks)."""
     if steps < 1:
         raise ValueError(f"projection steps must be >= 1, got {steps}. Fix: e.g. --w-steps 200")
     dev = next(g.parameters()).device
@@ -163,7 +165,7 @@ def project_w(g: TriPlaneGenerator, target: Tensor, c: Tensor, perceptual: nn.Mo
     w_opt = w_avg.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([w_opt], betas=(0.9, 0.999), lr=0.1)
     with _RayStart(g, ray_start):
-        for step in range(steps):
+        for step in range(steps if until is None else min(until, steps)):
             t = step / steps
             noise_scale = stats.w_std * 0.05 * max(0.0, 1.0 - t / 0.75) ** 2
             lr = learning_rate(step, steps)
@@ -190,6 +192,7 @@ def project_w(g: TriPlaneGenerator, target: Tensor, c: Tensor, perceptual: nn.Mo
     return w_opt.detach(), c
 
 
+@torch.enable_grad()
 def tune_pivot(g: TriPlaneGenerator, target: Tensor, w: Tensor, c: Tensor, perceptual: nn.Module, *,
                steps: int = PTI_STEPS, lr: float = 3e-4, draws: Draws | None = None, ray_start: float = RAY_START,
                progress: Progress | None = None) -> TriPlaneGenerator:

@@ -99,8 +99,8 @@ class Inversion:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``features/000.png`` ... ``031.png`` (a ``--features`` folder), ``projected.png``,
-        ``target.png``, ``w.safetensors`` (w and both cameras) and ``inversion.json`` (settings,
-        timings), all or nothing: written beside ``out_dir`` and renamed into place."""
+        ``target.png``, ``w.safetensors`` (w and both cameras), ``timings.json`` and ``inversion.json``
+        (settings, timings), all or nothing: written beside ``out_dir`` and renamed into place."""
         from safetensors.torch import save_file
         out = Path(out_dir)
         parent = out.parent if str(out.parent) else Path(".")
@@ -117,6 +117,7 @@ class Inversion:
             Image.fromarray(self.target.permute(1, 2, 0).numpy()).save(tmp / "target.png")
             save_file({"w": self.w.float().cpu().contiguous(), "camera": self.camera.float().cpu().contiguous(),
                        "camera_shifted": self.camera_shifted.float().cpu().contiguous()}, str(tmp / "w.safetensors"))
+            (tmp / "timings.json").write_text(json.dumps(self.timings, indent=1))
             (tmp / "inversion.json").write_text(json.dumps({"settings": self.settings, "timings": self.timings,
                                                             "camera": self.camera.flatten().tolist()}, indent=1))
             if out.exists():
