@@ -5,11 +5,11 @@
 * :func:`load_vgg` — NVIDIA's ``vgg16.pt`` read as data, never executed (:mod:`.vgg_file`)
 * :class:`VGG16LPIPS` — the perceptual network in our own code (:mod:`.vgg`)
 """
-from .projector import learning_rate, project_w, tune_pivot, w_statistics
+from .projector import ProjectionLog, learning_rate, project_w, tune_pivot, w_statistics
 from .stage import Inversion, Inverter, reference_draws, render_frames
 from .vgg import VGG16LPIPS, ZeroPerceptual, random_vgg
 from .vgg_file import UnsafeVGGFileError, VGGFileError, load_vgg
 
-__all__ = ["Inverter", "Inversion", "render_frames", "reference_draws", "project_w", "tune_pivot", "w_statistics",
+__all__ = ["Inverter", "Inversion", "ProjectionLog", "render_frames", "reference_draws", "project_w", "tune_pivot", "w_statistics",
            "learning_rate", "VGG16LPIPS", "ZeroPerceptual", "random_vgg", "load_vgg", "VGGFileError",
            "UnsafeVGGFileError"]

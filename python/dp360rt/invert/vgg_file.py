@@ -46,10 +46,13 @@ class UnsafeVGGFileError(VGGFileError):
 
 
 class ScriptRecord:
-    """A TorchScript object (``__torch__.NAME``) as pickled: its class name and attribute dict."""
+    """A TorchScript object (``__torch__.NAME``) as pickled: its class name and attribute dict.
+    Each qualified name gets an inert subclass (pickle's NEWOBJ needs a type); nothing of the
+    archive's code is looked up."""
+    qualname = ""
 
-    def __init__(self, qualname: str):
-        self.qualname, self.state = qualname, {}
+    def __init__(self, *args):
+        self.state = {}
 
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict):
@@ -103,8 +106,7 @@ class _ScriptDataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if module == "__torch__" or module.startswith("__torch__."):
-            qual = f"{module}.{name}"
-            return lambda *args: ScriptRecord(qual)
+            return type("ScriptRecord", (ScriptRecord,), {"qualname": f"{module}.{name}"})
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return self._rebuild_tensor
         if (module, name) == ("torch._utils", "_rebuild_parameter"):
