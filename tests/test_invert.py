@@ -33,8 +33,10 @@ def projector_case():
 
 
 def test_projector_golden_steps(projector_case):
-    # the fixture's project() run (VGG16 replaced by zeros), its first two steps (step 0 has lr 0,
-    # step 1 moves w with Adam): every 3 s synthesis + backward at the fixture's full SR widths
+    # the fixture's project() run (VGG16 replaced by zeros), its first step (w statistics, camera
+    # shift, noise, render, loss, gradient, Adam's first update at lr 0): one synthesis + backward
+    # at the fixture's full SR widths costs ~15 s on 2 cores, so the CI runs one step;
+    # `dp360rt panohead verify tests/fixtures/panohead` runs all three (benchmarks/RESULTS.md)
     case, tol = projector_case
     g = generator_from_state(fixture_spec(PH), recipe_state_dicts(PH)["G_ema"], "recipe")
     i, ref = case["inputs"], case["outputs"]
@@ -46,19 +48,26 @@ def test_projector_golden_steps(projector_case):
     stats = w_statistics(g)
     assert w_statistics(g) is stats                           # computed once per generator
     _, c = project_w(g, target, i["c"], ZeroPerceptual(), steps=int(i["num_steps"]), draws=d,
-                     ray_start=float(i["ray_start"]), log=log, until=2)
+                     ray_start=float(i["ray_start"]), log=log, until=1)
     got = {"w_avg": stats.w_avg, "w_std": torch.tensor(stats.w_std, dtype=torch.float64), "c_after_delta": c,
            "lr": torch.tensor(log.lr, dtype=torch.float64), "loss": torch.tensor(log.loss),
            "w_grad": torch.stack(log.w_grad), "w_after_step": torch.stack(log.w_after_step),
            "synth_image_pool8": torch.stack(log.images_pool8)}
-    first = {k: (v[:2] if k in ("lr", "loss", "w_grad", "w_after_step", "synth_image_pool8") else v)
+    first = {k: (v[:1] if k in ("lr", "loss", "w_grad", "w_after_step", "synth_image_pool8") else v)
              for k, v in ref.items() if k != "w_out"}
     row = compare("projector", got, first, tol)
     assert row.ok, row.message
-    assert not torch.equal(log.w_after_step[1], log.w_after_step[0])       # step 1 moved w
+    assert torch.allclose(log.w_after_step[0], stats.w_avg.repeat(1, g.num_ws, 1))   # lr 0 at step 0
     bad = dict(first, w_grad=first["w_grad"].clone())
-    bad["w_grad"][1, 0, 3, 5] += 1e-3 * bad["w_grad"].abs().max()           # 1e-3 relative, tolerance 1e-4
+    bad["w_grad"][0, 0, 3, 5] += 1e-3 * bad["w_grad"].abs().max()           # 1e-3 relative, tolerance 1e-4
     assert not compare("projector", got, bad, tol).ok
+
+
+def test_learning_rate_ramp():
+    from dp360rt.invert import learning_rate
+    lrs = [learning_rate(s, 200) for s in range(200)]
+    assert lrs[0] == 0 and abs(lrs[5] - 0.05) < 1e-12 and max(lrs) == 0.1      # ramp up over 5 % of the steps
+    assert lrs[150] == 0.1 and 0 < lrs[199] < lrs[175] < 0.1                   # cosine ramp down over the last 25 %
 
 
 def test_seeded_draws_replay_the_reference(projector_case):
@@ -192,13 +201,13 @@ def test_batched_frames_match_one_by_one():
 
 
 def test_raw_photo_to_360_with_3d_noise(tmp_path):
-    # skimage's astronaut: crop, inversion (2 + 1 steps), 32 feature renders, back view, 32 views, NeRF
+    # skimage's astronaut: crop, inversion (1 + 1 steps), 32 feature renders, back view, 32 views, NeRF
     from PIL import Image
     from skimage import data
     photo = tmp_path / "astronaut.png"
     Image.fromarray(data.astronaut()).save(photo)
     out = tmp_path / "out"
-    assert main(["generate", str(photo), "--random", "tiny", "--3d-noise", "--crop", "auto", "--w-steps", "2",
+    assert main(["generate", str(photo), "--random", "tiny", "--3d-noise", "--crop", "auto", "--w-steps", "1",
                  "--pti-steps", "1", "--steps", "2", "--device", "cpu", "--dtype", "fp32", "--out", str(out)]) == 0
     assert len(list(out.glob("[0-9][0-9][0-9].png"))) == 32 and (out / "back_view.png").is_file()
     cams = json.loads((out / "cameras.json").read_text())["views"]
@@ -208,7 +217,7 @@ def test_raw_photo_to_360_with_3d_noise(tmp_path):
         assert timings[k] > 0, k
     inv = out / "inversion"
     assert sorted(p.name for p in (inv / "features").iterdir()) == [f"{k:03d}.png" for k in range(32)]
-    assert json.loads((inv / "inversion.json").read_text())["settings"]["w_steps"] == 2
+    assert json.loads((inv / "inversion.json").read_text())["settings"]["w_steps"] == 1
     assert (out / "crop" / "camera.json").is_file()
     nerf = tmp_path / "nerf"
     assert main(["nerf", "fit", str(out), "--out", str(nerf), "--steps", "5"]) == 0
@@ -245,3 +254,13 @@ def test_invert_cli_and_named_errors(tmp_path, capsys, torchscript_vgg):
     assert len(list((tmp_path / "i" / "features").glob("*.png"))) == 32
     t = json.loads((tmp_path / "i" / "timings.json").read_text())
     assert set(t) >= {"w_projection", "pivotal_tuning", "feature_renders", "load"}
+
+
+def test_noise3d_refuses_a_portrait_tensor():
+    from dp360rt.images import ImageError
+    from dp360rt.pipeline import Pipeline
+    pipe = object.__new__(Pipeline)             # only the stage's input check runs: no models needed
+    pipe.inverter, pipe.image_size = object(), 64
+    with pytest.raises(ImageError, match="not a tensor. Fix: pass the photo"):
+        pipe._noise3d(torch.zeros(3, 64, 64), None, None, True, None)
+    assert pipe._noise3d(torch.zeros(3, 64, 64), None, None, False, None) == (None, None)   # noise3d=False skips
