@@ -7,7 +7,7 @@ Accepted files:
   ``code/`` folder; we never do. Its ``data.pkl`` (the module tree and its tensors) is read by a
   restricted unpickler: TorchScript classes (``__torch__.*``) become inert records, tensors are
   rebuilt from the archive's raw storages, and any other global is refused. Only the convolution
-  and LPIPS tensors are decoded (the 470 MB of classifier weights are skipped).
+  and LPIPS tensors are decoded (the ≈ 0.5 GB of classifier weights are skipped).
 * A ``.safetensors`` or a ``torch.save`` state dict (read with ``weights_only=True``) holding the
   same names (``layers.conv1.weight`` ... ``lpips4``), e.g. written from :class:`VGG16LPIPS`.
 
