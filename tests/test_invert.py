@@ -191,24 +191,25 @@ def test_vgg_given_as_panohead(torchscript_vgg):
 def test_batched_frames_match_one_by_one():
     inv = Inverter.random("tiny", w_steps=1, pti_steps=0)
     w = w_statistics(inv.g).w_avg.repeat(1, inv.g.num_ws, 1)
-    cams = diffportrait_orbit([0, 5, 18, 27])
+    cams = diffportrait_orbit([0, 18])
     one = render_frames(inv.g, w, cams, draws=reference_draws(3), batch=1)
-    four = render_frames(inv.g, w, cams, draws=reference_draws(3), batch=4)
-    assert one.shape == (4, 512, 512, 3) and one.dtype == np.uint8
+    four = render_frames(inv.g, w, cams, draws=reference_draws(3), batch=2)
+    assert one.shape == (2, 512, 512, 3) and one.dtype == np.uint8
     diff = np.abs(one.astype(int) - four.astype(int))
     assert diff.max() <= 1 and diff.mean() < 1e-3           # float rounding at 8-bit edges only
-    assert np.abs(one[0].astype(int) - one[2].astype(int)).mean() > 1    # the cameras do change the frame
+    assert np.abs(one[0].astype(int) - one[1].astype(int)).mean() > 1    # the cameras do change the frame
 
 
 def test_raw_photo_to_360_with_3d_noise(tmp_path):
-    # skimage's astronaut: crop, inversion (1 + 1 steps), 32 feature renders, back view, 32 views, NeRF
+    # skimage's astronaut: crop, inversion (1 + 1 steps), 32 feature renders, back view, 32 views
+    # (1 DDIM step), NeRF; ~70 s on 2 cores, most of it the tiny DiffPortrait360 generation itself
     from PIL import Image
     from skimage import data
     photo = tmp_path / "astronaut.png"
     Image.fromarray(data.astronaut()).save(photo)
     out = tmp_path / "out"
     assert main(["generate", str(photo), "--random", "tiny", "--3d-noise", "--crop", "auto", "--w-steps", "1",
-                 "--pti-steps", "1", "--steps", "2", "--device", "cpu", "--dtype", "fp32", "--out", str(out)]) == 0
+                 "--pti-steps", "1", "--steps", "1", "--device", "cpu", "--dtype", "fp32", "--out", str(out)]) == 0
     assert len(list(out.glob("[0-9][0-9][0-9].png"))) == 32 and (out / "back_view.png").is_file()
     cams = json.loads((out / "cameras.json").read_text())["views"]
     assert len(cams) == 32 and len(cams[0]["camera"]) == 25
@@ -247,7 +248,7 @@ def test_invert_cli_and_named_errors(tmp_path, capsys, torchscript_vgg):
     assert main(["invert", photo, "--random", "tiny", "--w-steps", "0", "--out", str(tmp_path / "i")]) == 2
     assert "--w-steps must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "i").exists()
-    assert main(["invert", photo, "--random", "tiny", "--w-steps", "1", "--pti-steps", "1", "--out",
+    assert main(["invert", photo, "--random", "tiny", "--w-steps", "1", "--pti-steps", "0", "--out",
                  str(tmp_path / "i")]) == 0
     out = capsys.readouterr().out
     assert "features/000.png" in out and "w_projection" in out
