@@ -4,7 +4,7 @@ Random PanoHead weights of a spec (speed does not depend on weight values) and a
 widths (``--vgg-widths full``) or the tiny test one. Times: the w statistics (10 000 mapped z) on
 the first call and from the cache; W projection and pivotal tuning per step; the 32 feature
 renders batched and one frame per call (as the authors render them); the one copy of the
-generator PTI makes (the authors make one per run plus one per saved step). Prints the recipe's
+generator PTI makes (the authors make one per run plus one per saved step). Render times are for 32 frames (``--frames`` fewer are scaled up). Prints the recipe's
 total (200 + 5 steps + 32 renders) as dp360rt runs it and as the authors' loop would cost with
 the same per-step time (w statistics every run, one-by-one renders, the extra copies).
 
@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--w-steps", type=int, default=3, help="W projection steps timed (the recipe has 200)")
     ap.add_argument("--pti-steps", type=int, default=2, help="pivotal tuning steps timed (the recipe has 5)")
     ap.add_argument("--vgg-widths", default="tiny", choices=["tiny", "full"])
+    ap.add_argument("--frames", type=int, default=32, help="feature renders timed (the recipe has 32; scaled to 32)")
     ap.add_argument("--json")
     a = ap.parse_args()
     dev = a.device
@@ -68,9 +69,12 @@ def main() -> int:
     res["generator_copy_s"] = t_copy
     t, tuned = _timed(lambda: tune_pivot(g, target, w, c, vgg, steps=a.pti_steps, draws=d), dev)
     res["pti_step_s"] = max(t - t_copy, 0.0) / max(a.pti_steps, 1)
-    cams = diffportrait_orbit(range(32))
-    res["renders_batched_s"], _ = _timed(lambda: render_frames(tuned, w, cams, draws=d, batch=8), dev)
-    res["renders_one_by_one_s"], _ = _timed(lambda: render_frames(tuned, w, cams, draws=d, batch=1), dev)
+    cams = diffportrait_orbit(range(a.frames), 32)
+    scale = 32 / a.frames
+    t, _ = _timed(lambda: render_frames(tuned, w, cams, draws=d, batch=8), dev)
+    res["renders_batched_s"] = t * scale
+    t, _ = _timed(lambda: render_frames(tuned, w, cams, draws=d, batch=1), dev)
+    res["renders_one_by_one_s"] = t * scale
     ours = (res["w_stats_cached_s"] + 200 * res["w_step_s"] + t_copy + 5 * res["pti_step_s"]
             + res["renders_batched_s"])
     # the authors' loop: statistics every run, a copy in project() and in project_pti() plus one per

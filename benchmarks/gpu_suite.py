@@ -161,7 +161,7 @@ def main() -> int:
                                                                ["--config", "full", "--vgg-widths", "full",
                                                                 "--w-steps", "20", "--pti-steps", "5"],
                                                                ["--config", "tiny", "--device", "cpu", "--w-steps", "1",
-                                                                "--pti-steps", "1"], out_dir, 300)),
+                                                                "--pti-steps", "1", "--frames", "4"], out_dir, 300)),
     }
     for name, fn in stages.items():
         if name in a.skip:
