@@ -146,18 +146,25 @@ def _pipeline(a: argparse.Namespace):
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
     kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem, **_backend_kw(a))
     if hasattr(a, "no_noise3d"):
-        from .invert.cli import check_noise3d_files, inverter_from_args
+        from .invert.cli import check_noise3d_files
         check_noise3d_files(a)               # a missing PanoHead / VGG16 file, before any weights load
-        kw["inverter"] = inverter_from_args(a, a.device)
     if a.random:
         _check_inputs_early(a)
-        return Pipeline.random(a.random, seed=0, **kw)
+        return Pipeline.random(a.random, seed=0, inverter=_inverter(a), **kw)
     if not (a.nvs and a.backview):
         raise ConfigError("pass both --nvs and --backview checkpoints, or --random CONFIG for random weights")
     if not a.conditions:        # checked before the checkpoints load
         raise ImageError("--conditions DIR (the authors' sphere32 folder) is required with real checkpoints")
     _check_inputs_early(a)
-    return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, **kw)
+    return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, inverter=_inverter(a), **kw)
+
+
+def _inverter(a: argparse.Namespace):
+    """The 3D-aware-noise stage generate/stream ask for (None without --panohead/--vgg/--3d-noise)."""
+    if not hasattr(a, "no_noise3d"):
+        return None
+    from .invert.cli import inverter_from_args
+    return inverter_from_args(a, a.device)
 
 
 def _check_inputs_early(a: argparse.Namespace) -> None:
