@@ -156,6 +156,12 @@ def main() -> int:
         "panohead": lambda: out.__setitem__("panohead", run_script("bench_panohead.py", [],
                                                                    ["--config", "tiny", "--device", "cpu", "--repeats", "1"],
                                                                    out_dir, 240)),
+        # PanoHead inversion (3D-aware noise): per-step W projection / PTI time, batched feature renders
+        "invert": lambda: out.__setitem__("invert", run_script("bench_invert.py",
+                                                               ["--config", "full", "--vgg-widths", "full",
+                                                                "--w-steps", "20", "--pti-steps", "5"],
+                                                               ["--config", "tiny", "--device", "cpu", "--w-steps", "1",
+                                                                "--pti-steps", "1", "--frames", "4"], out_dir, 300)),
     }
     for name, fn in stages.items():
         if name in a.skip:

@@ -24,3 +24,7 @@ def test_gpu_suite_dry_run(tmp_path):
     # the viewer stage: a fitted snapshot served over the WebSocket route
     viewer = out["viewer"]["results"]["sizes"]["32x32"]
     assert viewer["ws_fps"] > 0 and viewer["render_ms"] > 0
+    # the inversion stage: per-step W projection / PTI time and the feature renders (tiny, CPU)
+    inv = out["invert"]["results"]
+    assert inv["w_step_s"] > 0 and inv["pti_step_s"] >= 0 and inv["renders_batched_s"] > 0
+    assert inv["w_stats_cached_s"] < inv["w_stats_first_s"]         # computed once per generator

@@ -146,15 +146,26 @@ def _pipeline(a: argparse.Namespace):
     from .pipeline import Pipeline
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
     kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem, **_backend_kw(a))
+    if hasattr(a, "no_noise3d"):
+        from .invert.cli import check_noise3d_files
+        check_noise3d_files(a)               # a missing PanoHead / VGG16 file, before any weights load
     if a.random:
         _check_inputs_early(a)
-        return Pipeline.random(a.random, seed=0, **kw)
+        return Pipeline.random(a.random, seed=0, inverter=_inverter(a), **kw)
     if not (a.nvs and a.backview):
         raise ConfigError("pass both --nvs and --backview checkpoints, or --random CONFIG for random weights")
     if not a.conditions:        # checked before the checkpoints load
         raise ImageError("--conditions DIR (the authors' sphere32 folder) is required with real checkpoints")
     _check_inputs_early(a)
-    return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, **kw)
+    return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, inverter=_inverter(a), **kw)
+
+
+def _inverter(a: argparse.Namespace):
+    """The 3D-aware-noise stage generate/stream ask for (None without --panohead/--vgg/--3d-noise)."""
+    if not hasattr(a, "no_noise3d"):
+        return None
+    from .invert.cli import inverter_from_args
+    return inverter_from_args(a, a.device)
 
 
 def _check_inputs_early(a: argparse.Namespace) -> None:
@@ -187,7 +198,8 @@ def cmd_stream(a: argparse.Namespace) -> int:
         views = {}
         try:
             for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps,
-                                 seed=a.seed, cameras=a.cameras, back_view=True, crop=a.crop):
+                                 seed=a.seed, cameras=a.cameras, back_view=True, crop=a.crop,
+                                 progress=_progress_bar()):
                 name = "back_view.png" if v.is_back_view else f"{v.index:03d}.png"
                 save_png(v.image, tmp / name)
                 what = "back view" if v.is_back_view else f"view {v.index:3d}"
@@ -338,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(the authors' --denoise_from_guidance renders)")
     _add_model_args(g)
     _add_crop_arg(g)
+    from .invert.cli import add_noise3d_args
+    add_noise3d_args(g)
     g.set_defaults(fn=cmd_generate)
 
     st = sub.add_parser("stream", help="print and save views as they finish, the back view first (C++ step loop)")
@@ -346,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--policy", default="latency", choices=["latency", "throughput"])
     _add_model_args(st)
     _add_crop_arg(st)
+    add_noise3d_args(st)
     st.set_defaults(fn=cmd_stream)
 
     b = sub.add_parser("bench", help="per-stage latency with warm-up and repeats; JSON + PNG")
@@ -394,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     vw.set_defaults(fn=cmd_view)
     from .panohead.cli import add_parsers as add_panohead_parsers
     add_panohead_parsers(sub)
+    from .invert.cli import add_parser as add_invert_parser
+    add_invert_parser(sub)
     return p
 
 

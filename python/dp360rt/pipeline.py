@@ -58,6 +58,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     unet_calls: int = 0
     crop: Any = None            # the dp360rt.crop.CropResult of crop="auto"
+    inversion: Any = None       # the dp360rt.invert.Inversion of the 3D-aware noise stage
 
     def fit_nerf(self, seconds: float | None = 60.0, steps: int | None = None, progress: bool = True,
                  **options: Any) -> "Nerf":
@@ -75,7 +76,7 @@ class GenerationResult:
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write ``back_view.png``, ``000.png`` ... ``cameras.json``, ``timings.json`` and, last,
         ``manifest.json`` (the NeRF views layout; with ``crop="auto"`` also ``crop/``: crop.png,
-        camera.json, overlay.png) into ``out_dir``, atomically: the folder is built
+        camera.json, overlay.png; with 3D-aware noise also ``inversion/``) into ``out_dir``, atomically: the folder is built
         aside and moved into place when complete. An existing non-empty ``out_dir`` is refused
         unless ``overwrite=True`` (then replaced as a whole, never mixed)."""
         from .results import ResultDir
@@ -99,6 +100,8 @@ class GenerationResult:
         write_text_atomic(d / "timings.json", json.dumps(self.timings, indent=1))
         if self.crop is not None:
             self.crop.save(d / "crop")
+        if self.inversion is not None:
+            self.inversion.save(d / "inversion")
 
 
 CONDITION_WINDOWS = CONDITION_COUNT // 8
@@ -185,12 +188,14 @@ class Pipeline:
     def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None,
                  backend: str = "torch", export_dir: str | Path | Mapping[str, str | Path] | None = None,
-                 crop: str | None = None, offload_dir: str | Path | None = None, **backend_options: Any):
+                 crop: str | None = None, offload_dir: str | Path | None = None, inverter: Any = None,
+                 **backend_options: Any):
         if nvs.kind != "nvs" or backview.kind != "backview":
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
         self.crop = _crop_mode(crop)
+        self.inverter = inverter        # a dp360rt.invert.Inverter: 3D-aware noise from a PanoHead inversion
         self.device, max_memory = check_options(device, backend, max_memory)
         self.dtype = dtype
         self.engine = engine
@@ -256,7 +261,7 @@ class Pipeline:
                          dtype: torch.dtype = torch.float32, engine: str = "fast",
                          max_memory: int | None = None, backend: str = "torch",
                          export_dir: str | Path | Mapping[str, str | Path] | None = None,
-                         crop: str | None = None, **backend_options: Any) -> "Pipeline":
+                         crop: str | None = None, inverter: Any = None, **backend_options: Any) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
         identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many)."""
         check_options(device, backend, max_memory)          # before minutes of loading
@@ -267,7 +272,8 @@ class Pipeline:
             models[kind] = load_checkpoint(m, src)
         shared = share_identical_tensors(models["nvs"], models["backview"])     # before moving: one copy on the device
         pipe = cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
-                   max_memory=max_memory, backend=backend, export_dir=export_dir, crop=crop, **backend_options)
+                   max_memory=max_memory, backend=backend, export_dir=export_dir, crop=crop, inverter=inverter,
+                   **backend_options)
         pipe.shared = shared
         return pipe
 
@@ -298,13 +304,17 @@ class Pipeline:
         ``policy="latency"`` (default here) finishes and streams window 0 first; keyword arguments
         as for :meth:`submit`. Stopping the iteration early cancels the request.
         """
-        portrait, _ = self._crop_portrait(portrait, kw.pop("crop", self.crop))
+        portrait, cropped = self._crop_portrait(portrait, kw.pop("crop", self.crop))
+        kw["features"], _ = self._noise3d(portrait, cropped, kw.get("features"), kw.pop("noise3d", True),
+                                          kw.pop("progress", None))
         return self.runtime(policy).stream(portrait, conditions, **kw)
 
     def submit(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "throughput", **kw: Any):
         """Queue a generation on the C++ step loop; returns a handle with ``cancel()``, ``result()``,
         ``progress`` and view iteration. Keywords: steps, seed, features, cameras (as for ``__call__``)."""
-        portrait, _ = self._crop_portrait(portrait, kw.pop("crop", self.crop))
+        portrait, cropped = self._crop_portrait(portrait, kw.pop("crop", self.crop))
+        kw["features"], _ = self._noise3d(portrait, cropped, kw.get("features"), kw.pop("noise3d", True),
+                                          kw.pop("progress", None))
         return self.runtime(policy).submit(portrait, conditions, **kw)
 
     def close(self) -> None:
@@ -333,6 +343,25 @@ class Pipeline:
         result = crop_portrait(portrait)
         return result.image, result
 
+    def _noise3d(self, portrait: Any, cropped: Any, features: Any, noise3d: bool,
+                 progress: Callable[[str, int, int], None] | None) -> tuple[Any, Any]:
+        """(features, inversion): with an inverter, no ``features`` given and ``noise3d``, the
+        32 feature frames of the portrait's PanoHead inversion (as the pipeline's features
+        [32, 3, S, S]); else ``features`` unchanged and None."""
+        if features is not None or not noise3d or self.inverter is None:
+            return features, None
+        if isinstance(portrait, Tensor):
+            raise ImageError("3D-aware noise inverts the portrait image, not a tensor. Fix: pass the photo (a path or "
+                             "PIL image), or noise3d=False")
+        camera = cropped.camera if cropped is not None else None
+        if camera is None:
+            import warnings
+            warnings.warn("3D-aware noise without crop='auto': the portrait's camera is unknown, the frontal camera "
+                          "is used. Fix: crop='auto' (or --crop auto) estimates it")
+        image = cropped.image if cropped is not None else portrait
+        inversion = self.inverter(image, camera, progress=progress)
+        return inversion.features(self.image_size), inversion
+
     def text_context(self, model: DiffPortrait360) -> Tensor:
         return self._net(model).encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
 
@@ -340,7 +369,8 @@ class Pipeline:
     def __call__(self, portrait: Any, conditions: str | Path | Tensor, *, features: Tensor | None = None,
                  cameras: Tensor | str | Path | None = None, steps: int = 50, eta: float = 0.5, cfg_scale: float = 3.0,
                  seed: int | torch.Generator | NoiseSource | None = 0,
-                 progress: Callable[[str, int, int], None] | None = None, crop: str | None = "default") -> GenerationResult:
+                 progress: Callable[[str, int, int], None] | None = None, crop: str | None = "default",
+                 noise3d: bool = True) -> GenerationResult:
         """Generate the back view, then all views.
 
         portrait: path / PIL image / [1, 3, S, S] tensor; conditions: the authors' condition folder
@@ -350,7 +380,9 @@ class Pipeline:
         default orbit, see :func:`dp360rt.nerf.cameras.resolve_cameras`). Randomness from ``seed``
         (an int, a CPU ``torch.Generator``, or a noise source). ``crop="auto"`` first crops the
         raw photo to PanoHead's framing (:func:`dp360rt.crop.crop_portrait`; ``result.crop``);
-        default: the pipeline's ``crop`` setting.
+        default: the pipeline's ``crop`` setting. With an ``inverter`` (:class:`dp360rt.invert.Inverter`)
+        and no ``features``, the portrait is first inverted into PanoHead and its 32 renders are the
+        features (3D-aware noise; ``result.inversion``); ``noise3d=False`` skips that stage.
         """
         check_sampler_params(steps=steps, eta=eta, cfg_scale=cfg_scale, seed=seed, conditions=conditions)
         s = self.image_size
@@ -359,6 +391,12 @@ class Pipeline:
         portrait, cropped = self._crop_portrait(portrait, self.crop if crop == "default" else crop)
         if cropped is not None:
             timings["crop"] = time.perf_counter() - tic
+            if progress:
+                progress("crop", 1, 1)
+            tic = time.perf_counter()
+        features, inversion = self._noise3d(portrait, cropped, features, noise3d, progress)
+        if inversion is not None:
+            timings.update({f"inversion_{k}": v for k, v in inversion.timings.items()})
             tic = time.perf_counter()
         img = load_portrait(portrait, s).to(self.device)
         cond = conditions if isinstance(conditions, Tensor) else load_conditions(conditions, s)
@@ -412,7 +450,7 @@ class Pipeline:
             timings["reload"] = self.swap.reload_seconds - reloaded       # part of back_view/encode above
         return GenerationResult(back_view=to_unit(back[0]).cpu(), views=views, latents=torch.cat(latents).cpu(),
                                 cameras=view_cameras, timings=timings,
-                                unet_calls=calls + n_calls, crop=cropped)
+                                unet_calls=calls + n_calls, crop=cropped, inversion=inversion)
 
 
 def _crop_mode(crop: str | None) -> str | None:

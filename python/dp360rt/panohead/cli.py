@@ -143,7 +143,7 @@ def add_parsers(subparsers) -> None:
     v = sub.add_parser("verify", help="recompute a PanoHead fixture set's golden cases; exit 1 on any failure")
     v.add_argument("fixture_dir")
     v.add_argument("--skip", action="append", metavar="CASE",
-                   help="leave a case out (e.g. --skip projector: the inversion case this module does not cover)")
+                   help="leave a case out (e.g. --skip projector, the slowest case)")
     v.set_defaults(fn=cmd_verify)
 
     c = subparsers.add_parser("conditions", help="render pose-hint images for a camera orbit with PanoHead "

@@ -326,13 +326,19 @@ class NetworkSnapshot:
 
 def _refuse_other_formats(path: Path, head: bytes) -> None:
     if head[:2] == b"PK" and zipfile.is_zipfile(path):
-        dp360 = False
+        dp360 = script = False
         try:
             with zipfile.ZipFile(path) as z:
-                pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                names = z.namelist()
+                script = any("/code/" in n for n in names)
+                pkl = next((n for n in names if n.endswith("data.pkl")), None)
                 dp360 = pkl is not None and b"model.diffusion_model." in z.read(pkl)
         except (zipfile.BadZipFile, OSError, RuntimeError):
             pass
+        if script:
+            raise PanoHeadCheckpointError(f"{path} is a TorchScript archive (such as NVIDIA's VGG16 vgg16.pt), not a "
+                                          "PanoHead network pickle. Fix: pass vgg16.pt with --vgg, and the PanoHead "
+                                          f"generator ({RELEASE_FILE} or its converted .safetensors) with --panohead")
         what = "a DiffPortrait360 checkpoint (a torch.save zip with model.diffusion_model.* keys)" if dp360 else \
             "a torch.save zip archive"
         raise PanoHeadCheckpointError(f"{path} is {what}, not a PanoHead network pickle. Fix: pass the PanoHead "
