@@ -251,7 +251,7 @@ def test_bad_input_errors(views_dir, tmp_path):
     import argparse
 
     from dp360rt.nerf.cli import cmd_fit
-    with pytest.raises(OSError, match="not writable.*Fix"):
+    with pytest.raises(OSError, match="cannot write to the output directory.*Fix"):
         cmd_fit(argparse.Namespace(views=str(views_dir), out=str(tmp_path / "file" / "model"), seconds=None, steps=1,
                                    holdout=0, encoding=None, device=None, seed=None, grid_res=None, background=None,
                                    bound=None, json=None, quiet=True))

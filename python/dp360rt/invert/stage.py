@@ -8,9 +8,6 @@ feature frames at the orbit cameras (DiffPortrait360's ``3DNoise`` step, FACTS Â
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,16 +97,12 @@ class Inversion:
     def save(self, out_dir: str | Path) -> Path:
         """Write ``features/000.png`` ... ``031.png`` (a ``--features`` folder), ``projected.png``,
         ``target.png``, ``w.safetensors`` (w and both cameras), ``timings.json`` and ``inversion.json``
-        (settings, timings), all or nothing: written beside ``out_dir`` and renamed into place."""
+        (settings, timings), all or nothing: built beside ``out_dir`` and moved into place (an earlier
+        inversion there is replaced)."""
         from safetensors.torch import save_file
-        out = Path(out_dir)
-        parent = out.parent if str(out.parent) else Path(".")
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-        except OSError as e:
-            raise OSError(f"cannot write results to {out} ({e.strerror or e}). Fix: pass a writable --out directory") from e
-        try:
+        from ..results import ResultDir, write_text_atomic
+        with ResultDir(out_dir, kind="inversion", overwrite=True) as r:
+            tmp = r.path
             (tmp / "features").mkdir()
             for k, f in enumerate(self.frames):
                 Image.fromarray(f).save(tmp / "features" / f"{k:03d}.png")
@@ -117,20 +110,10 @@ class Inversion:
             Image.fromarray(self.target.permute(1, 2, 0).numpy()).save(tmp / "target.png")
             save_file({"w": self.w.float().cpu().contiguous(), "camera": self.camera.float().cpu().contiguous(),
                        "camera_shifted": self.camera_shifted.float().cpu().contiguous()}, str(tmp / "w.safetensors"))
-            (tmp / "timings.json").write_text(json.dumps(self.timings, indent=1))
-            (tmp / "inversion.json").write_text(json.dumps({"settings": self.settings, "timings": self.timings,
-                                                            "camera": self.camera.flatten().tolist()}, indent=1))
-            if out.exists():
-                old = parent / f".{out.name}.old.{os.getpid()}"
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+            write_text_atomic(tmp / "timings.json", json.dumps(self.timings, indent=1))
+            write_text_atomic(tmp / "inversion.json", json.dumps({"settings": self.settings, "timings": self.timings,
+                                                                  "camera": self.camera.flatten().tolist()}, indent=1))
+            return r.commit(frames=len(self.frames))
 
 
 class Inverter:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..checks import arg, device_name, positive_float, positive_int
+from ..checks import arg, device_name, positive_float, positive_int, writable_dir
 
 DEFAULT_SECONDS = 120.0
 # Limits shared with the API (dp360rt.nerf.fit / .export), repeated here so `--help` needs no torch.
@@ -21,21 +21,9 @@ MAX_SIDE, GRID_RES, MAX_FRAMES, MAX_MESH_RES = 8192, (8, 1024), 100_000, 1024
 _DEVICE = arg(device_name, "--device", convert=str)
 
 
-def _writable_dir(path: str | Path) -> Path:
-    d = Path(path)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / ".dp360rt_write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output directory {d} is not writable ({e.strerror or e}). Fix: pass a writable --out directory") from e
-    return d
-
-
 def _writable_file(path: str | Path) -> Path:
     p = Path(path)
-    _writable_dir(p.parent if str(p.parent) else Path("."))
+    writable_dir(p.parent if str(p.parent) else Path("."))
     return p
 
 
@@ -52,7 +40,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from .cameras import load_views
     from .fit import Nerf, NerfConfig
 
-    out = _writable_dir(a.out)
+    out = writable_dir(a.out)
     images, cams, files = load_views(a.views)
     n = len(images)
     hold = holdout_indices(n, a.holdout or 0)
@@ -103,7 +91,7 @@ def cmd_render(a: argparse.Namespace) -> int:
     from .cameras import cameras_or_orbit, read_cameras_json, save_image, write_cameras_json
     from .fit import Nerf
 
-    out = _writable_dir(a.out)                      # before the NeRF loads
+    out = writable_dir(a.out)                      # before the NeRF loads
     nerf = Nerf.load(a.model, device=a.device)
     files, cams = read_cameras_json(a.cameras)
     cams = cameras_or_orbit(cams, len(files), a.cameras)

@@ -12,9 +12,6 @@ set), each frame's renderer draws from its own seeded generator (``render_seed +
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +61,9 @@ def render_conditions(g: TriPlaneGenerator, cameras: Tensor, out_dir: str | Path
                          "row-major + 3x3 normalized intrinsics per camera")
     if not bool(torch.isfinite(cameras).all()):
         raise ValueError("cameras contain NaN or Inf. Fix: give finite camera numbers")
-    out = Path(out_dir)
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    except OSError as e:
-        raise OSError(f"cannot write results to {out} ({e.strerror or e}). Fix: pass a writable --out directory") from e
-    try:
+    from ..results import ResultDir
+    with ResultDir(out_dir, kind="conditions", overwrite=True) as r:
+        tmp = r.path
         ws = identity_ws(g, seed, truncation_psi)
         dev = ws.device
         saved = g.rendering_kwargs["ray_start"]
@@ -90,14 +82,4 @@ def render_conditions(g: TriPlaneGenerator, cameras: Tensor, out_dir: str | Path
         finally:
             g.rendering_kwargs["ray_start"] = saved
         write_cameras_json(tmp / "cameras.json", cameras, names)
-        if out.exists():
-            old = parent / f".{out.name}.old.{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return r.commit(views=len(names))
