@@ -238,6 +238,15 @@ def share_identical_tensors(keep: torch.nn.Module, other: torch.nn.Module) -> di
 RECIPE_OFFSET = {"nvs": 1, "backview": 2}
 
 
+def recipe_tensor(key: str, seed: int, entry: Mapping[str, Any]) -> Tensor:
+    """One tensor of a fixtures' seeded recipe: ``float32(mean + std * z)`` (float64 math, one
+    rounding), ``z`` standard normal of ``entry["shape"]`` from a legacy numpy RandomState seeded by
+    ``(crc32(key) + seed) mod 2^32`` (``seed`` already holds the recipe's per-model offset)."""
+    z = np.random.RandomState((zlib.crc32(key.encode("utf-8")) + seed) % 2 ** 32).standard_normal(entry["shape"])
+    v = np.asarray(float(entry["mean"]) + float(entry["std"]) * np.asarray(z, dtype=np.float64), dtype=np.float32)
+    return torch.from_numpy(v.reshape(entry["shape"]))
+
+
 def materialize_recipe(fixture_dir: str | Path, kind: str) -> dict[str, Tensor]:
     """Rebuild a fixture set's state dict of ``kind`` bit-exactly from ``init.json`` + ``buffers.pt``.
 
@@ -258,9 +267,7 @@ def materialize_recipe(fixture_dir: str | Path, kind: str) -> dict[str, Tensor]:
     seed = int(init["seed"])
     sd: dict[str, Tensor] = {}
     for key, e in init["models"][kind].items():
-        s = (zlib.crc32(key.encode("utf-8")) + seed + RECIPE_OFFSET[kind]) % 2 ** 32
-        z = np.random.RandomState(s).standard_normal(e["shape"])
-        sd[key] = torch.from_numpy(np.asarray(e["mean"] + e["std"] * z, dtype=np.float32).reshape(e["shape"]))
+        sd[key] = recipe_tensor(key, seed + RECIPE_OFFSET[kind], e)
     overlap = set(sd) & set(buffers[kind])
     if overlap:
         raise CheckpointError(f"{d}: recipe and buffers.pt both define {_short(sorted(overlap))}")

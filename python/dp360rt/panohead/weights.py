@@ -9,15 +9,13 @@ attributes of the snapshot, which may differ from the init kwargs, e.g. ``densit
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, recipe_tensor
 from .generator import TriPlaneGenerator
 
 GENERATOR_CLASS = "training.triplane.TriPlaneGenerator"
@@ -161,9 +159,7 @@ def recipe_state_dicts(fixture_dir: str | Path, models=("G_ema",)) -> dict[str, 
         seed = int(init["seed"]) + int(init["model_offsets"][model])
         sd = {}
         for key, e in entries.items():
-            z = np.random.RandomState((zlib.crc32(key.encode("utf-8")) + seed) % 2 ** 32).standard_normal(e["shape"])
-            v = np.asarray(float(e["mean"]) + float(e["std"]) * np.asarray(z, dtype=np.float64), dtype=np.float32)
-            sd[key] = torch.from_numpy(v.reshape(e["shape"]))
+            sd[key] = recipe_tensor(key, seed, e)
         sd.update(consts.get(model, {}))
         out[model] = sd
     return out
