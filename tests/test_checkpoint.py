@@ -218,3 +218,28 @@ def test_identical_tensors_are_kept_once(recipe):
     assert torch.equal(a.back_view, b.back_view) and torch.equal(a.views, b.views)
     assert sum(p.numel() for p in {id(p): p for m in (shared.nvs, shared.backview) for p in m.parameters()}.values()) \
         < sum(p.numel() for m in (separate.nvs, separate.backview) for p in m.parameters())
+
+
+def test_recipe_files_checked(tmp_path):
+    """A seeded-recipe fixture set with a file missing, a malformed file or the wrong format is
+    refused naming the problem (both the DiffPortrait360 and the PanoHead recipes read through
+    checkpoint.read_recipe)."""
+    import json
+    import shutil
+    from dp360rt.checkpoint import CheckpointError, materialize_recipe
+    from dp360rt.panohead.weights import PanoHeadCheckpointError, recipe_state_dicts
+    src = SET_A
+    d = tmp_path / "set"
+    d.mkdir()
+    shutil.copy(src / "init.json", d / "init.json")
+    with pytest.raises(CheckpointError, match=r"buffers\.pt missing"):
+        materialize_recipe(d, "nvs")
+    shutil.copy(src / "buffers.pt", d / "buffers.pt")
+    (d / "init.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="malformed"):
+        materialize_recipe(d, "nvs")
+    (d / "init.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="not a dp360-init-v1 recipe"):
+        materialize_recipe(d, "nvs")
+    with pytest.raises(PanoHeadCheckpointError, match="not a panohead-init-v1 recipe"):
+        recipe_state_dicts(d)

@@ -247,6 +247,26 @@ def recipe_tensor(key: str, seed: int, entry: Mapping[str, Any]) -> Tensor:
     return torch.from_numpy(v.reshape(entry["shape"]))
 
 
+def read_recipe(fixture_dir: str | Path, fmt: str, weights: str,
+                error: type[CheckpointError] = CheckpointError) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A seeded-recipe fixture set's ``init.json`` (checked to be format ``fmt``) and
+    ``buffers.pt``; a missing or malformed file raises ``error`` naming it and ``weights``, the
+    weight files that can stand in for the recipe."""
+    d = Path(fixture_dir)
+    try:
+        init = json.loads((d / "init.json").read_text())
+        buffers = torch.load(d / "buffers.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise error(f"{d}: weight recipe incomplete ({Path(e.filename).name} missing). Fix: a fixture set needs "
+                    f"init.json + buffers.pt, or {weights}") from e
+    except (ValueError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise error(f"{d}: init.json or buffers.pt is malformed ({e})") from e
+    if not isinstance(init, dict) or init.get("format") != fmt:
+        got = init.get("format") if isinstance(init, dict) else type(init).__name__
+        raise error(f"{d}/init.json is not a {fmt} recipe (format {got!r})")
+    return init, buffers
+
+
 def materialize_recipe(fixture_dir: str | Path, kind: str) -> dict[str, Tensor]:
     """Rebuild a fixture set's state dict of ``kind`` bit-exactly from ``init.json`` + ``buffers.pt``.
 
@@ -254,15 +274,8 @@ def materialize_recipe(fixture_dir: str | Path, kind: str) -> dict[str, Tensor]:
     by ``(crc32(key) + seed + offset) mod 2^32`` (offset 1 for nvs, 2 for backview).
     """
     d = Path(fixture_dir)
-    try:
-        init = json.loads((d / "init.json").read_text())
-        buffers = torch.load(d / "buffers.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{d}: weight recipe incomplete ({e.filename} missing). Fix: a fixture set needs "
-                              "init.json + buffers.pt, or nvs_tiny.th / backview_tiny.th") from e
-    except (json.JSONDecodeError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{d}: init.json or buffers.pt is malformed ({e})") from e
-    if init.get("format") != "dp360-init-v1" or kind not in init.get("models", {}) or kind not in buffers:
+    init, buffers = read_recipe(d, "dp360-init-v1", "nvs_tiny.th / backview_tiny.th")
+    if kind not in init.get("models", {}) or kind not in buffers:
         raise CheckpointError(f"{d}/init.json is not a dp360-init-v1 recipe holding model {kind!r}")
     seed = int(init["seed"])
     sd: dict[str, Tensor] = {}

@@ -124,6 +124,11 @@ def _pos_int(v: Any, name: str) -> int:
     return v
 
 
+def _pos_ints(d: Mapping[str, Any], names: tuple[str, ...], where: str, prefix: str = "") -> dict[str, int]:
+    """The required positive-integer fields ``names`` of ``d`` (errors name them as ``prefix + name``)."""
+    return {n: _pos_int(_get(d, n, where), prefix + n) for n in names}
+
+
 def _unet(p: Mapping[str, Any], where: str) -> UNetConfig:
     g = lambda k: _get(p, k, where)  # noqa: E731
     cfg = UNetConfig(
@@ -186,22 +191,16 @@ def parse_model_config(kind: str, section: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError(f"{where}: the back-view model has no motion modules, but the config enables them")
     dd = _get(params, "first_stage_config.params.ddconfig", where)
     vae = VAEConfig(
-        ch=_pos_int(_get(dd, "ch", where), "ddconfig.ch"),
+        **_pos_ints(dd, ("ch", "num_res_blocks", "z_channels"), where, "ddconfig."),
         ch_mult=_int_tuple(_get(dd, "ch_mult", where), "ddconfig.ch_mult"),
-        num_res_blocks=_pos_int(_get(dd, "num_res_blocks", where), "ddconfig.num_res_blocks"),
-        z_channels=_pos_int(_get(dd, "z_channels", where), "ddconfig.z_channels"),
         embed_dim=_pos_int(_get(params, "first_stage_config.params.embed_dim", where), "embed_dim"),
         in_channels=_pos_int(dd.get("in_channels", 3), "ddconfig.in_channels"),
         out_ch=_pos_int(dd.get("out_ch", 3), "ddconfig.out_ch"),
     )
     tm = _get(params, "cond_stage_config.text_model_config", where)
     text = TextConfig(
-        vocab_size=_pos_int(_get(tm, "vocab_size", where), "vocab_size"),
-        hidden_size=_pos_int(_get(tm, "hidden_size", where), "hidden_size"),
-        intermediate_size=_pos_int(_get(tm, "intermediate_size", where), "intermediate_size"),
-        num_hidden_layers=_pos_int(_get(tm, "num_hidden_layers", where), "num_hidden_layers"),
-        num_attention_heads=_pos_int(_get(tm, "num_attention_heads", where), "num_attention_heads"),
-        max_position_embeddings=_pos_int(_get(tm, "max_position_embeddings", where), "max_position_embeddings"),
+        **_pos_ints(tm, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "max_position_embeddings"), where),
         layer_norm_eps=float(tm.get("layer_norm_eps", 1e-5)),
         hidden_act=str(tm.get("hidden_act", "quick_gelu")),
     )

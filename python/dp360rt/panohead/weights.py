@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, recipe_tensor
+from ..checkpoint import CheckpointError, read_recipe, recipe_tensor
 from .generator import TriPlaneGenerator
 
 GENERATOR_CLASS = "training.triplane.TriPlaneGenerator"
@@ -142,17 +142,7 @@ def recipe_state_dicts(fixture_dir: str | Path, models=("G_ema",)) -> dict[str, 
     """Rebuild a fixture set's state dicts bit-exactly: for each key of ``init.json``,
     ``float32(mean + std * z)``, z standard normal from a numpy RandomState seeded by
     ``(crc32(key) + seed + model_offsets[model]) mod 2^32``; plus the stored ``buffers.pt``."""
-    d = Path(fixture_dir)
-    try:
-        init = json.loads((d / "init.json").read_text())
-        consts = torch.load(d / "buffers.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise PanoHeadCheckpointError(f"{d}: weight recipe incomplete ({Path(e.filename).name} missing). Fix: a PanoHead "
-                                      "fixture set needs init.json + buffers.pt, or G_ema.safetensors") from e
-    except (ValueError, RuntimeError, EOFError) as e:
-        raise PanoHeadCheckpointError(f"{d}: init.json or buffers.pt is malformed ({e})") from e
-    if init.get("format") != "panohead-init-v1":
-        raise PanoHeadCheckpointError(f"{d}/init.json is not a panohead-init-v1 recipe (format {init.get('format')!r})")
+    init, consts = read_recipe(fixture_dir, "panohead-init-v1", "G_ema.safetensors", PanoHeadCheckpointError)
     out = {}
     for model in models:
         entries = init["models"][model]
