@@ -15,7 +15,7 @@ import torch
 # submodule imports: an editable install made before nerf/ existed sees dp360rt.nerf as a namespace
 from dp360rt.nerf.cameras import (CameraError, camera_rays, intrinsics, load_views, look_at, make_camera,
                                   orbit_cameras, project_points, sphere32_cameras, write_views)
-from dp360rt.nerf.fit import Nerf
+from dp360rt.nerf.model import Nerf
 from dp360rt.nerf.cli import add_parser, holdout_indices, main as nerf_main
 from dp360rt.nerf.synthetic import render_views
 

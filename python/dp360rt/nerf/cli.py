@@ -16,7 +16,7 @@ from pathlib import Path
 from ..checks import arg, device_name, positive_float, positive_int, writable_dir
 
 DEFAULT_SECONDS = 120.0
-# Limits shared with the API (dp360rt.nerf.fit / .export), repeated here so `--help` needs no torch.
+# Limits shared with the API (dp360rt.nerf.model / .export), repeated here so `--help` needs no torch.
 MAX_SIDE, GRID_RES, MAX_FRAMES, MAX_MESH_RES = 8192, (8, 1024), 100_000, 1024
 _DEVICE = arg(device_name, "--device", convert=str)
 
@@ -38,7 +38,7 @@ def holdout_indices(n: int, k: int) -> list[int]:
 
 def cmd_fit(a: argparse.Namespace) -> int:
     from .cameras import load_views
-    from .fit import Nerf, NerfConfig
+    from .model import Nerf, NerfConfig
 
     out = writable_dir(a.out)
     images, cams, files = load_views(a.views)
@@ -89,7 +89,7 @@ def cmd_render(a: argparse.Namespace) -> int:
     import numpy as np
 
     from .cameras import cameras_or_orbit, read_cameras_json, save_image, write_cameras_json
-    from .fit import Nerf
+    from .model import Nerf
 
     out = writable_dir(a.out)                      # before the NeRF loads
     nerf = Nerf.load(a.model, device=a.device)
@@ -117,7 +117,7 @@ def cmd_render(a: argparse.Namespace) -> int:
 
 def cmd_video(a: argparse.Namespace) -> int:
     from .export import orbit_video
-    from .fit import Nerf
+    from .model import Nerf
 
     out = _writable_file(a.out)                     # before the NeRF loads
     nerf = Nerf.load(a.model, device=a.device)
@@ -130,7 +130,7 @@ def cmd_video(a: argparse.Namespace) -> int:
 
 def cmd_mesh(a: argparse.Namespace) -> int:
     from .export import extract_mesh, write_mesh
-    from .fit import Nerf
+    from .model import Nerf
 
     if Path(a.out).suffix.lower() not in (".ply", ".obj"):
         raise ValueError(f"--out {a.out}: unknown mesh format. Fix: use a .ply or .obj file name")

@@ -21,7 +21,7 @@ import torch
 from .cameras import orbit_cameras, save_image
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .fit import Nerf
+    from .model import Nerf
 
 
 MAX_FRAMES = 100_000                # an hour at 30 fps
