@@ -273,7 +273,7 @@ def test_holdout_indices():
 # ---------------------------------------------------------------------------------------------
 
 def test_mesh_export(fitted, tmp_path):
-    from dp360rt.nerf.export import extract_mesh, write_mesh
+    from dp360rt.nerf.mesh import extract_mesh, write_mesh
     nerf, _ = fitted
     mesh = extract_mesh(nerf, resolution=64, method="tetra")
     v, f = mesh["vertices"], mesh["faces"]
@@ -293,7 +293,7 @@ def test_mesh_export(fitted, tmp_path):
 
 
 def test_marching_tetrahedra_sphere():
-    from dp360rt.nerf.export import marching_tetrahedra
+    from dp360rt.nerf.mesh import marching_tetrahedra
     n = 33
     c = torch.linspace(-1, 1, n)
     z, y, x = torch.meshgrid(c, c, c, indexing="ij")
@@ -308,7 +308,7 @@ def test_marching_tetrahedra_sphere():
 
 
 def test_orbit_video(fitted, tmp_path):
-    from dp360rt.nerf.export import orbit_video
+    from dp360rt.nerf.video import orbit_video
     nerf, _ = fitted
     gif = orbit_video(nerf, tmp_path / "o.gif", frames=4, width=24, height=24)
     from PIL import Image

@@ -8,7 +8,8 @@
 * :mod:`.model`: :class:`Nerf` (fit, render, save/load) and :class:`NerfConfig`.
 * :mod:`.fit`: :class:`Fitter` (incremental ``add_view`` while training).
 * :mod:`.render`: volume rendering with occupancy skipping and early termination.
-* :mod:`.export`: orbit videos and marching-cubes meshes (PLY/OBJ).
+* :mod:`.video`: orbit videos (MP4 / GIF / PNG frames).
+* :mod:`.mesh`: marching-cubes meshes (PLY / OBJ).
 * :mod:`.cli`: ``dp360rt nerf fit|render|video|mesh``.
 """
 from .cameras import (CameraError, camera_rays, load_views, look_at, orbit_cameras, project_points,

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..checks import arg, device_name, positive_float, positive_int, writable_dir
 
 DEFAULT_SECONDS = 120.0
-# Limits shared with the API (dp360rt.nerf.model / .export), repeated here so `--help` needs no torch.
+# Limits shared with the API (dp360rt.nerf.model / .video / .mesh), repeated here so `--help` needs no torch.
 MAX_SIDE, GRID_RES, MAX_FRAMES, MAX_MESH_RES = 8192, (8, 1024), 100_000, 1024
 _DEVICE = arg(device_name, "--device", convert=str)
 
@@ -116,7 +116,7 @@ def cmd_render(a: argparse.Namespace) -> int:
 
 
 def cmd_video(a: argparse.Namespace) -> int:
-    from .export import orbit_video
+    from .video import orbit_video
     from .model import Nerf
 
     out = _writable_file(a.out)                     # before the NeRF loads
@@ -129,7 +129,7 @@ def cmd_video(a: argparse.Namespace) -> int:
 
 
 def cmd_mesh(a: argparse.Namespace) -> int:
-    from .export import extract_mesh, write_mesh
+    from .mesh import extract_mesh, write_mesh
     from .model import Nerf
 
     if Path(a.out).suffix.lower() not in (".ply", ".obj"):
