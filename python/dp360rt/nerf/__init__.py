@@ -10,7 +10,7 @@
 * :mod:`.render`: volume rendering with occupancy skipping and early termination.
 * :mod:`.video`: orbit videos (MP4 / GIF / PNG frames).
 * :mod:`.mesh`: marching-cubes meshes (PLY / OBJ).
-* :mod:`.cli`: ``dp360rt nerf fit|render|video|mesh``.
+* :mod:`.cli`: ``dp360rt nerf fit|render|video|mesh|scene``.
 """
 from .cameras import (CameraError, camera_rays, load_views, look_at, orbit_cameras, project_points,
                       read_cameras_json, sphere32_cameras, write_cameras_json, write_views)
