@@ -24,7 +24,7 @@ import torch
 
 from dp360rt.nerf.cameras import sphere32_cameras
 from dp360rt.nerf.encoding import HashGrid, hash_encode_torch, tcnn_available
-from dp360rt.nerf.fit import Nerf, psnr
+from dp360rt.nerf.model import Nerf, psnr
 from dp360rt.nerf.synthetic import render_views
 
 HOLD = [3, 11, 19, 27]

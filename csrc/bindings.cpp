@@ -1,6 +1,5 @@
-// dp360rt._C: the request scheduler (planner, step loop, view queue) and the NeRF ray batch
-// builder. CPU only: no torch or CUDA dependency; tensors stay on the Python side.
-#include <pybind11/numpy.h>
+// dp360rt._C: the request scheduler (planner, step loop, view queue). CPU only: no torch or CUDA
+// dependency; tensors stay on the Python side.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -14,7 +13,7 @@ namespace py = pybind11;
 using namespace dp360rt;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "dp360rt native scheduler and ray batcher (CPU only; no torch/CUDA dependency).";
+  m.doc() = "dp360rt native scheduler (CPU only; no torch/CUDA dependency).";
   m.def("version", [] { return std::string(DP360RT_VERSION); }, "Version of the native extension.");
 
   py::class_<TaskInfo>(m, "TaskInfo", "A sampling task as the planner sees it.")
@@ -80,11 +79,4 @@ PYBIND11_MODULE(_C, m) {
         "Stop and join every live StepLoop. Registered with atexit: no loop thread outlives the\n"
         "interpreter (a thread asking a finalizing interpreter for the GIL aborts the process).");
   py::module_::import("atexit").attr("register")(m.attr("shutdown_all_loops"));
-
-  py::class_<RayBatcher>(m, "RayBatcher", "Shuffled ray batches over a growing pool of views (fixed seed).")
-      .def(py::init<uint64_t>(), py::arg("seed") = 0)
-      .def("add_view", &RayBatcher::add_view, py::arg("origins"), py::arg("directions"), py::arg("colours"))
-      .def("next_batch", &RayBatcher::next_batch, py::arg("n"))
-      .def_property_readonly("num_rays", &RayBatcher::num_rays)
-      .def_property_readonly("num_views", &RayBatcher::num_views);
 }

@@ -1,7 +1,6 @@
 #include "scheduler.hpp"
 
 #include <algorithm>
-#include <numeric>
 #include <set>
 #include <stdexcept>
 
@@ -413,53 +412,6 @@ void StepLoop::Core::loop() {
       stats_.overhead_s += overhead;
     }
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-RayBatcher::RayBatcher(uint64_t seed) : rng_(seed) {}
-
-void RayBatcher::add_view(py::array_t<float, py::array::c_style | py::array::forcecast> origins,
-                          py::array_t<float, py::array::c_style | py::array::forcecast> directions,
-                          py::array_t<float, py::array::c_style | py::array::forcecast> colours) {
-  auto check = [](const py::array& a, const char* name) {
-    if (a.ndim() != 2 || a.shape(1) != 3)
-      throw std::invalid_argument(std::string(name) + " must be [N, 3] float32");
-  };
-  check(origins, "origins");
-  check(directions, "directions");
-  check(colours, "colours");
-  if (origins.shape(0) != directions.shape(0) || origins.shape(0) != colours.shape(0))
-    throw std::invalid_argument("origins, directions and colours must have the same number of rays");
-  size_t n = static_cast<size_t>(origins.shape(0)) * 3;
-  origins_.insert(origins_.end(), origins.data(), origins.data() + n);
-  directions_.insert(directions_.end(), directions.data(), directions.data() + n);
-  colours_.insert(colours_.end(), colours.data(), colours.data() + n);
-  views_ += 1;
-}
-
-void RayBatcher::reshuffle() {
-  order_.resize(num_rays());
-  std::iota(order_.begin(), order_.end(), 0u);
-  std::shuffle(order_.begin(), order_.end(), rng_);
-  cursor_ = 0;
-}
-
-py::tuple RayBatcher::next_batch(size_t n) {
-  if (num_rays() == 0) throw std::runtime_error("RayBatcher: no views added yet");
-  py::array_t<float> o({n, size_t(3)}), d({n, size_t(3)}), c({n, size_t(3)});
-  float *po = o.mutable_data(), *pd = d.mutable_data(), *pc = c.mutable_data();
-  for (size_t i = 0; i < n; ++i) {
-    if (cursor_ >= order_.size() || order_.size() != num_rays()) {
-      if (cursor_ >= order_.size() || order_.empty()) reshuffle();
-    }
-    size_t r = order_[cursor_++];
-    for (int k = 0; k < 3; ++k) {
-      po[3 * i + k] = origins_[3 * r + k];
-      pd[3 * i + k] = directions_[3 * r + k];
-      pc[3 * i + k] = colours_[3 * r + k];
-    }
-  }
-  return py::make_tuple(o, d, c);
 }
 
 }  // namespace dp360rt

@@ -1,12 +1,11 @@
 // The request scheduler of dp360rt: a planner that packs sampling tasks into batches under a
 // row limit and a memory budget, a step loop on its own thread that drives an execution callback,
-// a bounded view queue with backpressure, and the NeRF ray batch builder.
+// and a bounded view queue with backpressure.
 //
 // Threading rule (no deadlock with the GIL): the loop thread never waits for the GIL while it
 // holds the scheduler mutex, and every blocking wait called from Python releases the GIL first.
 #pragma once
 
-#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -17,7 +16,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -138,29 +136,6 @@ class StepLoop {
   std::shared_ptr<Core> core_;
   std::mutex join_mu_;                  // one joiner at a time (shutdown_all vs. destructor)
   std::thread thread_;
-};
-
-// Shuffled ray batches over a growing pool of views (fixed seed): fitting can start before all
-// views exist; a view added later joins the next epoch's permutation.
-class RayBatcher {
- public:
-  explicit RayBatcher(uint64_t seed);
-  // origins, directions, colours: float32 arrays [N, 3] (C-contiguous).
-  void add_view(py::array_t<float, py::array::c_style | py::array::forcecast> origins,
-                py::array_t<float, py::array::c_style | py::array::forcecast> directions,
-                py::array_t<float, py::array::c_style | py::array::forcecast> colours);
-  // (origins, directions, colours), each [n, 3] float32.
-  py::tuple next_batch(size_t n);
-  size_t num_rays() const { return colours_.size() / 3; }
-  size_t num_views() const { return views_; }
-
- private:
-  void reshuffle();
-  std::mt19937_64 rng_;
-  std::vector<float> origins_, directions_, colours_;
-  std::vector<uint32_t> order_;
-  size_t cursor_ = 0;
-  size_t views_ = 0;
 };
 
 }  // namespace dp360rt

@@ -157,7 +157,8 @@ def test_nerf_render_video_mesh_sizes_checked(tmp_path, capsys):
     assert "--frames must be" in _usage_error(["nerf", "video", str(tmp_path), "--out", "o.gif", "--frames", "0"], capsys)
     assert "--resolution must be" in _usage_error(["nerf", "mesh", str(tmp_path), "--out", "m.ply", "--resolution", "0"],
                                                   capsys)
-    from dp360rt.nerf.export import extract_mesh, orbit_video
+    from dp360rt.nerf.mesh import extract_mesh
+    from dp360rt.nerf.video import orbit_video
     nerf = Nerf(device="cpu")
     with pytest.raises(ArgumentError, match="width must be between 1 and 8192, got 0"):
         nerf.render(orbit_cameras(1)[0], 0, 64)               # rendered 64x64 silently before

@@ -14,10 +14,10 @@ import torch
 
 # submodule imports: an editable install made before nerf/ existed sees dp360rt.nerf as a namespace
 from dp360rt.nerf.cameras import (CameraError, camera_rays, intrinsics, load_views, look_at, make_camera,
-                                  orbit_cameras, project_points, sphere32_cameras, write_views)
-from dp360rt.nerf.fit import Nerf
+                                  orbit_cameras, project_points, sphere32_cameras)
+from dp360rt.nerf.model import Nerf
 from dp360rt.nerf.cli import add_parser, holdout_indices, main as nerf_main
-from dp360rt.nerf.synthetic import render_views
+from dp360rt.nerf.synthetic import SCENES, render_views, write_scene
 
 HOLD = [3, 11, 19, 27]
 TRAIN = [i for i in range(32) if i not in HOLD]
@@ -173,9 +173,7 @@ def test_train_while_views_stream_in(scene):
 @pytest.fixture(scope="module")
 def views_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("views")
-    cams = sphere32_cameras()[::2]                      # 16 views at 32x32
-    imgs, _ = render_views("sphere", cams, size=32)
-    write_views(d, imgs, cams)
+    write_scene(d, "sphere", sphere32_cameras()[::2], size=32)      # 16 views at 32x32
     return d
 
 
@@ -212,6 +210,25 @@ def test_cli_fit_and_render(views_dir, tmp_path, capsys):
     assert a.fn(a) == 0
     assert len(list((tmp_path / "r3").glob("*.png"))) == 16          # named like the listed files
     assert (tmp_path / "r3" / "015.png").is_file()
+
+
+def test_cli_scene_writes_the_views_folder_fit_takes(tmp_path, capsys):
+    """`nerf scene DIR` is write_scene(DIR, scene): the exact renders, as the views folder of the
+    acceptance recipe (then `nerf fit DIR`)."""
+    d = tmp_path / "scene"
+    assert nerf_main(["scene", str(d), "--scene", "checker", "--size", "16"]) == 0
+    assert f"dp360rt nerf fit {d}" in capsys.readouterr().out
+    imgs, cams, files = load_views(d)
+    assert files == [f"{i:03d}.png" for i in range(32)] and torch.equal(cams, sphere32_cameras())
+    ref, _ = render_views("checker", size=16)
+    assert max(float((a - b).abs().max()) for a, b in zip(imgs, ref)) <= 0.5 / 255 + 1e-6     # 8-bit PNG rounding
+    assert nerf_main(["fit", str(d), "--out", str(tmp_path / "m"), "--steps", "2", "--holdout", "4", "--quiet"]) == 0
+    some = write_scene(tmp_path / "some", "checker", size=16, indices=[4, 12])
+    assert sorted(p.name for p in some.glob("*.png")) == ["004.png", "012.png"]
+    import dp360rt.nerf.cli as cli
+    assert cli.SCENES == SCENES                          # the CLI's copy (its --help imports no torch)
+    with pytest.raises(SystemExit):
+        nerf_main(["scene", str(tmp_path / "x"), "--scene", "cube"])
 
 
 def _copy_views(src: Path, dst: Path) -> Path:
@@ -273,7 +290,7 @@ def test_holdout_indices():
 # ---------------------------------------------------------------------------------------------
 
 def test_mesh_export(fitted, tmp_path):
-    from dp360rt.nerf.export import extract_mesh, write_mesh
+    from dp360rt.nerf.mesh import extract_mesh, write_mesh
     nerf, _ = fitted
     mesh = extract_mesh(nerf, resolution=64, method="tetra")
     v, f = mesh["vertices"], mesh["faces"]
@@ -293,7 +310,7 @@ def test_mesh_export(fitted, tmp_path):
 
 
 def test_marching_tetrahedra_sphere():
-    from dp360rt.nerf.export import marching_tetrahedra
+    from dp360rt.nerf.mesh import marching_tetrahedra
     n = 33
     c = torch.linspace(-1, 1, n)
     z, y, x = torch.meshgrid(c, c, c, indexing="ij")
@@ -308,7 +325,7 @@ def test_marching_tetrahedra_sphere():
 
 
 def test_orbit_video(fitted, tmp_path):
-    from dp360rt.nerf.export import orbit_video
+    from dp360rt.nerf.video import orbit_video
     nerf, _ = fitted
     gif = orbit_video(nerf, tmp_path / "o.gif", frames=4, width=24, height=24)
     from PIL import Image

@@ -34,8 +34,8 @@ def no_models(monkeypatch):
         raise AssertionError("a model was loaded before the output location was checked")
     monkeypatch.setattr(Pipeline, "random", classmethod(boom))
     monkeypatch.setattr(Pipeline, "from_checkpoints", classmethod(boom))
-    import dp360rt.nerf.fit
-    monkeypatch.setattr(dp360rt.nerf.fit.Nerf, "load", classmethod(boom))
+    import dp360rt.nerf.model
+    monkeypatch.setattr(dp360rt.nerf.model.Nerf, "load", classmethod(boom))
 
 
 VERBS = {

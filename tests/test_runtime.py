@@ -1,5 +1,5 @@
 """The native scheduler: same views as the reference loop, planner limits, policies, cancel,
-errors, backpressure, and the ray batch builder."""
+errors, backpressure."""
 from __future__ import annotations
 
 import gc
@@ -190,25 +190,6 @@ def test_slow_consumer_blocks_without_losing_views(pipe):
         assert got == list(range(32))
     finally:
         rt.shutdown()
-
-
-def test_ray_batcher_shuffles_every_ray_once_per_epoch():
-    rb = _C.RayBatcher(7)
-    o = np.arange(30, dtype=np.float32).reshape(10, 3)
-    rb.add_view(o, o + 1, o + 2)
-    seen = np.concatenate([rb.next_batch(5)[0] for _ in range(2)])
-    assert sorted(seen[:, 0].tolist()) == sorted(o[:, 0].tolist())
-    rb2 = _C.RayBatcher(7)
-    rb2.add_view(o, o + 1, o + 2)
-    assert np.array_equal(np.concatenate([rb2.next_batch(5)[0] for _ in range(2)]), seen)
-    o2, d2, c2 = rb.next_batch(4)
-    assert np.array_equal(d2, o2 + 1) and np.array_equal(c2, o2 + 2)
-    rb.add_view(o + 100, o + 101, o + 102)         # a view arriving later joins the pool
-    assert rb.num_views == 2 and rb.num_rays == 20
-    later = np.concatenate([rb.next_batch(10)[0] for _ in range(4)])
-    assert (later[:, 0] >= 100).any()
-    with pytest.raises(ValueError):
-        rb.add_view(o[:, :2], o, o)
 
 
 # A stream left open at interpreter exit, a pipeline garbage-collected mid-stream, a consumer that

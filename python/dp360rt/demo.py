@@ -55,7 +55,7 @@ def synthetic_head(out: Path, seconds: float, seed: int = 0, progress: bool = Tr
     fitted for ``seconds`` and orbited -> ``synthetic_head_views.png``, ``synthetic_head_orbit.mp4``.
     Returns the seconds it took."""
     from .nerf import Nerf
-    from .nerf.export import orbit_video
+    from .nerf.video import orbit_video
     from .nerf.synthetic import render_views
     tic = time.perf_counter()
     print(f"synthetic head scene (built in, NOT a generated portrait): fitting a NeRF for {seconds:g} s ...",
@@ -101,7 +101,7 @@ def _demo_into(out: Path, steps: int, seed: int, nerf_seconds: float, progress: 
     print(f"generated the back view and {len(res.views)} views ({res.unet_calls} UNet calls); "
           f"fitting a NeRF for {nerf_seconds:g} s ...", flush=True)
 
-    from .nerf.export import orbit_video
+    from .nerf.video import orbit_video
     tic = time.perf_counter()
     nerf = res.fit_nerf(seconds=nerf_seconds, progress=progress, seed=seed)
     res.timings["nerf_fit"] = time.perf_counter() - tic

@@ -1,4 +1,4 @@
-"""``python -m dp360rt.nerf fit|render|video|mesh ...`` (the same verbs as ``dp360rt nerf``)."""
+"""``python -m dp360rt.nerf fit|render|video|mesh|scene ...`` (the same verbs as ``dp360rt nerf``)."""
 import sys
 
 from .cli import main

@@ -1,4 +1,6 @@
-"""``dp360rt nerf ...``: fit a views folder, render cameras, orbit videos, meshes.
+"""``dp360rt nerf ...``: fit a views folder, render cameras, orbit videos, meshes, and write a
+built-in synthetic scene as a views folder (the acceptance recipe: ``nerf scene DIR`` then
+``nerf fit DIR``).
 
 Hook into a CLI with :func:`add_parser` (``sub`` = the object ``add_subparsers`` returned); every
 verb sets ``fn`` (``args.fn(args)`` -> exit code). Bad input raises ``ValueError`` (a
@@ -16,8 +18,9 @@ from pathlib import Path
 from ..checks import arg, device_name, positive_float, positive_int, writable_dir
 
 DEFAULT_SECONDS = 120.0
-# Limits shared with the API (dp360rt.nerf.fit / .export), repeated here so `--help` needs no torch.
+# Limits shared with the API (dp360rt.nerf.model / .video / .mesh), repeated here so `--help` needs no torch.
 MAX_SIDE, GRID_RES, MAX_FRAMES, MAX_MESH_RES = 8192, (8, 1024), 100_000, 1024
+SCENES = ("blobs", "blobs_wide", "sphere", "checker", "head")     # dp360rt.nerf.synthetic.SCENES
 _DEVICE = arg(device_name, "--device", convert=str)
 
 
@@ -38,7 +41,7 @@ def holdout_indices(n: int, k: int) -> list[int]:
 
 def cmd_fit(a: argparse.Namespace) -> int:
     from .cameras import load_views
-    from .fit import Nerf, NerfConfig
+    from .model import Nerf, NerfConfig
 
     out = writable_dir(a.out)
     images, cams, files = load_views(a.views)
@@ -89,7 +92,7 @@ def cmd_render(a: argparse.Namespace) -> int:
     import numpy as np
 
     from .cameras import cameras_or_orbit, read_cameras_json, save_image, write_cameras_json
-    from .fit import Nerf
+    from .model import Nerf
 
     out = writable_dir(a.out)                      # before the NeRF loads
     nerf = Nerf.load(a.model, device=a.device)
@@ -116,8 +119,8 @@ def cmd_render(a: argparse.Namespace) -> int:
 
 
 def cmd_video(a: argparse.Namespace) -> int:
-    from .export import orbit_video
-    from .fit import Nerf
+    from .video import orbit_video
+    from .model import Nerf
 
     out = _writable_file(a.out)                     # before the NeRF loads
     nerf = Nerf.load(a.model, device=a.device)
@@ -129,8 +132,8 @@ def cmd_video(a: argparse.Namespace) -> int:
 
 
 def cmd_mesh(a: argparse.Namespace) -> int:
-    from .export import extract_mesh, write_mesh
-    from .fit import Nerf
+    from .mesh import extract_mesh, write_mesh
+    from .model import Nerf
 
     if Path(a.out).suffix.lower() not in (".ply", ".obj"):
         raise ValueError(f"--out {a.out}: unknown mesh format. Fix: use a .ply or .obj file name")
@@ -142,8 +145,19 @@ def cmd_mesh(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scene(a: argparse.Namespace) -> int:
+    from .synthetic import write_scene
+
+    out = writable_dir(a.out)
+    t0 = time.perf_counter()
+    write_scene(out, a.scene, size=a.size)
+    print(f"wrote the synthetic {a.scene!r} scene to {out}: 32 views ({a.size}x{a.size}, sphere32 orbit) and "
+          f"cameras.json in {time.perf_counter() - t0:.1f} s. Fit it: dp360rt nerf fit {out} --out MODEL_DIR --holdout 4")
+    return 0
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``nerf`` (verbs fit, render, video, mesh) on ``subparsers``."""
+    """Register ``nerf`` (verbs fit, render, video, mesh, scene) on ``subparsers``."""
     p = subparsers.add_parser("nerf", help="instant NeRF: fit a views folder, render cameras, videos, meshes",
                               description="Fit a radiance field to a views folder (PNG images + cameras.json) "
                                           "and render it.")
@@ -198,6 +212,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--level", type=float, default=10.0, help="density iso-level (per world unit), default 10")
     m.add_argument("--device", type=_DEVICE)
     m.set_defaults(fn=cmd_mesh)
+
+    s = sub.add_parser("scene", help="write a built-in synthetic scene (exact renders) as a views folder to fit")
+    s.add_argument("out", metavar="DIR", help="the views folder to write (PNG images + cameras.json)")
+    s.add_argument("--scene", choices=SCENES, default="head", help="default: head")
+    s.add_argument("--size", type=arg(positive_int, "--size", MAX_SIDE), default=64,
+                   help="view width and height in pixels (default 64)")
+    s.set_defaults(fn=cmd_scene)
     return p
 
 

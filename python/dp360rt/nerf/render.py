@@ -37,25 +37,6 @@ def ray_box(o: Tensor, d: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tenso
     return near, far
 
 
-def packed_samples(near: Tensor, far: Tensor, step: float, jitter: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Uniform samples of every ray between near and far: (ray index [M] int64, distance t [M]),
-    grouped by ray and increasing in t. ``jitter`` [B] in [0, 1) offsets each ray's samples
-    (default: midpoints)."""
-    b = near.shape[0]
-    span = (far - near).clamp_min(0.0)
-    n = torch.ceil(span / step).long()
-    total = int(n.sum())
-    dev = near.device
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, device=dev)
-    ray = torch.repeat_interleave(torch.arange(b, device=dev), n, output_size=total)
-    start = torch.cumsum(n, 0) - n
-    k = torch.arange(total, device=dev) - start[ray]
-    u = jitter[ray] if jitter is not None else 0.5
-    t = near[ray] + (k.to(near.dtype) + u) * step
-    return ray, t
-
-
 def composite(ray: Tensor, n_rays: int, tau: Tensor, rgb: Tensor, t: Tensor | None = None,
               return_weights: bool = False):
     """Packed compositing: ray [M] (grouped, ordered), tau [M] optical thickness, rgb [M, 3]

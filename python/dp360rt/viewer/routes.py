@@ -101,7 +101,7 @@ def _render_size(s: NerfSession) -> int:
 
 
 def _orbit_mp4(s: NerfSession) -> bytes:
-    from ..nerf.export import orbit_video
+    from ..nerf.video import orbit_video
     snap = s.snapshot
     assert snap is not None
     with tempfile.TemporaryDirectory(prefix="dp360rt-orbit-") as tmp:
@@ -111,7 +111,7 @@ def _orbit_mp4(s: NerfSession) -> bytes:
 
 
 def _mesh_ply(s: NerfSession) -> bytes:
-    from ..nerf.export import extract_mesh, write_ply
+    from ..nerf.mesh import extract_mesh, write_ply
     snap = s.snapshot
     assert snap is not None
     with tempfile.TemporaryDirectory(prefix="dp360rt-mesh-") as tmp:
