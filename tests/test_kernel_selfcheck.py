@@ -10,7 +10,7 @@ import torch
 
 from dp360rt.kernels import dispatch
 from dp360rt.kernels.shared_kv_attention import shared_kv_attention as twin
-from dp360rt.kernels.temporal_attention_triton import temporal_attention_reference
+from dp360rt.kernels.temporal_attention import temporal_attention_reference
 
 
 @pytest.fixture

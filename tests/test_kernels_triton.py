@@ -30,7 +30,8 @@ from dp360rt.kernels import dispatch
 from dp360rt.kernels.shared_kv_attention import shared_kv_attention, shared_kv_attention_reference
 from dp360rt.kernels.shared_kv_attention_triton import (interpreter_consistent, interpreting,
                                                         shared_kv_attention_triton)
-from dp360rt.kernels.temporal_attention_triton import temporal_attention_reference, temporal_attention_triton
+from dp360rt.kernels.temporal_attention import temporal_attention_reference
+from dp360rt.kernels.temporal_attention_triton import temporal_attention_triton
 from dp360rt.model import build_model
 from dp360rt.unet.attention import Attention, merge_heads, split_heads
 from dp360rt.unet.bank import SharedBank

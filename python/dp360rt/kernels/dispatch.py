@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .shared_kv_attention import shared_kv_attention as _shared_kv_torch
+from .temporal_attention import temporal_attention_reference
 
 ENV = "DP360RT_KERNELS"
 BACKENDS = ("torch", "triton")
@@ -100,7 +101,6 @@ def _triton_kernel(name: str):
 
 def _check_case(name: str, device: torch.device, head_dim: int, dtype: torch.dtype):
     """(kernel args, PyTorch twin result) of the small self-check input for ``name``."""
-    from .temporal_attention_triton import temporal_attention_reference
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     if name == "shared_kv":
@@ -170,7 +170,6 @@ def shared_kv_attention(q: Tensor, k: Tensor, v: Tensor, ks: Tensor | None, vs: 
 
 def temporal_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, heads: int) -> Tensor:
     """Attention across ``frames`` consecutive batch rows per token and head; q, k, v: [B*F, S, C]."""
-    from .temporal_attention_triton import temporal_attention_reference
     if (kernel_backend(q.device) == "triton" and _triton_ok(q) and q.shape[-1] // heads <= 256
             and self_check("temporal", q.device, q.shape[-1] // heads, q.dtype)):
         return _triton_kernel("temporal")(q, k, v, frames, heads)

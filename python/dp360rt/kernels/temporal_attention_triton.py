@@ -1,10 +1,11 @@
-"""Temporal (cross-frame) attention of the motion modules, read in the UNet's own layout.
+"""Triton twin of :func:`dp360rt.kernels.temporal_attention.temporal_attention_reference`, read in
+the UNet's own layout.
 
 Hidden states are ``[B*F, S, H*D]`` (the F frames of a window consecutive in the batch, S spatial
-tokens). For every (window b, token s, head h) the F frames attend to each other:
-``softmax(q k^T / sqrt(D)) v`` over an F x F score matrix. The PyTorch reference permutes to
-``(B*S, H, F, D)``, runs SDPA and permutes back; the Triton kernel reads ``[B*F, S, H*D]``
-directly through strides (no permute copies) and writes the output in the same layout.
+tokens); for every (window b, token s, head h) the F frames attend to each other. The PyTorch
+reference permutes to ``(B*S, H, F, D)``, runs SDPA and permutes back; this kernel reads
+``[B*F, S, H*D]`` directly through strides (no permute copies) and writes the output in the same
+layout.
 
 F is small (8), far below a ``tl.dot`` tile, so the kernel is a memory-bound broadcast-multiply:
 a program owns BLOCK_S tokens x F query frames (rows) of one head of one window, loops over the F
@@ -16,26 +17,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F_
 from torch import Tensor
 
 from .shared_kv_attention_triton import LOG2E, SUPPORTED_DTYPES, available, check_interpreter, interpreting, tl, triton
 
-__all__ = ["temporal_attention_reference", "temporal_attention_triton", "available"]
-
-
-def temporal_attention_reference(q: Tensor, k: Tensor, v: Tensor, frames: int, heads: int) -> Tensor:
-    """PyTorch reference. q, k, v: [B*F, S, C] with C = heads * D -> [B*F, S, C]."""
-    bf, s, c = q.shape
-    if bf % frames or c % heads:
-        raise ValueError(f"temporal attention: batch {bf} / frames {frames}, channels {c} / heads {heads}")
-    b, d = bf // frames, c // heads
-
-    def to_seq(x: Tensor) -> Tensor:        # (b f) s (h d) -> (b s) h f d
-        return x.reshape(b, frames, s, heads, d).permute(0, 2, 3, 1, 4).reshape(b * s, heads, frames, d)
-
-    out = F_.scaled_dot_product_attention(to_seq(q), to_seq(k), to_seq(v))
-    return out.reshape(b, s, heads, frames, d).permute(0, 3, 1, 2, 4).reshape(bf, s, c)
+__all__ = ["temporal_attention_triton", "available"]
 
 
 def _temporal_fwd(Q, K, V, O,
@@ -108,8 +94,9 @@ def temporal_attention_triton(q: Tensor, k: Tensor, v: Tensor, frames: int, head
     """Attention across the ``frames`` consecutive batch rows, per token and head.
 
     q, k, v: [B*F, S, H*D] (any strides); returns a contiguous [B*F, S, H*D] tensor in q's dtype.
-    Equals :func:`temporal_attention_reference`. ``block_s`` (a power of two) fixes the number of
-    tokens per program instead of autotuning; under the interpreter it defaults to a large block.
+    Equals :func:`~dp360rt.kernels.temporal_attention.temporal_attention_reference`. ``block_s``
+    (a power of two) fixes the number of tokens per program instead of autotuning; under the
+    interpreter it defaults to a large block.
     """
     if triton is None:
         raise RuntimeError("triton is not importable")
