@@ -7,7 +7,8 @@ PyTorch one up to the order of floating-point additions). One program handles ``
 of one level. Runs on CUDA, or anywhere under ``TRITON_INTERPRET=1`` (the tests do that on CPU).
 
 Importing this module needs ``triton``; :class:`~dp360rt.nerf.encoding.HashGrid` imports it
-lazily, only when the Triton backend is used.
+lazily, only when the Triton backend is used. :mod:`dp360rt.kernels.triton_env` says whether the
+kernels can run on the given tensors.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..kernels import triton_env
 from .encoding import PRIMES, HashGridSpec
 
 BLOCK = 128
@@ -148,6 +150,7 @@ class _HashEncode(torch.autograd.Function):
 
 def hash_encode_triton(x01: Tensor, table: Tensor, spec: HashGridSpec) -> Tensor:
     """Triton hash encoding: x01 [N, 3] in [0, 1], table [sum(sizes), F] -> [N, L * F] float32."""
+    triton_env.require(x01.device, _hash_fwd_kernel, _hash_bwd_kernel)
     if spec.features & (spec.features - 1):
         raise ValueError("the Triton hash encoding needs a power-of-two feature count per level")
     return _HashEncode.apply(x01, table, spec)
