@@ -32,6 +32,41 @@ def head_block(d: int) -> int:
 
 
 @triton.jit
+def _attend(q, m_i, l_i, acc, k_base, skn, skd, v_base, svn, svd, L, qk_scale, offs_n, offs_d, d_mask,
+            IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of the query tile q [BLOCK_M, BLOCK_D] over L more keys/values (at
+    ``k_base``/``v_base`` with strides (skn, skd)/(svn, svd)): the running max m_i [BLOCK_M], sum
+    l_i [BLOCK_M] and unnormalized output acc [BLOCK_M, BLOCK_D] after them."""
+    for start in range(0, L, BLOCK_N):
+        kn = start + offs_n
+        n_mask = kn < L
+        kt = tl.load(k_base + offs_d[:, None] * skd + kn[None, :] * skn,
+                     mask=d_mask[:, None] & n_mask[None, :], other=0.0)          # [BLOCK_D, BLOCK_N]
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        if IEEE:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)           # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            v = v.to(tl.float32)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _shared_kv_fwd(Q, K, V, KS, VS, O,
                    sqb, sqh, sqn, sqd,
                    skb, skh, skn, skd,
@@ -61,66 +96,13 @@ def _shared_kv_fwd(Q, K, V, KS, VS, O,
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
-    # 1) the frame's own keys
-    k_base = K + b.to(tl.int64) * skb + h * skh
-    v_base = V + b.to(tl.int64) * svb + h * svh
-    for start in range(0, N, BLOCK_N):
-        kn = start + offs_n
-        n_mask = kn < N
-        kt = tl.load(k_base + offs_d[:, None] * skd + kn[None, :] * skn,
-                     mask=d_mask[:, None] & n_mask[None, :], other=0.0)          # [BLOCK_D, BLOCK_N]
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        if IEEE:
-            qk = tl.dot(q, kt, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)           # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            v = v.to(tl.float32)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-
-    # 2) the shared keys, one copy for all frames (batch index 0)
+    # the frame's own keys, then the shared keys: one copy for all frames (batch index 0)
+    m_i, l_i, acc = _attend(q, m_i, l_i, acc, K + b.to(tl.int64) * skb + h * skh, skn, skd,
+                            V + b.to(tl.int64) * svb + h * svh, svn, svd, N, qk_scale, offs_n, offs_d, d_mask,
+                            IEEE, UPCAST, BLOCK_N)
     if HAS_SHARED:
-        ks_base = KS + h * s_ksh
-        vs_base = VS + h * s_vsh
-        for start in range(0, M, BLOCK_N):
-            kn = start + offs_n
-            n_mask = kn < M
-            kt = tl.load(ks_base + offs_d[:, None] * s_ksd + kn[None, :] * s_ksn,
-                         mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            if IEEE:
-                qk = tl.dot(q, kt, input_precision="ieee")
-            else:
-                qk = tl.dot(q, kt)
-            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vs_base + kn[:, None] * s_vsn + offs_d[None, :] * s_vsd,
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, KS + h * s_ksh, s_ksn, s_ksd, VS + h * s_vsh, s_vsn, s_vsd, M,
+                                qk_scale, offs_n, offs_d, d_mask, IEEE, UPCAST, BLOCK_N)
 
     out = acc / l_i[:, None]
     o_ptrs = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
