@@ -68,8 +68,9 @@ def kernel_backend(device: torch.device | str | Tensor | None = None) -> str:
     return "triton"
 
 
-def _triton_ok(q: Tensor) -> bool:
-    return q.dtype in triton_env.DTYPES and q.shape[-1] <= triton_env.MAX_HEAD_DIM
+def _triton_ok(q: Tensor, head_dim: int) -> bool:
+    """Whether the Triton kernels take inputs of q's dtype and this head dim."""
+    return q.dtype in triton_env.DTYPES and head_dim <= triton_env.MAX_HEAD_DIM
 
 
 def _triton_kernel(name: str):
@@ -142,8 +143,8 @@ def shared_kv_attention(q: Tensor, k: Tensor, v: Tensor, ks: Tensor | None, vs: 
     """Attention of each frame's queries over ``[own keys ; shared keys]`` (see
     :func:`dp360rt.kernels.shared_kv_attention.shared_kv_attention`); ``ks=None``: plain attention.
     q, k, v: [B, H, N, D]; ks, vs: [1, H, M, D]."""
-    if kernel_backend(q.device) == "triton" and _triton_ok(q) and self_check("shared_kv", q.device, q.shape[-1],
-                                                                              q.dtype):
+    if (kernel_backend(q.device) == "triton" and _triton_ok(q, q.shape[-1])
+            and self_check("shared_kv", q.device, q.shape[-1], q.dtype)):
         return _triton_kernel("shared_kv")(q, k, v, ks, vs)
     if ks is None:
         return F.scaled_dot_product_attention(q, k, v)
@@ -152,7 +153,7 @@ def shared_kv_attention(q: Tensor, k: Tensor, v: Tensor, ks: Tensor | None, vs: 
 
 def temporal_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, heads: int) -> Tensor:
     """Attention across ``frames`` consecutive batch rows per token and head; q, k, v: [B*F, S, C]."""
-    if (kernel_backend(q.device) == "triton" and _triton_ok(q) and q.shape[-1] // heads <= triton_env.MAX_HEAD_DIM
+    if (kernel_backend(q.device) == "triton" and _triton_ok(q, q.shape[-1] // heads)
             and self_check("temporal", q.device, q.shape[-1] // heads, q.dtype)):
         return _triton_kernel("temporal")(q, k, v, frames, heads)
     return temporal_attention_reference(q, k, v, frames, heads)
