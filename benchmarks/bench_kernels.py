@@ -112,7 +112,8 @@ def bench_shared_kv(args, dtype) -> list[dict]:
 
 
 def bench_temporal(args, dtype) -> list[dict]:
-    from dp360rt.kernels.temporal_attention_triton import temporal_attention_reference, temporal_attention_triton
+    from dp360rt.kernels.temporal_attention import temporal_attention_reference
+    from dp360rt.kernels.temporal_attention_triton import temporal_attention_triton
     rows = []
     f, h = args.frames, args.heads
     bf = f * args.windows

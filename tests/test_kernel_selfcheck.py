@@ -10,7 +10,7 @@ import torch
 
 from dp360rt.kernels import dispatch
 from dp360rt.kernels.shared_kv_attention import shared_kv_attention as twin
-from dp360rt.kernels.temporal_attention_triton import temporal_attention_reference
+from dp360rt.kernels.temporal_attention import temporal_attention_reference
 
 
 @pytest.fixture
@@ -88,3 +88,15 @@ def test_forced_torch_never_runs_the_kernel(fake_gpu, monkeypatch):
     dispatch.shared_kv_attention(*_inputs())
     dispatch.temporal_attention(*[torch.randn(16, 5, 32) for _ in range(3)], 8, 4)
     assert calls == {"shared_kv": 0, "temporal": 0} and dispatch.kernel_status() == {}
+
+
+def test_kernels_serve_the_full_model_head_dims(fake_gpu):
+    """The temporal kernel takes the motion modules' [B*F, S, heads*D] inputs by head dim D (SD1.5:
+    320 channels in 8 heads of 40), not by channel count; head dims above 256 take the twin."""
+    _, calls = fake_gpu
+    x = [torch.randn(16, 5, 320) for _ in range(3)]
+    assert torch.equal(dispatch.temporal_attention(*x, 8, 8), temporal_attention_reference(*x, 8, 8))
+    assert calls["temporal"] == 2                        # the self-check, then the call
+    dispatch.shared_kv_attention(*_inputs(d=264))
+    dispatch.temporal_attention(*[torch.randn(16, 5, 528) for _ in range(3)], 8, 2)
+    assert calls == {"shared_kv": 0, "temporal": 2}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dp360rt.kernels.shared_kv_attention_triton import interpreting
+from dp360rt.kernels.triton_env import interpreting
 
 triton = pytest.importorskip("triton")
 if interpreting():
@@ -24,7 +24,7 @@ def _compile(fn, signature: dict[str, str], constexprs: dict[str, object]):
 
 def test_shared_kv_kernel_compiles_for_sm90():
     from dp360rt.kernels import shared_kv_attention_triton as skv
-    fn = skv._kernel(False, False)
+    fn = skv._shared_kv_fwd
     consts = {"HAS_SHARED": True, "IEEE": False, "UPCAST": False, "BLOCK_M": 64, "BLOCK_N": 64,
               "BLOCK_D": skv.head_block(40)}                        # head dim 40: the first UNet level
     sig = {a: "i32" for a in fn.arg_names if a not in consts}      # strides and sizes
@@ -35,7 +35,7 @@ def test_shared_kv_kernel_compiles_for_sm90():
 
 def test_temporal_kernel_compiles_for_sm90():
     from dp360rt.kernels import temporal_attention_triton as tmp
-    fn = tmp._kernel(False, False)
+    fn = tmp._temporal_fwd
     consts = {"F_PAD": 8, "BLOCK_S": 32, "BLOCK_D": 64}              # 8 frames, head dim 40
     sig = {a: "i32" for a in fn.arg_names if a not in consts}
     sig.update({n: "*fp16" for n in ("Q", "K", "V", "O")}, qk_scale="fp32")

@@ -26,11 +26,9 @@ import torch.nn.functional as F
 
 from conftest import SET_A, rel_err
 from dp360rt.checkpoint import load_checkpoint, materialize_recipe
-from dp360rt.kernels import dispatch
+from dp360rt.kernels import dispatch, triton_env
 from dp360rt.kernels.shared_kv_attention import shared_kv_attention, shared_kv_attention_reference
-from dp360rt.kernels.shared_kv_attention_triton import (interpreter_consistent, interpreting,
-                                                        shared_kv_attention_triton)
-from dp360rt.kernels.temporal_attention_triton import temporal_attention_reference, temporal_attention_triton
+from dp360rt.kernels.temporal_attention import temporal_attention_reference
 from dp360rt.model import build_model
 from dp360rt.unet.attention import Attention, merge_heads, split_heads
 from dp360rt.unet.bank import SharedBank
@@ -38,8 +36,8 @@ from dp360rt.unet.motion import TemporalAttention
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-INTERP = interpreting() and interpreter_consistent()
-CUDA = torch.cuda.is_available() and not interpreting()
+INTERP = triton_env.interpreting() and triton_env.interpreter_consistent()
+CUDA = torch.cuda.is_available() and not triton_env.interpreting()
 DEVICE = "cpu" if INTERP else ("cuda" if CUDA else None)
 kernels = pytest.mark.skipif(DEVICE is None, reason="no CUDA and not under TRITON_INTERPRET=1: "
                                                     "covered by test_kernels_under_interpreter_subprocess")
@@ -79,6 +77,7 @@ SKV_SHAPES = [  # b, h, n, m, d, blocks (None: the kernel's default tiles)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("b,h,n,m,d,blocks", SKV_SHAPES)
 def test_shared_kv_kernel_matches_reference(b, h, n, m, d, blocks, dtype):
+    from dp360rt.kernels.shared_kv_attention_triton import shared_kv_attention_triton
     g = torch.Generator().manual_seed(b * 1000 + n * 10 + d)
     q, k, v = (_heads(b, n, h, d, g, dtype, DEVICE) for _ in range(3))
     # shared keys: row 1 of a 2-group bank, as SharedBank slices it (non-contiguous, offset)
@@ -94,6 +93,7 @@ def test_shared_kv_kernel_matches_reference(b, h, n, m, d, blocks, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("b,h,n,d", [(3, 4, 17, 40), (1, 1, 34, 8)])
 def test_plain_attention_kernel_matches_sdpa(b, h, n, d, dtype):
+    from dp360rt.kernels.shared_kv_attention_triton import shared_kv_attention_triton
     g = torch.Generator().manual_seed(7 * n + d)
     q, k, v = (_heads(b, n, h, d, g, dtype, DEVICE) for _ in range(3))
     ours = shared_kv_attention_triton(q, k, v, None, None, block_m=16, block_n=16)
@@ -111,6 +111,7 @@ def _frames_layout(bf: int, s: int, c: int, g: torch.Generator, dtype, device) -
 @pytest.mark.parametrize("b,f,s,h,d,block_s", [
     (1, 8, 17, 4, 8, 4), (2, 8, 9, 1, 40, None), (1, 5, 9, 2, 24, 2), (2, 8, 17, 4, 40, 8), (1, 8, 3, 1, 160, None)])
 def test_temporal_kernel_matches_reference(b, f, s, h, d, block_s, dtype):
+    from dp360rt.kernels.temporal_attention_triton import temporal_attention_triton
     g = torch.Generator().manual_seed(b * 100 + s + d)
     q, k, v = (_frames_layout(b * f, s, h * d, g, dtype, DEVICE) for _ in range(3))
     ours = temporal_attention_triton(q, k, v, f, h, block_s=block_s)
@@ -165,7 +166,7 @@ def test_dispatch_env_override(monkeypatch):
     monkeypatch.delenv(dispatch.ENV, raising=False)
     assert dispatch.kernel_backend("cpu") == "torch"
     assert dispatch.kernel_backend(torch.empty(1)) == "torch"
-    assert dispatch.kernel_backend("cuda") == ("triton" if dispatch._triton_import_error() is None else "torch")
+    assert dispatch.kernel_backend("cuda") == ("triton" if triton_env.import_error() is None else "torch")
     monkeypatch.setenv(dispatch.ENV, "torch")
     assert dispatch.kernel_backend("cuda") == "torch"
     monkeypatch.setenv(dispatch.ENV, "triton")
@@ -186,9 +187,29 @@ def test_dispatch_forced_triton_without_gpu_or_interpreter_raises(monkeypatch):
     q = torch.randn(1, 2, 3, 8, generator=g)
     with pytest.raises(RuntimeError, match="DP360RT_KERNELS=triton"):
         dispatch.shared_kv_attention(q, q, q, q, q)
-    monkeypatch.setattr(dispatch, "_triton_import_error", lambda: "ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setattr(triton_env, "import_error", lambda: "ModuleNotFoundError: No module named 'triton'")
     with pytest.raises(RuntimeError, match="triton cannot be imported"):
         dispatch.kernel_backend("cuda")
+
+
+@pytest.mark.skipif(INTERP or triton_env.import_error() is not None,
+                    reason="needs triton imported with the interpreter off")
+def test_kernels_refuse_what_they_cannot_run(monkeypatch):
+    """Called directly, the kernels name the fix: CPU tensors without the interpreter, or
+    TRITON_INTERPRET=1 set after triton was imported (its own jit helpers are compiled ones)."""
+    from dp360rt.kernels.shared_kv_attention_triton import shared_kv_attention_triton
+    from dp360rt.kernels.temporal_attention_triton import temporal_attention_triton
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 2, 3, 8)
+    x = torch.randn(8, 3, 8)
+    with pytest.raises(RuntimeError, match="not CUDA.*Fix: .*TRITON_INTERPRET=1"):
+        shared_kv_attention_triton(q, q, q, q, q)
+    with pytest.raises(RuntimeError, match="not CUDA.*Fix: .*TRITON_INTERPRET=1"):
+        temporal_attention_triton(x, x, x, 8, 2)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton_env.interpreter_consistent()
+    with pytest.raises(RuntimeError, match="set after triton was imported.*Fix: set TRITON_INTERPRET=1 before"):
+        shared_kv_attention_triton(q, q, q, q, q)
 
 
 def test_dispatch_torch_path_is_the_reference(monkeypatch):

@@ -7,7 +7,8 @@ without ``TRITON_INTERPRET=1``, or no Triton) is an error, never a silent fallba
 always take the PyTorch path. Inputs the kernels do not cover (other dtypes,
 head dims above 256) take the PyTorch path too.
 
-The Triton modules are imported lazily, on the first Triton call.
+The Triton modules are imported lazily, on the first Triton call; whether Triton can run at all
+comes from :mod:`.triton_env`.
 
 Nothing has run these kernels on every GPU they may meet, so before the first Triton call per
 (kernel, device, head dim, dtype) a small input is run through the kernel and its PyTorch twin
@@ -17,7 +18,6 @@ outcomes (``dp360rt info`` and :func:`dp360rt.capabilities` show them).
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -25,27 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import triton_env
 from .shared_kv_attention import shared_kv_attention as _shared_kv_torch
+from .temporal_attention import temporal_attention_reference
 
 ENV = "DP360RT_KERNELS"
 BACKENDS = ("torch", "triton")
 # |kernel - twin| <= atol + rtol * |twin| on the self-check input, per dtype
 CHECK_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
 _checks: dict[tuple[str, str, int, str], str] = {}     # key -> "ok" or "fallback to torch: <why>"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _tracing() -> bool:
@@ -73,20 +61,16 @@ def kernel_backend(device: torch.device | str | Tensor | None = None) -> str:
     if dev.type == "meta" or forced == "torch" or _tracing():
         return "torch"
     if forced != "triton":
-        return "triton" if dev.type == "cuda" and _triton_import_error() is None else "torch"
-    err = _triton_import_error()
-    if err is not None:
-        raise RuntimeError(f"{ENV}=triton but triton cannot be imported ({err}). "
-                           f"Fix: install triton, or set {ENV}=torch")
-    if dev.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"{ENV}=triton but the tensors are on {dev.type!r}, not CUDA, and the Triton "
-                           f"interpreter is off. Fix: run on a CUDA device, set TRITON_INTERPRET=1 (slow, "
-                           f"for testing), or set {ENV}=torch")
+        return "triton" if dev.type == "cuda" and triton_env.can_run(dev) else "torch"
+    missing = triton_env.unavailable(dev)
+    if missing is not None:
+        raise RuntimeError(f"{ENV}=triton but {missing[0]}. Fix: {missing[1]}, or set {ENV}=torch")
     return "triton"
 
 
-def _triton_ok(q: Tensor) -> bool:
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
+def _triton_ok(q: Tensor, head_dim: int) -> bool:
+    """Whether the Triton kernels take inputs of q's dtype and this head dim."""
+    return q.dtype in triton_env.DTYPES and head_dim <= triton_env.MAX_HEAD_DIM
 
 
 def _triton_kernel(name: str):
@@ -100,7 +84,6 @@ def _triton_kernel(name: str):
 
 def _check_case(name: str, device: torch.device, head_dim: int, dtype: torch.dtype):
     """(kernel args, PyTorch twin result) of the small self-check input for ``name``."""
-    from .temporal_attention_triton import temporal_attention_reference
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     if name == "shared_kv":
@@ -160,8 +143,8 @@ def shared_kv_attention(q: Tensor, k: Tensor, v: Tensor, ks: Tensor | None, vs: 
     """Attention of each frame's queries over ``[own keys ; shared keys]`` (see
     :func:`dp360rt.kernels.shared_kv_attention.shared_kv_attention`); ``ks=None``: plain attention.
     q, k, v: [B, H, N, D]; ks, vs: [1, H, M, D]."""
-    if kernel_backend(q.device) == "triton" and _triton_ok(q) and self_check("shared_kv", q.device, q.shape[-1],
-                                                                              q.dtype):
+    if (kernel_backend(q.device) == "triton" and _triton_ok(q, q.shape[-1])
+            and self_check("shared_kv", q.device, q.shape[-1], q.dtype)):
         return _triton_kernel("shared_kv")(q, k, v, ks, vs)
     if ks is None:
         return F.scaled_dot_product_attention(q, k, v)
@@ -170,8 +153,7 @@ def shared_kv_attention(q: Tensor, k: Tensor, v: Tensor, ks: Tensor | None, vs: 
 
 def temporal_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, heads: int) -> Tensor:
     """Attention across ``frames`` consecutive batch rows per token and head; q, k, v: [B*F, S, C]."""
-    from .temporal_attention_triton import temporal_attention_reference
-    if (kernel_backend(q.device) == "triton" and _triton_ok(q) and q.shape[-1] // heads <= 256
+    if (kernel_backend(q.device) == "triton" and _triton_ok(q, q.shape[-1] // heads)
             and self_check("temporal", q.device, q.shape[-1] // heads, q.dtype)):
         return _triton_kernel("temporal")(q, k, v, frames, heads)
     return temporal_attention_reference(q, k, v, frames, heads)

@@ -10,68 +10,20 @@ Head dims that are not powers of two (SD1.5: 40, 80, 160) are padded to the next
 (at least 16, the smallest ``tl.dot`` tile) with masked loads; any sequence lengths (masked).
 fp32 inputs use IEEE fp32 dot products (no TF32), so fp32 results match the PyTorch path.
 
-Kernels are built lazily on first use, so ``TRITON_INTERPRET=1`` takes effect even when this
-module was imported before the variable was set; under the interpreter a single small block
-configuration is used (autotuning there is pointlessly slow), on a GPU a short Hopper-oriented
-autotune list.
+Needs triton to import (the dispatcher imports it only when :mod:`.triton_env` says a kernel can
+run). Under the interpreter a single small block configuration is used (autotuning there is
+pointlessly slow), on a GPU a short Hopper-oriented autotune list (:class:`.triton_env.Kernel`).
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-try:  # pragma: no cover - import guard
-    import triton
-    import triton.language as tl
-    _TRITON_ERROR: Exception | None = None
-except Exception as e:  # noqa: BLE001 - any import failure means "no triton"
-    triton = tl = None
-    _TRITON_ERROR = e
+from . import triton_env
 
 LOG2E = 1.4426950408889634
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def available() -> bool:
-    """Triton imports and can run here (a CUDA device, or the interpreter)."""
-    return triton is not None and (interpreting() or torch.cuda.is_available())
-
-
-def interpreter_consistent() -> bool:
-    """Whether ``triton.language`` was imported in the current interpreter mode.
-
-    ``tl.sum``/``tl.max`` are themselves ``@triton.jit`` functions, decorated when
-    ``triton.language`` is first imported: if ``TRITON_INTERPRET=1`` is set only after that, the
-    interpreter cannot call them. (Our own kernels are built lazily and do not have this problem.)
-    """
-    if triton is None:
-        return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-    except ImportError:  # pragma: no cover - layout of another triton version
-        return True
-    if isinstance(tl.sum, InterpretedFunction):
-        return interpreting()
-    if isinstance(tl.sum, JITFunction):
-        return not interpreting()
-    return True
-
-
-def check_interpreter() -> None:
-    if interpreting() and not interpreter_consistent():
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported, so triton.language's own "
-                           "jit helpers were compiled for a GPU and the interpreter cannot run them. Fix: set "
-                           "TRITON_INTERPRET=1 before anything imports triton (e.g. in the environment)")
 
 
 def head_block(d: int) -> int:
@@ -79,6 +31,42 @@ def head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+@triton.jit
+def _attend(q, m_i, l_i, acc, k_base, skn, skd, v_base, svn, svd, L, qk_scale, offs_n, offs_d, d_mask,
+            IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of the query tile q [BLOCK_M, BLOCK_D] over L more keys/values (at
+    ``k_base``/``v_base`` with strides (skn, skd)/(svn, svd)): the running max m_i [BLOCK_M], sum
+    l_i [BLOCK_M] and unnormalized output acc [BLOCK_M, BLOCK_D] after them."""
+    for start in range(0, L, BLOCK_N):
+        kn = start + offs_n
+        n_mask = kn < L
+        kt = tl.load(k_base + offs_d[:, None] * skd + kn[None, :] * skn,
+                     mask=d_mask[:, None] & n_mask[None, :], other=0.0)          # [BLOCK_D, BLOCK_N]
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        if IEEE:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)           # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            v = v.to(tl.float32)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _shared_kv_fwd(Q, K, V, KS, VS, O,
                    sqb, sqh, sqn, sqd,
                    skb, skh, skn, skd,
@@ -108,74 +96,20 @@ def _shared_kv_fwd(Q, K, V, KS, VS, O,
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
-    # 1) the frame's own keys
-    k_base = K + b.to(tl.int64) * skb + h * skh
-    v_base = V + b.to(tl.int64) * svb + h * svh
-    for start in range(0, N, BLOCK_N):
-        kn = start + offs_n
-        n_mask = kn < N
-        kt = tl.load(k_base + offs_d[:, None] * skd + kn[None, :] * skn,
-                     mask=d_mask[:, None] & n_mask[None, :], other=0.0)          # [BLOCK_D, BLOCK_N]
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        if IEEE:
-            qk = tl.dot(q, kt, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)           # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            v = v.to(tl.float32)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-
-    # 2) the shared keys, one copy for all frames (batch index 0)
+    # the frame's own keys, then the shared keys: one copy for all frames (batch index 0)
+    m_i, l_i, acc = _attend(q, m_i, l_i, acc, K + b.to(tl.int64) * skb + h * skh, skn, skd,
+                            V + b.to(tl.int64) * svb + h * svh, svn, svd, N, qk_scale, offs_n, offs_d, d_mask,
+                            IEEE, UPCAST, BLOCK_N)
     if HAS_SHARED:
-        ks_base = KS + h * s_ksh
-        vs_base = VS + h * s_vsh
-        for start in range(0, M, BLOCK_N):
-            kn = start + offs_n
-            n_mask = kn < M
-            kt = tl.load(ks_base + offs_d[:, None] * s_ksd + kn[None, :] * s_ksn,
-                         mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            if IEEE:
-                qk = tl.dot(q, kt, input_precision="ieee")
-            else:
-                qk = tl.dot(q, kt)
-            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vs_base + kn[:, None] * s_vsn + offs_d[None, :] * s_vsd,
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, KS + h * s_ksh, s_ksn, s_ksd, VS + h * s_vsh, s_vsn, s_vsd, M,
+                                qk_scale, offs_n, offs_d, d_mask, IEEE, UPCAST, BLOCK_N)
 
     out = acc / l_i[:, None]
     o_ptrs = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _gpu_configs() -> list:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2),
                                  (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3),
                                  (64, 32, 4, 2), (32, 64, 4, 2)]]
@@ -195,14 +129,8 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: (tile(c), c.num_stages))]
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(autotuned: bool, interpret: bool):
-    """The launchable kernel: autotuned (GPU) or a plain jit taking explicit blocks (the interpreter,
-    or a caller's fixed blocks). Built on first use, so the interpreter flag of that moment counts."""
-    if not autotuned:
-        return triton.jit(_shared_kv_fwd)
-    return triton.autotune(configs=_gpu_configs(), key=["N", "M", "BLOCK_D", "HAS_SHARED", "IEEE", "UPCAST"],
-                           prune_configs_by={"early_config_prune": _prune})(triton.jit(_shared_kv_fwd))
+_KERNEL = triton_env.Kernel(_shared_kv_fwd, _CONFIGS, key=["N", "M", "BLOCK_D", "HAS_SHARED", "IEEE", "UPCAST"],
+                            prune=_prune)
 
 
 def _check(name: str, x: Tensor, ref: Tensor | None = None) -> None:
@@ -225,18 +153,16 @@ def shared_kv_attention_triton(q: Tensor, k: Tensor, v: Tensor,
     ``block_m``/``block_n`` (powers of two >= 16) fix the tiles instead of autotuning (with
     ``num_warps``/``num_stages`` on a GPU); under the interpreter they default to large tiles.
     """
-    if triton is None:
-        raise RuntimeError(f"triton is not importable: {_TRITON_ERROR}")
-    check_interpreter()
+    triton_env.require(q.device, _shared_kv_fwd)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check(name, x, q)
     b, h, n, d = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"own q/k/v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported dtype {q.dtype}; the Triton kernel takes {SUPPORTED_DTYPES}")
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
+    if q.dtype not in triton_env.DTYPES:
+        raise ValueError(f"unsupported dtype {q.dtype}; the Triton kernel takes {triton_env.DTYPES}")
+    if d > triton_env.MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} > {triton_env.MAX_HEAD_DIM} is not supported by the Triton kernel")
     has_shared = k_shared is not None
     if has_shared:
         if v_shared is None:
@@ -253,9 +179,7 @@ def shared_kv_attention_triton(q: Tensor, k: Tensor, v: Tensor,
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     if out.numel() == 0:
         return out
-    interpret = interpreting()
-    fixed = interpret or block_m is not None or block_n is not None
-    kernel = _kernel(not fixed, interpret)
+    interpret = triton_env.interpreting()
     block_d = head_block(d)
     args = (q, k, v, ks, vs, out,
             *q.stride(), *k.stride(), *v.stride(),
@@ -266,14 +190,13 @@ def shared_kv_attention_triton(q: Tensor, k: Tensor, v: Tensor,
     # interpreter bug), so under the interpreter bf16 tiles are upcast to fp32 before each dot.
     upcast = interpret and q.dtype == torch.bfloat16
     meta = dict(HAS_SHARED=has_shared, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, BLOCK_D=block_d)
-    if fixed:
+    blocks = None
+    if interpret or block_m is not None or block_n is not None:
         # Interpreter defaults: few large tiles (its cost is per executed op, not per element).
-        bm = block_m or min(64, max(16, triton.next_power_of_2(n)))
-        bn = block_n or min(128, max(16, triton.next_power_of_2(max(n, m))))
-        launch = {} if interpret else dict(num_warps=num_warps, num_stages=num_stages)
-        kernel[(triton.cdiv(n, bm), b * h)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, **launch)
-    else:
-        kernel[lambda meta_: (triton.cdiv(n, meta_["BLOCK_M"]), b * h)](*args, **meta)
+        blocks = dict(BLOCK_M=block_m or min(64, max(16, triton.next_power_of_2(n))),
+                      BLOCK_N=block_n or min(128, max(16, triton.next_power_of_2(max(n, m)))))
+    _KERNEL(lambda bl: (triton.cdiv(n, bl["BLOCK_M"]), b * h), args, meta, blocks,
+            num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -282,5 +205,4 @@ def flops(b: int, h: int, n: int, m: int, d: int) -> int:
     return 4 * b * h * n * (n + m) * d
 
 
-__all__ = ["available", "interpreting", "interpreter_consistent", "check_interpreter", "shared_kv_attention_triton", "flops", "head_block", "LOG2E",
-           "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+__all__ = ["shared_kv_attention_triton", "flops", "head_block", "LOG2E"]

@@ -1,10 +1,11 @@
-"""Temporal (cross-frame) attention of the motion modules, read in the UNet's own layout.
+"""Triton twin of :func:`dp360rt.kernels.temporal_attention.temporal_attention_reference`, read in
+the UNet's own layout.
 
 Hidden states are ``[B*F, S, H*D]`` (the F frames of a window consecutive in the batch, S spatial
-tokens). For every (window b, token s, head h) the F frames attend to each other:
-``softmax(q k^T / sqrt(D)) v`` over an F x F score matrix. The PyTorch reference permutes to
-``(B*S, H, F, D)``, runs SDPA and permutes back; the Triton kernel reads ``[B*F, S, H*D]``
-directly through strides (no permute copies) and writes the output in the same layout.
+tokens); for every (window b, token s, head h) the F frames attend to each other. The PyTorch
+reference permutes to ``(B*S, H, F, D)``, runs SDPA and permutes back; this kernel reads
+``[B*F, S, H*D]`` directly through strides (no permute copies) and writes the output in the same
+layout.
 
 F is small (8), far below a ``tl.dot`` tile, so the kernel is a memory-bound broadcast-multiply:
 a program owns BLOCK_S tokens x F query frames (rows) of one head of one window, loops over the F
@@ -13,31 +14,18 @@ as is D.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F_
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from .shared_kv_attention_triton import LOG2E, SUPPORTED_DTYPES, available, check_interpreter, interpreting, tl, triton
+from . import triton_env
+from .shared_kv_attention_triton import LOG2E
 
-__all__ = ["temporal_attention_reference", "temporal_attention_triton", "available"]
-
-
-def temporal_attention_reference(q: Tensor, k: Tensor, v: Tensor, frames: int, heads: int) -> Tensor:
-    """PyTorch reference. q, k, v: [B*F, S, C] with C = heads * D -> [B*F, S, C]."""
-    bf, s, c = q.shape
-    if bf % frames or c % heads:
-        raise ValueError(f"temporal attention: batch {bf} / frames {frames}, channels {c} / heads {heads}")
-    b, d = bf // frames, c // heads
-
-    def to_seq(x: Tensor) -> Tensor:        # (b f) s (h d) -> (b s) h f d
-        return x.reshape(b, frames, s, heads, d).permute(0, 2, 3, 1, 4).reshape(b * s, heads, frames, d)
-
-    out = F_.scaled_dot_product_attention(to_seq(q), to_seq(k), to_seq(v))
-    return out.reshape(b, s, heads, frames, d).permute(0, 3, 1, 2, 4).reshape(bf, s, c)
+__all__ = ["temporal_attention_triton"]
 
 
+@triton.jit
 def _temporal_fwd(Q, K, V, O,
                   sqb, sqs, sqc, skb, sks, skc, svb, svs, svc, sob, sos, soc,
                   S, F, D, qk_scale,
@@ -81,8 +69,7 @@ def _temporal_fwd(Q, K, V, O,
              out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
-def _gpu_configs() -> list:
-    return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
+_CONFIGS = [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
             for bs, w, st in [(4, 4, 2), (8, 4, 2), (16, 4, 2), (32, 4, 2), (8, 8, 2), (16, 8, 2), (32, 8, 2),
                               (2, 4, 2), (16, 4, 3)]]
 
@@ -95,12 +82,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_S"])]
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(autotuned: bool, interpret: bool):
-    if not autotuned:
-        return triton.jit(_temporal_fwd)
-    return triton.autotune(configs=_gpu_configs(), key=["S", "F", "D", "F_PAD", "BLOCK_D"],
-                           prune_configs_by={"early_config_prune": _prune})(triton.jit(_temporal_fwd))
+_KERNEL = triton_env.Kernel(_temporal_fwd, _CONFIGS, key=["S", "F", "D", "F_PAD", "BLOCK_D"], prune=_prune)
 
 
 def temporal_attention_triton(q: Tensor, k: Tensor, v: Tensor, frames: int, heads: int, *,
@@ -108,19 +90,18 @@ def temporal_attention_triton(q: Tensor, k: Tensor, v: Tensor, frames: int, head
     """Attention across the ``frames`` consecutive batch rows, per token and head.
 
     q, k, v: [B*F, S, H*D] (any strides); returns a contiguous [B*F, S, H*D] tensor in q's dtype.
-    Equals :func:`temporal_attention_reference`. ``block_s`` (a power of two) fixes the number of
-    tokens per program instead of autotuning; under the interpreter it defaults to a large block.
+    Equals :func:`~dp360rt.kernels.temporal_attention.temporal_attention_reference`. ``block_s``
+    (a power of two) fixes the number of tokens per program instead of autotuning; under the
+    interpreter it defaults to a large block.
     """
-    if triton is None:
-        raise RuntimeError("triton is not importable")
-    check_interpreter()
+    triton_env.require(q.device, _temporal_fwd)
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q/k/v must share one [B*F, S, C] shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
         raise ValueError("q/k/v must share dtype and device")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported dtype {q.dtype}; the Triton kernel takes {SUPPORTED_DTYPES}")
+    if q.dtype not in triton_env.DTYPES:
+        raise ValueError(f"unsupported dtype {q.dtype}; the Triton kernel takes {triton_env.DTYPES}")
     bf, s, c = q.shape
     if frames <= 0 or bf % frames:
         raise ValueError(f"batch {bf} is not a multiple of the window length {frames}")
@@ -131,15 +112,10 @@ def temporal_attention_triton(q: Tensor, k: Tensor, v: Tensor, frames: int, head
     if out.numel() == 0:
         return out
     b = bf // frames
-    interpret = interpreting()
-    fixed = interpret or block_s is not None
-    kernel = _kernel(not fixed, interpret)
     args = (q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), s, frames, d, (d ** -0.5) * LOG2E)
     meta = dict(F_PAD=triton.next_power_of_2(frames), BLOCK_D=triton.next_power_of_2(d))
-    if fixed:
-        bs = block_s or min(64, triton.next_power_of_2(s))
-        launch = {} if interpret else dict(num_warps=num_warps)
-        kernel[(heads, triton.cdiv(s, bs), b)](*args, **meta, BLOCK_S=bs, **launch)
-    else:
-        kernel[lambda m: (heads, triton.cdiv(s, m["BLOCK_S"]), b)](*args, **meta)
+    blocks = None
+    if triton_env.interpreting() or block_s is not None:
+        blocks = dict(BLOCK_S=block_s or min(64, triton.next_power_of_2(s)))
+    _KERNEL(lambda bl: (heads, triton.cdiv(s, bl["BLOCK_S"]), b), args, meta, blocks, num_warps=num_warps)
     return out

@@ -7,7 +7,8 @@ PyTorch one up to the order of floating-point additions). One program handles ``
 of one level. Runs on CUDA, or anywhere under ``TRITON_INTERPRET=1`` (the tests do that on CPU).
 
 Importing this module needs ``triton``; :class:`~dp360rt.nerf.encoding.HashGrid` imports it
-lazily, only when the Triton backend is used.
+lazily, only when the Triton backend is used. :mod:`dp360rt.kernels.triton_env` says whether the
+kernels can run on the given tensors.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..kernels import triton_env
 from .encoding import PRIMES, HashGridSpec
 
 BLOCK = 128
@@ -63,8 +65,10 @@ def _cell(x_ptr, n, mask, res):
 
 
 @triton.jit
-def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, res_ptr, size_ptr, off_ptr, hashed_ptr, N, p1, p2, m32,
-                     L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+def _hash_kernel(x_ptr, table_ptr, feat_ptr, res_ptr, size_ptr, off_ptr, hashed_ptr, N, p1, p2, m32,
+                 L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+    """Forward: feat [N, L*F] = sum over the 8 corners of w * table[idx]. Backward: table (the
+    table gradient) += w * feat (the output gradient) at the same corners."""
     pid = tl.program_id(0)
     lvl = tl.program_id(1)
     n = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
@@ -75,31 +79,20 @@ def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, res_ptr, size_ptr, off_ptr, hash
     hashed = tl.load(hashed_ptr + lvl)
     ix, iy, iz, fx, fy, fz = _cell(x_ptr, n, mask, res)
     fo = tl.arange(0, F)
-    acc = tl.zeros([BLOCK, F], dtype=tl.float32)
+    feat_ptrs = feat_ptr + n[:, None] * (L * F) + lvl * F + fo[None, :]
+    if BACKWARD:
+        g = tl.load(feat_ptrs, mask=mask[:, None], other=0.0)
+    else:
+        acc = tl.zeros([BLOCK, F], dtype=tl.float32)
     for c in tl.static_range(8):
         idx, w = _corner(ix, iy, iz, fx, fy, fz, res, size, off, hashed, p1, p2, m32, c)
-        v = tl.load(table_ptr + idx[:, None] * F + fo[None, :], mask=mask[:, None], other=0.0)
-        acc += w[:, None] * v
-    tl.store(out_ptr + n[:, None] * (L * F) + lvl * F + fo[None, :], acc, mask=mask[:, None])
-
-
-@triton.jit
-def _hash_bwd_kernel(x_ptr, gout_ptr, gtable_ptr, res_ptr, size_ptr, off_ptr, hashed_ptr, N, p1, p2, m32,
-                     L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    lvl = tl.program_id(1)
-    n = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mask = n < N
-    res = tl.load(res_ptr + lvl)
-    size = tl.load(size_ptr + lvl)
-    off = tl.load(off_ptr + lvl)
-    hashed = tl.load(hashed_ptr + lvl)
-    ix, iy, iz, fx, fy, fz = _cell(x_ptr, n, mask, res)
-    fo = tl.arange(0, F)
-    g = tl.load(gout_ptr + n[:, None] * (L * F) + lvl * F + fo[None, :], mask=mask[:, None], other=0.0)
-    for c in tl.static_range(8):
-        idx, w = _corner(ix, iy, iz, fx, fy, fz, res, size, off, hashed, p1, p2, m32, c)
-        tl.atomic_add(gtable_ptr + idx[:, None] * F + fo[None, :], w[:, None] * g, mask=mask[:, None])
+        table_ptrs = table_ptr + idx[:, None] * F + fo[None, :]
+        if BACKWARD:
+            tl.atomic_add(table_ptrs, w[:, None] * g, mask=mask[:, None])
+        else:
+            acc += w[:, None] * tl.load(table_ptrs, mask=mask[:, None], other=0.0)
+    if not BACKWARD:
+        tl.store(feat_ptrs, acc, mask=mask[:, None])
 
 
 _CONST_CACHE: dict[tuple, tuple[Tensor, ...]] = {}
@@ -114,6 +107,13 @@ def _level_consts(spec: HashGridSpec, device: torch.device) -> tuple[Tensor, Ten
     return _CONST_CACHE[key]  # type: ignore[return-value]
 
 
+def _launch(x: Tensor, table: Tensor, feat: Tensor, spec: HashGridSpec, backward: bool) -> None:
+    res, size, off, hashed = _level_consts(spec, x.device)
+    grid = (triton.cdiv(x.shape[0], BLOCK), spec.levels)
+    _hash_kernel[grid](x, table, feat, res, size, off, hashed, x.shape[0], PRIMES[1], PRIMES[2], 0xFFFFFFFF,
+                       L=spec.levels, F=spec.features, BLOCK=BLOCK, BACKWARD=backward)
+
+
 class _HashEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x01: Tensor, table: Tensor, spec: HashGridSpec) -> Tensor:  # type: ignore[override]
@@ -122,10 +122,7 @@ class _HashEncode(torch.autograd.Function):
         n = x.shape[0]
         out = torch.empty(n, spec.levels * spec.features, device=x.device, dtype=torch.float32)
         if n:
-            res, size, off, hashed = _level_consts(spec, x.device)
-            grid = (triton.cdiv(n, BLOCK), spec.levels)
-            _hash_fwd_kernel[grid](x, tab, out, res, size, off, hashed, n, PRIMES[1], PRIMES[2], 0xFFFFFFFF,
-                                   L=spec.levels, F=spec.features, BLOCK=BLOCK)
+            _launch(x, tab, out, spec, backward=False)
         ctx.save_for_backward(x)
         ctx.spec = spec
         ctx.table_shape = table.shape
@@ -135,19 +132,15 @@ class _HashEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        spec: HashGridSpec = ctx.spec
         gtab = torch.zeros(ctx.table_shape, device=x.device, dtype=torch.float32)
-        n = x.shape[0]
-        if n and ctx.needs_input_grad[1]:
-            res, size, off, hashed = _level_consts(spec, x.device)
-            grid = (triton.cdiv(n, BLOCK), spec.levels)
-            _hash_bwd_kernel[grid](x, gout.float().contiguous(), gtab, res, size, off, hashed, n, PRIMES[1],
-                                   PRIMES[2], 0xFFFFFFFF, L=spec.levels, F=spec.features, BLOCK=BLOCK)
+        if x.shape[0] and ctx.needs_input_grad[1]:
+            _launch(x, gtab, gout.float().contiguous(), ctx.spec, backward=True)
         return None, gtab.to(ctx.table_dtype), None
 
 
 def hash_encode_triton(x01: Tensor, table: Tensor, spec: HashGridSpec) -> Tensor:
     """Triton hash encoding: x01 [N, 3] in [0, 1], table [sum(sizes), F] -> [N, L * F] float32."""
+    triton_env.require(x01.device, _hash_kernel)
     if spec.features & (spec.features - 1):
         raise ValueError("the Triton hash encoding needs a power-of-two feature count per level")
     return _HashEncode.apply(x01, table, spec)
