@@ -280,13 +280,9 @@ def hash_encode_torch(x01: Tensor, table: Tensor, spec: HashGridSpec) -> Tensor:
 
 def triton_available(device: torch.device | str) -> bool:
     """True when the Triton hash kernels can run for tensors on ``device`` (CUDA, or any device
-    under ``TRITON_INTERPRET=1``)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    import os
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    under ``TRITON_INTERPRET=1``); the rule is :func:`dp360rt.kernels.triton_env.can_run`."""
+    from ..kernels import triton_env
+    return triton_env.can_run(device)
 
 
 class HashGrid(nn.Module):
