@@ -28,8 +28,8 @@ import torch
 
 from dp360rt.backends.ort_backend import OrtBackend  # noqa: E402
 from dp360rt.backends.torch_backend import TorchBackend  # noqa: E402
-from dp360rt.model import build_model  # noqa: E402
-from dp360rt.pipeline import _init_random, prepare_windows  # noqa: E402
+from dp360rt.model import build_model, init_random  # noqa: E402
+from dp360rt.pipeline import prepare_windows  # noqa: E402
 from dp360rt.sampler.fast import sample_windows_fast, write_shared_bank  # noqa: E402
 from dp360rt.sampler.noise import GeneratorNoise  # noqa: E402
 from dp360rt.sampler.plan import BatchPlan  # noqa: E402
@@ -60,7 +60,7 @@ def bench_config(config: str, repeats: int, export_dir: str | None, device: str,
     torch.manual_seed(0)
     m = build_model("nvs", config)
     with torch.no_grad():
-        _init_random(m)
+        init_random(m)
     m = m.to(device)
     res: dict = {"config": config, "device": device, "profile": PROFILE, "rows": []}
     tmp = None

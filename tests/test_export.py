@@ -268,11 +268,10 @@ def test_unexported_shape_is_a_clear_error(models, backends):
 
 
 def test_export_of_other_weights_or_profiles_is_refused(models, exported):
-    from dp360rt.model import build_model
-    from dp360rt.pipeline import _init_random
+    from dp360rt.model import build_model, init_random
     other = build_model("nvs", SET_A)
     with torch.no_grad():
-        _init_random(other)
+        init_random(other)
     with pytest.raises(ExportMismatchError, match="other model.diffusion_model weights|other .* weights"):
         OrtBackend.from_model(other, export_dir=exported["nvs"])
     OrtBackend.from_model(other, export_dir=exported["nvs"], verify_weights=False)   # explicit opt-out works

@@ -63,8 +63,7 @@ def _load_model(a: argparse.Namespace, kind: str):
     import torch
     from dp360rt.checkpoint import fixture_state_dict, load_checkpoint
     from dp360rt.config import load_config
-    from dp360rt.model import build_model
-    from dp360rt.pipeline import _init_random
+    from dp360rt.model import build_model, init_random
     cfgs = load_config(a.fixture or a.config)
     if kind not in cfgs:
         raise ValueError(f"the config {a.fixture or a.config} has no {kind} model")
@@ -75,7 +74,7 @@ def _load_model(a: argparse.Namespace, kind: str):
     if a.random:
         torch.manual_seed(a.seed)
         with torch.no_grad():
-            _init_random(m)
+            init_random(m)
         return m, f"random seed {a.seed}"
     ckpt = getattr(a, kind)
     load_checkpoint(m, ckpt)
