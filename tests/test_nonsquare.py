@@ -8,7 +8,7 @@ import torch
 from conftest import SET_A
 from nonsquare import make_nonsquare_set
 from dp360rt.export.profiles import parse_profile
-from dp360rt.export.verify_backend import case_image_sizes
+from dp360rt.export.fixture import case_image_sizes
 from dp360rt.verify import format_row, verify
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
