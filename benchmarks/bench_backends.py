@@ -92,11 +92,9 @@ def bench_config(config: str, repeats: int, export_dir: str | None, device: str,
             resid = tb.pose(x, hint, t, c8)
             x16, t16 = torch.cat([x, x]), torch.cat([t, t])
             cases = [
-                ("text", "ids [1, 77]", lambda b: b.encode_text(ids) if b is ob else m.encode_text(ids)),
-                ("vae_encoder", f"image [1, 3, {8 * h}, {8 * h}]",
-                 lambda b: b.encode_image(img) if b is ob else m.encode_image(img)),
-                ("vae_decoder", f"latent [1, 4, {h}, {h}]",
-                 lambda b: b.decode_latent(x[:1]) if b is ob else m.decode_latent(x[:1])),
+                ("text", "ids [1, 77]", lambda b: b.encode_text(ids)),
+                ("vae_encoder", f"image [1, 3, {8 * h}, {8 * h}]", lambda b: b.encode_image(img)),
+                ("vae_decoder", f"latent [1, 4, {h}, {h}]", lambda b: b.decode_latent(x[:1])),
                 ("appearance", f"refs [2, 4, {h}, {h}]", lambda b: write_shared_bank(b, refs, t[:1], ctx)),
                 ("pose", f"x [8, 4, {h}, {h}]", lambda b: b.pose(x, hint, t, c8)),
                 ("unet", "16 rows (8 cond + 8 uncond)",

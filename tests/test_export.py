@@ -138,15 +138,25 @@ def test_every_module_matches_torch(kind, models, backends):
                                                     tb.unet(x2, t2, c2, tb.bank(e_t), p_t, rows))
         errs["unet_nobank"] = rel_err(ob.unet(x, t, c, None, None, 0), tb.unet(x, t, c, None, None, 0))
         from dp360rt.text.clip import empty_prompt_ids
-        errs["text"] = rel_err(ob.encode_text(empty_prompt_ids()), ctx)
+        errs["text"] = rel_err(ob.encode_text(empty_prompt_ids()), tb.encode_text(empty_prompt_ids()))
         img = torch.rand(2, 3, 8 * m.cfg.latent_size, 8 * m.cfg.latent_size) * 2 - 1   # split over batch-1 files
-        (mo, lo), (mt, lt) = ob.encode_image(img), m.encode_image(img)
+        (mo, lo), (mt, lt) = ob.encode_image(img), tb.encode_image(img)
         errs["vae_encoder"] = max(rel_err(mo, mt), rel_err(lo, lt))
-        errs["vae_decoder"] = rel_err(ob.decode_latent(x[:1]), m.decode_latent(x[:1]))
+        errs["vae_decoder"] = rel_err(ob.decode_latent(x[:1]), tb.decode_latent(x[:1]))
     print(f"\n{kind} ORT CPU vs torch, max relative error per module:")
     for k, v in errs.items():
         print(f"  {k:<26} {v:.2e}")
     assert all(v < TOL for v in errs.values()), errs
+
+
+def test_every_backend_implements_the_interface():
+    """Callers (sampler, pipeline, verify) call every Backend method on any backend, never probe for one."""
+    from dp360rt.backends.base import Backend
+    from dp360rt.backends.trt_backend import TrtBackend
+    wanted = {n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")}
+    assert {"appearance", "bank", "pose", "unet", "encode_text", "encode_image", "decode_latent"} <= wanted
+    for cls in (TorchBackend, OrtBackend, TrtBackend):
+        assert not [n for n in wanted if not callable(getattr(cls, n, None))], cls
 
 
 def test_whole_360_generation_ort_equals_torch(models, backends):

@@ -198,16 +198,13 @@ class BackendCaseRunner(CaseRunner):
         return self.backends[kind]
 
     def encode_text(self, kind: str, ids: Tensor) -> Tensor:
-        b = self.backend(kind)
-        return b.encode_text(ids) if hasattr(b, "encode_text") else super().encode_text(kind, ids)
+        return self.backend(kind).encode_text(ids)
 
     def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        b = self.backend("nvs")
-        return b.encode_image(image) if hasattr(b, "encode_image") else super().encode_image(image)
+        return self.backend("nvs").encode_image(image)
 
     def decode_latent(self, latent: Tensor) -> Tensor:
-        b = self.backend("nvs")
-        return b.decode_latent(latent) if hasattr(b, "decode_latent") else super().decode_latent(latent)
+        return self.backend("nvs").decode_latent(latent)
 
     def apply(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], uc: bool):
         return apply_fast(m, inp["x_noisy"], inp["t"], inp["context"], inp["hint"],
