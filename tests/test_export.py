@@ -21,7 +21,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from dp360rt.backends.engine_cache import EngineCache, EngineKey, StaleEngineError  # noqa: E402
-from dp360rt.backends.ort_backend import MODULE_PREFIX, ExportManifest, ExportMismatchError, OrtBackend  # noqa: E402
+from dp360rt.backends.manifest import MODULE_PREFIX, ExportManifest, ExportMismatchError  # noqa: E402
+from dp360rt.backends.ort_backend import OrtBackend  # noqa: E402
 from dp360rt.backends.torch_backend import TorchBackend  # noqa: E402
 from dp360rt.sampler.fast import sample_windows_fast, write_shared_bank  # noqa: E402
 from dp360rt.sampler.plan import BatchPlan  # noqa: E402
@@ -425,8 +426,8 @@ def test_engine_key_tracks_the_onnx_file(exported, tmp_path):
 
 # -- optional dependencies stay optional -----------------------------------------------------------------
 def test_runtime_imports_without_onnx_or_tensorrt():
-    code = ("import sys, dp360rt, dp360rt.cli, dp360rt.backends.ort_backend, dp360rt.backends.trt_backend, "
-            "dp360rt.backends.engine_cache; "
+    code = ("import sys, dp360rt, dp360rt.cli, dp360rt.backends.manifest, dp360rt.backends.exported, "
+            "dp360rt.backends.ort_backend, dp360rt.backends.trt_backend, dp360rt.backends.engine_cache; "
             "bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt', 'dp360rt.export') if m in sys.modules]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
