@@ -296,10 +296,10 @@ def test_export_of_other_weights_or_profiles_is_refused(models, exported):
 
 
 def test_verify_with_ort_backend(models, exported):
-    from dp360rt.verify import format_row, verify
+    from dp360rt.verify import TABLE, verify
     results = verify(SET_A, backend="ort", export_dir={"nvs": exported["nvs"], "backview": exported["backview"]},
                      threads=THREADS)
-    print("\n" + "\n".join(format_row(r) for r in results))
+    print("\n" + "\n".join(TABLE.row(r) for r in results))
     assert len(results) == 10 and all(r.ok for r in results), [r for r in results if not r.ok]
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from .case_table import CaseTable
 from .checkpoint import CheckpointError, fixture_state_dict, load_checkpoint, load_tensors
 from .config import ConfigError
 from .model import DiffPortrait360, build_model
@@ -305,11 +306,5 @@ def _run_cases(runner: CaseRunner, cases: dict[str, Any], add: Callable[[CaseRes
             add(CaseResult("_meta.backview_text_context", False, message=str(e)))
 
 
-def format_row(r: CaseResult) -> str:
-    status = "PASS" if r.ok else "FAIL"
-    if r.message:
-        return f"{r.name:<30} {'-':>10} {'-':>10} {'-':>8}  {status}  {r.message}"
-    return f"{r.name:<30} {r.max_abs:10.3e} {r.rel:10.3e} {r.tol:8.0e}  {status}  worst: {r.worst}"
-
-
-HEADER = f"{'case':<30} {'max abs':>10} {'rel err':>10} {'tol':>8}  result"
+# `dp360rt verify`'s table of CaseResults.
+TABLE = CaseTable(30, (("max abs", "max_abs", 10, ".3e"), ("rel err", "rel", 10, ".3e"), ("tol", "tol", 8, ".0e")))
