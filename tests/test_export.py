@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from dp360rt.sampler.fast import sample_windows_fast, write_shared_bank  # noqa:
 from dp360rt.sampler.plan import BatchPlan  # noqa: E402
 from dp360rt.export.profiles import Profile  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]          # the repository: export/ holds the offline scripts
 TOL = 1e-5
 THREADS = 1   # tiny networks: one thread is fastest, and immune to a busy CPU stalling the OpenMP team
 # The built-in 360° profiles with the VAE at batch 1 only (the 8-frame VAE files add time, not coverage).
@@ -432,6 +434,35 @@ def test_runtime_imports_without_onnx_or_tensorrt():
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_offline_scripts_export_random_weights(tmp_path):
+    """The repository's toolchain scripts as a user runs them: export/to_onnx.py writes a random
+    model's files and a manifest naming those weights; export/trt_engines.py builds their engines,
+    or says what is missing."""
+    from dp360rt.backends.manifest import state_dict_hashes
+    from dp360rt.export.onnx_export import sha256_file
+    from dp360rt.model import build_model, init_random
+    out = tmp_path / "onnx"
+    r = subprocess.run([sys.executable, str(ROOT / "export" / "to_onnx.py"), "--random", "--seed", "3",
+                        "--config", str(SET_A), "--profiles", "backview", "--modules", "text", "vae_decoder",
+                        "--out", str(out), "--quiet", "--threads", str(THREADS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    man = ExportManifest.load(out)
+    assert set(man.models) == {"backview"} and man.models["backview"]["source"] == "random seed 3"
+    assert sorted(f.module for f in man.files) == ["text", "vae_decoder"]
+    assert all(sha256_file(man.path(f)) == f.sha256 for f in man.files)
+    m = build_model("backview", SET_A)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        init_random(m)
+    assert man.models["backview"]["state_dict_sha256"] == state_dict_hashes(m.state_dict())[0]
+    r = subprocess.run([sys.executable, str(ROOT / "export" / "trt_engines.py"), str(out), "--precision", "fp32"],
+                       capture_output=True, text=True)
+    if _trt_missing() is None:
+        assert r.returncode == 0 and len(list((out / "engines").glob("*.engine"))) >= 2, r.stderr
+    else:
+        assert r.returncode == 2 and r.stderr.startswith("trt engines: ") and "Fix" in r.stderr, r.stderr
 
 
 def test_cli_parser_and_argument_errors(capsys):
