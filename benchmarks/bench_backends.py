@@ -28,8 +28,8 @@ import torch
 
 from dp360rt.backends.ort_backend import OrtBackend  # noqa: E402
 from dp360rt.backends.torch_backend import TorchBackend  # noqa: E402
-from dp360rt.model import build_model  # noqa: E402
-from dp360rt.pipeline import _init_random, prepare_windows  # noqa: E402
+from dp360rt.model import build_model, init_random  # noqa: E402
+from dp360rt.pipeline import prepare_windows  # noqa: E402
 from dp360rt.sampler.fast import sample_windows_fast, write_shared_bank  # noqa: E402
 from dp360rt.sampler.noise import GeneratorNoise  # noqa: E402
 from dp360rt.sampler.plan import BatchPlan  # noqa: E402
@@ -60,7 +60,7 @@ def bench_config(config: str, repeats: int, export_dir: str | None, device: str,
     torch.manual_seed(0)
     m = build_model("nvs", config)
     with torch.no_grad():
-        _init_random(m)
+        init_random(m)
     m = m.to(device)
     res: dict = {"config": config, "device": device, "profile": PROFILE, "rows": []}
     tmp = None
@@ -92,11 +92,9 @@ def bench_config(config: str, repeats: int, export_dir: str | None, device: str,
             resid = tb.pose(x, hint, t, c8)
             x16, t16 = torch.cat([x, x]), torch.cat([t, t])
             cases = [
-                ("text", "ids [1, 77]", lambda b: b.encode_text(ids) if b is ob else m.encode_text(ids)),
-                ("vae_encoder", f"image [1, 3, {8 * h}, {8 * h}]",
-                 lambda b: b.encode_image(img) if b is ob else m.encode_image(img)),
-                ("vae_decoder", f"latent [1, 4, {h}, {h}]",
-                 lambda b: b.decode_latent(x[:1]) if b is ob else m.decode_latent(x[:1])),
+                ("text", "ids [1, 77]", lambda b: b.encode_text(ids)),
+                ("vae_encoder", f"image [1, 3, {8 * h}, {8 * h}]", lambda b: b.encode_image(img)),
+                ("vae_decoder", f"latent [1, 4, {h}, {h}]", lambda b: b.decode_latent(x[:1])),
                 ("appearance", f"refs [2, 4, {h}, {h}]", lambda b: write_shared_bank(b, refs, t[:1], ctx)),
                 ("pose", f"x [8, 4, {h}, {h}]", lambda b: b.pose(x, hint, t, c8)),
                 ("unet", "16 rows (8 cond + 8 uncond)",

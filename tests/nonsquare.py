@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dp360rt.sampler.noise import RecordedNoise
-from dp360rt.verify import _Runner
+from dp360rt.verify import CaseRunner
 
 
 def make_nonsquare_set(src: Path, dst: Path, latent_hw: tuple[int, int] = (16, 24), steps: int = 2,
@@ -28,7 +28,7 @@ def make_nonsquare_set(src: Path, dst: Path, latent_hw: tuple[int, int] = (16, 2
     g = torch.Generator().manual_seed(seed)
     randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     unif = lambda *s: torch.rand(*s, generator=g) * 2 - 1  # noqa: E731
-    runner = _Runner(dst, "reference")
+    runner = CaseRunner(dst, "reference")
     nvs = runner.model("nvs")
     cases: dict = {"text_encode": src_cases["text_encode"], "_meta": src_cases["_meta"]}
     with torch.no_grad():

@@ -47,6 +47,21 @@ def test_verify_missing_case_and_malformed(tmp_path, cases, capsys):
     assert "unreadable" in capsys.readouterr().out
 
 
+def test_verify_tables_line_up():
+    """Both verify commands print one table layout: PASS/FAIL under "result", "-" for uncompared numbers."""
+    from dp360rt.panohead.verify import TABLE as PANOHEAD, Row
+    from dp360rt.verify import TABLE, CaseResult
+    for table, ok, bad in ((TABLE, CaseResult("nvs_ddim", True, 2e-7, 3e-8, 1e-4, "x_steps[0]"),
+                            CaseResult("vae_decode", False, message="case missing from cases.pt")),
+                           (PANOHEAD, Row("mapping", True, 3e-8, 1e-5, "ws_trunc"),
+                            Row("planes", False, message="planes not computed"))):
+        col = table.header.index("result")
+        assert table.row(ok)[col:] == "PASS  worst: " + ok.worst
+        assert table.row(bad)[col:] == "FAIL  " + bad.message
+        assert table.row(bad).split()[1:len(table.columns) + 1] == ["-"] * len(table.columns)
+        assert f"{ok.rel:.3e}" in table.row(ok)
+
+
 def test_verify_uses_tiny_th_when_present(tmp_path, recipe, capsys):
     d = tmp_path / "setA_th"
     shutil.copytree(SET_A, d)

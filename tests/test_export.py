@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +22,14 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from dp360rt.backends.engine_cache import EngineCache, EngineKey, StaleEngineError  # noqa: E402
-from dp360rt.backends.ort_backend import MODULE_PREFIX, ExportManifest, ExportMismatchError, OrtBackend  # noqa: E402
+from dp360rt.backends.manifest import MODULE_PREFIX, ExportManifest, ExportMismatchError  # noqa: E402
+from dp360rt.backends.ort_backend import OrtBackend  # noqa: E402
 from dp360rt.backends.torch_backend import TorchBackend  # noqa: E402
 from dp360rt.sampler.fast import sample_windows_fast, write_shared_bank  # noqa: E402
 from dp360rt.sampler.plan import BatchPlan  # noqa: E402
 from dp360rt.export.profiles import Profile  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]          # the repository: export/ holds the offline scripts
 TOL = 1e-5
 THREADS = 1   # tiny networks: one thread is fastest, and immune to a busy CPU stalling the OpenMP team
 # The built-in 360° profiles with the VAE at batch 1 only (the 8-frame VAE files add time, not coverage).
@@ -138,15 +141,25 @@ def test_every_module_matches_torch(kind, models, backends):
                                                     tb.unet(x2, t2, c2, tb.bank(e_t), p_t, rows))
         errs["unet_nobank"] = rel_err(ob.unet(x, t, c, None, None, 0), tb.unet(x, t, c, None, None, 0))
         from dp360rt.text.clip import empty_prompt_ids
-        errs["text"] = rel_err(ob.encode_text(empty_prompt_ids()), ctx)
+        errs["text"] = rel_err(ob.encode_text(empty_prompt_ids()), tb.encode_text(empty_prompt_ids()))
         img = torch.rand(2, 3, 8 * m.cfg.latent_size, 8 * m.cfg.latent_size) * 2 - 1   # split over batch-1 files
-        (mo, lo), (mt, lt) = ob.encode_image(img), m.encode_image(img)
+        (mo, lo), (mt, lt) = ob.encode_image(img), tb.encode_image(img)
         errs["vae_encoder"] = max(rel_err(mo, mt), rel_err(lo, lt))
-        errs["vae_decoder"] = rel_err(ob.decode_latent(x[:1]), m.decode_latent(x[:1]))
+        errs["vae_decoder"] = rel_err(ob.decode_latent(x[:1]), tb.decode_latent(x[:1]))
     print(f"\n{kind} ORT CPU vs torch, max relative error per module:")
     for k, v in errs.items():
         print(f"  {k:<26} {v:.2e}")
     assert all(v < TOL for v in errs.values()), errs
+
+
+def test_every_backend_implements_the_interface():
+    """Callers (sampler, pipeline, verify) call every Backend method on any backend, never probe for one."""
+    from dp360rt.backends.base import Backend
+    from dp360rt.backends.trt_backend import TrtBackend
+    wanted = {n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")}
+    assert {"appearance", "bank", "pose", "unet", "encode_text", "encode_image", "decode_latent"} <= wanted
+    for cls in (TorchBackend, OrtBackend, TrtBackend):
+        assert not [n for n in wanted if not callable(getattr(cls, n, None))], cls
 
 
 def test_whole_360_generation_ort_equals_torch(models, backends):
@@ -268,11 +281,10 @@ def test_unexported_shape_is_a_clear_error(models, backends):
 
 
 def test_export_of_other_weights_or_profiles_is_refused(models, exported):
-    from dp360rt.model import build_model
-    from dp360rt.pipeline import _init_random
+    from dp360rt.model import build_model, init_random
     other = build_model("nvs", SET_A)
     with torch.no_grad():
-        _init_random(other)
+        init_random(other)
     with pytest.raises(ExportMismatchError, match="other model.diffusion_model weights|other .* weights"):
         OrtBackend.from_model(other, export_dir=exported["nvs"])
     OrtBackend.from_model(other, export_dir=exported["nvs"], verify_weights=False)   # explicit opt-out works
@@ -286,10 +298,10 @@ def test_export_of_other_weights_or_profiles_is_refused(models, exported):
 
 
 def test_verify_with_ort_backend(models, exported):
-    from dp360rt.verify import format_row, verify
+    from dp360rt.verify import TABLE, verify
     results = verify(SET_A, backend="ort", export_dir={"nvs": exported["nvs"], "backview": exported["backview"]},
                      threads=THREADS)
-    print("\n" + "\n".join(format_row(r) for r in results))
+    print("\n" + "\n".join(TABLE.row(r) for r in results))
     assert len(results) == 10 and all(r.ok for r in results), [r for r in results if not r.ok]
 
 
@@ -416,12 +428,41 @@ def test_engine_key_tracks_the_onnx_file(exported, tmp_path):
 
 # -- optional dependencies stay optional -----------------------------------------------------------------
 def test_runtime_imports_without_onnx_or_tensorrt():
-    code = ("import sys, dp360rt, dp360rt.cli, dp360rt.backends.ort_backend, dp360rt.backends.trt_backend, "
-            "dp360rt.backends.engine_cache; "
+    code = ("import sys, dp360rt, dp360rt.cli, dp360rt.backends.manifest, dp360rt.backends.exported, "
+            "dp360rt.backends.ort_backend, dp360rt.backends.trt_backend, dp360rt.backends.engine_cache; "
             "bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt', 'dp360rt.export') if m in sys.modules]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_offline_scripts_export_random_weights(tmp_path):
+    """The repository's toolchain scripts as a user runs them: export/to_onnx.py writes a random
+    model's files and a manifest naming those weights; export/trt_engines.py builds their engines,
+    or says what is missing."""
+    from dp360rt.backends.manifest import state_dict_hashes
+    from dp360rt.export.onnx_export import sha256_file
+    from dp360rt.model import build_model, init_random
+    out = tmp_path / "onnx"
+    r = subprocess.run([sys.executable, str(ROOT / "export" / "to_onnx.py"), "--random", "--seed", "3",
+                        "--config", str(SET_A), "--profiles", "backview", "--modules", "text", "vae_decoder",
+                        "--out", str(out), "--quiet", "--threads", str(THREADS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    man = ExportManifest.load(out)
+    assert set(man.models) == {"backview"} and man.models["backview"]["source"] == "random seed 3"
+    assert sorted(f.module for f in man.files) == ["text", "vae_decoder"]
+    assert all(sha256_file(man.path(f)) == f.sha256 for f in man.files)
+    m = build_model("backview", SET_A)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        init_random(m)
+    assert man.models["backview"]["state_dict_sha256"] == state_dict_hashes(m.state_dict())[0]
+    r = subprocess.run([sys.executable, str(ROOT / "export" / "trt_engines.py"), str(out), "--precision", "fp32"],
+                       capture_output=True, text=True)
+    if _trt_missing() is None:
+        assert r.returncode == 0 and len(list((out / "engines").glob("*.engine"))) >= 2, r.stderr
+    else:
+        assert r.returncode == 2 and r.stderr.startswith("trt engines: ") and "Fix" in r.stderr, r.stderr
 
 
 def test_cli_parser_and_argument_errors(capsys):

@@ -8,8 +8,8 @@ import torch
 from conftest import SET_A
 from nonsquare import make_nonsquare_set
 from dp360rt.export.profiles import parse_profile
-from dp360rt.export.verify_backend import case_image_sizes
-from dp360rt.verify import format_row, verify
+from dp360rt.export.fixture import case_image_sizes
+from dp360rt.verify import TABLE, verify
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -20,7 +20,7 @@ def nonsquare_set(tmp_path_factory):
 
 
 def _all_pass(results):
-    print("\n" + "\n".join(format_row(r) for r in results))
+    print("\n" + "\n".join(TABLE.row(r) for r in results))
     assert len(results) == 10 and all(r.ok for r in results), [r for r in results if not r.ok]
 
 

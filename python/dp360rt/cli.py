@@ -31,14 +31,14 @@ def _progress_bar():
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from .verify import HEADER, format_row, verify
+    from .verify import TABLE, verify
     engine = "fast" if a.backend != "torch" else a.engine      # exported networks run the fast engine's schedule
     print(f"verifying {a.fixture_dir} (engine: {engine}, backend: {a.backend})")
     if a.backend != "torch" and not a.export_dir:
         print("exporting the fixture's models to ONNX first (a minute for a tiny config) ...", flush=True)
-    print(HEADER)
+    print(TABLE.header)
     results = verify(a.fixture_dir, engine=engine, backend=a.backend, export_dir=a.export_dir,
-                     on_result=lambda r: print(format_row(r), flush=True))
+                     on_result=lambda r: print(TABLE.row(r), flush=True))
     failed = [r.name for r in results if not r.ok]
     print(f"{len(results) - len(failed)}/{len(results)} cases passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed or not results else 0

@@ -129,6 +129,20 @@ def build_model(kind: str, config: str | Path | Mapping[str, Any] | ModelConfig 
     return model.eval().requires_grad_(False)
 
 
+def init_random(model: DiffPortrait360) -> None:
+    """Fill ``model``'s parameters in place from torch's global generator (seed it first) by the
+    fixtures' recipe rule: norm weights ~N(1, 0.1), other 1-D parameters ~N(0, 0.1), matrices and
+    kernels ~N(0, 1/fan_in). Random weights give real speed and meaningless pictures: demos, tests,
+    benchmarks and ``dp360rt export --random``. Buffers (the schedule tables) are left as built."""
+    norms = {id(m.weight) for m in model.modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, p[0].numel() ** -0.5)
+        else:
+            p.normal_(1.0 if id(p) in norms else 0.0, 0.1)
+
+
 PREFIXES = ("model.diffusion_model", "control_model", "pose_control_model", "first_stage_model", "cond_stage_model")
 
 

@@ -17,7 +17,7 @@ from .checkpoint import load_checkpoint, share_identical_tensors
 from .config import ModelConfig, load_config
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, save_png, to_unit)
-from .model import DiffPortrait360, build_model
+from .model import DiffPortrait360, build_model, init_random
 from .offload import ModelSwap
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
@@ -287,7 +287,7 @@ class Pipeline:
         torch.manual_seed(seed)
         models = {k: build_model(k, cfgs[k], device=kw.get("device", "cpu")) for k in ("nvs", "backview")}
         for m in models.values():
-            _init_random(m)
+            init_random(m)
         return cls(models["nvs"], models["backview"], **kw)
 
     def runtime(self, policy: str = "throughput", **kw: Any):
@@ -460,14 +460,3 @@ def _crop_mode(crop: str | None) -> str | None:
         raise ValueError(f"crop={crop!r} is not a crop mode. Fix: use crop='auto' (PanoHead's face crop of a raw "
                          "photo) or crop=None (the portrait is already cropped)")
     return "auto"
-
-
-def _init_random(model: DiffPortrait360) -> None:
-    """Fill parameters like the fixtures' recipe rule: norms ~N(1, 0.1), 1-D ~N(0, 0.1), else N(0, 1/fan_in)."""
-    norms = {id(m.weight) for m in model.modules()
-             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
-    for p in model.parameters():
-        if p.dim() >= 2:
-            p.normal_(0.0, p[0].numel() ** -0.5)
-        else:
-            p.normal_(1.0 if id(p) in norms else 0.0, 0.1)

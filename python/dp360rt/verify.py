@@ -12,16 +12,18 @@ import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
+from .case_table import CaseTable
 from .checkpoint import CheckpointError, fixture_state_dict, load_checkpoint, load_tensors
 from .config import ConfigError
 from .model import DiffPortrait360, build_model
 from .sampler.noise import RecordedNoise
 from .sampler.fast import apply_fast, sample_fast_recorded
+from .sampler.plan import BatchPlan
 from .sampler.reference import sample_reference
 
 TOL_CALL = 1e-5
@@ -84,8 +86,16 @@ def compare(ours: dict[str, Any], expected: dict[str, Any], tol: float, name: st
     return worst
 
 
-class _Runner:
-    """Builds models lazily and runs each case kind."""
+class CaseRunner:
+    """Recomputes the golden cases of one fixture set with ``engine`` (``reference`` or ``fast``).
+
+    :meth:`model` builds each model kind from the set's config and weights on first use;
+    :meth:`run` computes one case's outputs and returns them with the case's tolerance and the
+    outputs the engine by design does not compute. The network calls (:meth:`encode_text`,
+    :meth:`encode_image`, :meth:`decode_latent`, :meth:`apply`, :meth:`sample`) are methods so that
+    :class:`BackendCaseRunner` can put them on another backend. Tensors as in the case files
+    (token ids [B, 77], images [B, 3, H, W], latents [B, 4, h, w]).
+    """
 
     def __init__(self, fixture_dir: Path, engine: str):
         self.dir, self.engine = fixture_dir, engine
@@ -157,6 +167,54 @@ class _Runner:
             cfg_scale=float(inp["cfg_scale"]), feature_latent=inp.get("feature_latent"), noise=noise, record=True)
 
 
+# What an exported UNet serves: one window with batched guidance (the window8x2cfg profile's shape).
+EXPORTED_PLAN = BatchPlan(windows_per_call=1, batch_cfg=True)
+
+
+class BackendCaseRunner(CaseRunner):
+    """:class:`CaseRunner` with the fast engine's schedule and every network call on backend
+    ``backend`` (``ort``, ``trt``; ``torch`` checks the harness) over the exported files in
+    ``export_dir`` (one directory, or one per model kind: ``{"nvs": DIR, "backview": DIR}``).
+    ``options`` go to :func:`~dp360rt.backends.base.get_backend` (e.g. ``providers=``, ``threads=``).
+
+    Single calls run :func:`~dp360rt.sampler.fast.apply_fast` on the backend; DDIM cases run
+    :func:`~dp360rt.sampler.fast.sample_fast_recorded` with :data:`EXPORTED_PLAN` on one window of
+    recorded noises; text and VAE cases the exported text tower and VAE.
+    """
+
+    def __init__(self, fixture_dir: Path, backend: str, export_dir: Path | Mapping[str, Path], **options: Any):
+        super().__init__(fixture_dir, "fast")
+        self.backend_name, self.options = backend, options
+        self.export_dirs = ({k: Path(v) for k, v in export_dir.items()} if isinstance(export_dir, Mapping)
+                            else {"nvs": Path(export_dir), "backview": Path(export_dir)})
+        self.backends: dict[str, Any] = {}
+
+    def backend(self, kind: str):
+        if kind not in self.backends:
+            from .backends.base import get_backend
+            opts = dict(self.options)
+            if self.backend_name != "torch":
+                opts.setdefault("export_dir", self.export_dirs[kind])
+            self.backends[kind] = get_backend(self.backend_name, self.model(kind), **opts)
+        return self.backends[kind]
+
+    def encode_text(self, kind: str, ids: Tensor) -> Tensor:
+        return self.backend(kind).encode_text(ids)
+
+    def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        return self.backend("nvs").encode_image(image)
+
+    def decode_latent(self, latent: Tensor) -> Tensor:
+        return self.backend("nvs").decode_latent(latent)
+
+    def apply(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], uc: bool):
+        return apply_fast(m, inp["x_noisy"], inp["t"], inp["context"], inp["hint"],
+                          None if uc else inp.get("ref_front"), ref_back, backend=self.backend(m.kind))
+
+    def sample(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], noise: RecordedNoise):
+        return sample_fast_recorded(m, inp, ref_back, noise, plan=EXPORTED_PLAN, backend=self.backend(m.kind))
+
+
 ENGINES = ("reference", "fast")
 BACKENDS = ("torch", "ort", "trt")
 
@@ -199,17 +257,17 @@ def verify(fixture_dir: str | Path, engine: str = "reference", backend: str = "t
         add(CaseResult("cases.pt", False, message=f"unreadable: {e}"))
         return results
     if backend == "torch":
-        _run_cases(_Runner(d, engine), cases, add)
+        _run_cases(CaseRunner(d, engine), cases, add)
         return results
-    from .export.verify_backend import BackendRunner, export_fixture      # exported networks: offline toolchain
     with contextlib.ExitStack() as stack:
         fresh = export_dir is None
         if fresh:
             export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dp360rt_verify_")))
-        runner = BackendRunner(d, backend, export_dir, **backend_options)
+        runner = BackendCaseRunner(d, backend, export_dir, **backend_options)
         if fresh:
+            from .export.fixture import export_fixture      # the offline toolchain, only when no export is given
             try:
-                export_fixture(d, export_dir, runner, cases=cases)
+                export_fixture(d, export_dir, {k: runner.model(k) for k in ("nvs", "backview")}, cases=cases)
             except (CheckpointError, ConfigError, ValueError, RuntimeError) as e:
                 add(CaseResult("export", False, message=f"{type(e).__name__}: {e}"))
                 return results
@@ -217,7 +275,7 @@ def verify(fixture_dir: str | Path, engine: str = "reference", backend: str = "t
     return results
 
 
-def _run_cases(runner: _Runner, cases: dict[str, Any], add: Callable[[CaseResult], None]) -> None:
+def _run_cases(runner: CaseRunner, cases: dict[str, Any], add: Callable[[CaseResult], None]) -> None:
     for name in STANDARD_CASES:
         if name not in cases:
             add(CaseResult(name, False, message="case missing from cases.pt"))
@@ -248,11 +306,5 @@ def _run_cases(runner: _Runner, cases: dict[str, Any], add: Callable[[CaseResult
             add(CaseResult("_meta.backview_text_context", False, message=str(e)))
 
 
-def format_row(r: CaseResult) -> str:
-    status = "PASS" if r.ok else "FAIL"
-    if r.message:
-        return f"{r.name:<30} {'-':>10} {'-':>10} {'-':>8}  {status}  {r.message}"
-    return f"{r.name:<30} {r.max_abs:10.3e} {r.rel:10.3e} {r.tol:8.0e}  {status}  worst: {r.worst}"
-
-
-HEADER = f"{'case':<30} {'max abs':>10} {'rel err':>10} {'tol':>8}  result"
+# `dp360rt verify`'s table of CaseResults.
+TABLE = CaseTable(30, (("max abs", "max_abs", 10, ".3e"), ("rel err", "rel", 10, ".3e"), ("tol", "tol", 8, ".0e")))

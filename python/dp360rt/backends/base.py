@@ -1,4 +1,4 @@
-"""The narrow interface the fast sampler drives: one method per network call."""
+"""The narrow interface the fast sampler and the pipeline drive: one method per network call."""
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -7,9 +7,11 @@ from torch import Tensor
 
 
 class Backend(Protocol):
-    """What the fast engine needs from an execution backend (all tensors on the backend's device).
+    """What the fast engine and the pipeline's other stages need from an execution backend (all
+    tensors on the backend's device).
 
-    Shapes: refs [R, 4, h, w]; x [B, 4, h, w]; t [B] int64; context [B, 77, C]; hint [B, 3, 8h, 8w].
+    Shapes: refs [R, 4, h, w]; x [B, 4, h, w]; t [B] int64; context [B, 77, C]; hint [B, 3, 8h, 8w];
+    token_ids [B, 77] int64; image [B, 3, 8h, 8w] in [-1, 1].
     """
 
     name: str
@@ -28,6 +30,15 @@ class Backend(Protocol):
         """eps [B, 4, h, w]; the first ``sum(cond_rows)`` rows read ``bank`` and take ``residuals``, the
         rest are the unconditional branch (no bank, no residuals). A list gives the rows reading each
         bank group in turn (requests or timesteps sharing the call)."""
+
+    def encode_text(self, token_ids: Tensor) -> Tensor:
+        """The text tower: context [B, 77, C]."""
+
+    def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE encoder's posterior: (mean, clamped logvar), each [B, 4, h, w]."""
+
+    def decode_latent(self, latent: Tensor) -> Tensor:
+        """The VAE decoder on scaled latents [B, 4, h, w]: images [B, 3, 8h, 8w] (about [-1, 1])."""
 
 
 def get_backend(name: str, model: Any, **options: Any) -> Backend:

@@ -29,3 +29,12 @@ class TorchBackend:
         rows = [cond_rows] if isinstance(cond_rows, int) else list(cond_rows)
         reader = bank.for_call(rows) if bank is not None and sum(rows) else None
         return self.model.unet(x, t, context, bank=reader, pose_residuals=residuals if sum(rows) else None)
+
+    def encode_text(self, token_ids: Tensor) -> Tensor:
+        return self.model.encode_text(token_ids)
+
+    def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.encode_image(image)
+
+    def decode_latent(self, latent: Tensor) -> Tensor:
+        return self.model.decode_latent(latent)

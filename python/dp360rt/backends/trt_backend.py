@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .engine_cache import EngineCache, EngineKey, onnx_content_sha256
-from .ort_backend import ExportedBackend, ExportedFile, ExportManifest, ExportMismatchError
+from .exported import ExportedBackend
+from .manifest import ExportedFile, ExportManifest, ExportMismatchError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 
@@ -300,7 +301,7 @@ class TrtEngine:
 
 
 class TrtBackend(ExportedBackend):
-    """:class:`~dp360rt.backends.ort_backend.ExportedBackend` on TensorRT engines (built on first use
+    """:class:`~dp360rt.backends.exported.ExportedBackend` on TensorRT engines (built on first use
     of each file, or loaded from the engine cache when the key matches exactly).
 
     ``precision``: engine precision (fp16 default); ``cache_dir``: engine cache (default

@@ -3,7 +3,7 @@
 * :func:`dp360rt.export.onnx_export.export_models` - static-shape ONNX files + ``manifest.json``;
 * :mod:`dp360rt.export.profiles` - the named shape profiles (``window8``, ``window8x2cfg``, ``batch32``, ``backview``);
 * :mod:`dp360rt.export.cli` - the ``export`` subcommand (``python -m dp360rt.export ...``);
-* :mod:`dp360rt.export.verify_backend` - the fixture cases recomputed through an exported backend.
+* :mod:`dp360rt.export.fixture` - a fixture set's models exported for ``dp360rt verify --backend ort|trt``.
 
 Importing this package is cheap: onnx and the exporter load when an export runs.
 """

@@ -1,4 +1,5 @@
-"""``export`` subcommand: ``add_parser(subparsers)`` for the main CLI, ``main()`` for ``python -m dp360rt.export``.
+"""``export`` subcommand: ``add_parser(subparsers)`` for the main CLI, ``main()`` for ``python -m dp360rt.export``
+(and the repository's ``export/to_onnx.py``), ``engines_main()`` for ``export/trt_engines.py``.
 
     python -m dp360rt.export --nvs NVS.th --backview BACK.th --out onnx/ [--fp16] [--profiles window8x2cfg backview]
     python -m dp360rt.export --random --config tiny --out /tmp/onnx            # random weights, for testing
@@ -51,10 +52,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, help="torch CPU threads while tracing (default: torch's)")
-    trt = p.add_argument_group("TensorRT (--to trt)")
+    add_trt_arguments(p.add_argument_group("TensorRT (--to trt)"))
+
+
+def add_trt_arguments(trt) -> None:
+    """The engine-building options (``--precision``, ``--engines``, ``--workspace-gib``) on a parser or group."""
     trt.add_argument("--precision", choices=("fp32", "fp16", "bf16", "fp8", "int8"), default=None,
                      help="engine precision (default: fp16)")
-    trt.add_argument("--engines", metavar="DIR", help="engine cache directory (default: OUT/engines)")
+    trt.add_argument("--engines", metavar="DIR",
+                     help="engine cache directory (default: the export directory's engines/)")
     trt.add_argument("--workspace-gib", type=float, default=8.0)
 
 
@@ -63,8 +69,7 @@ def _load_model(a: argparse.Namespace, kind: str):
     import torch
     from dp360rt.checkpoint import fixture_state_dict, load_checkpoint
     from dp360rt.config import load_config
-    from dp360rt.model import build_model
-    from dp360rt.pipeline import _init_random
+    from dp360rt.model import build_model, init_random
     cfgs = load_config(a.fixture or a.config)
     if kind not in cfgs:
         raise ValueError(f"the config {a.fixture or a.config} has no {kind} model")
@@ -75,7 +80,7 @@ def _load_model(a: argparse.Namespace, kind: str):
     if a.random:
         torch.manual_seed(a.seed)
         with torch.no_grad():
-            _init_random(m)
+            init_random(m)
         return m, f"random seed {a.seed}"
     ckpt = getattr(a, kind)
     load_checkpoint(m, ckpt)
@@ -156,20 +161,22 @@ def run(a: argparse.Namespace) -> int:
     print(format_summary(rows))
     print(f"manifest: {Path(a.out) / 'manifest.json'}")
     if a.to == "trt":
-        return _build_trt(a)
+        return build_trt(a)
     return 0
 
 
-def _build_trt(a: argparse.Namespace) -> int:
+def build_trt(a: argparse.Namespace, what: str = "export --to trt") -> int:
+    """Build (or find in the cache) the TensorRT engine of every file of the export in ``a.out``
+    with the :func:`add_trt_arguments` options; prints one row per engine, returns the exit code
+    (2 when TensorRT, a GPU or the export is missing, or the precision needs quantized files).
+    ``what`` starts the error messages."""
+    from dp360rt.backends.manifest import ExportMismatchError
     from dp360rt.backends.trt_backend import TrtUnavailableError, build_engines
     try:
         rows = build_engines(a.out, precision=a.precision or "fp16", cache_dir=a.engines,
                              workspace_bytes=int(a.workspace_gib * 2 ** 30), log=print)
-    except TrtUnavailableError as e:
-        print(f"export --to trt: {e}", file=sys.stderr)
-        return 2
-    except NotImplementedError as e:
-        print(f"export --to trt: {e}", file=sys.stderr)
+    except (TrtUnavailableError, NotImplementedError, FileNotFoundError, ExportMismatchError) as e:
+        print(f"{what}: {e}", file=sys.stderr)
         return 2
     for r in rows:
         print(f"  {r['file']:<40} -> {r['engine']}  {r['bytes'] / 2**20:9.1f} MiB  {r['seconds']:7.1f} s"
@@ -177,7 +184,19 @@ def _build_trt(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dp360rt.export", description=DESCRIPTION)
+def main(argv: list[str] | None = None, prog: str = "python -m dp360rt.export") -> int:
+    """The ``export`` command on its own: parse ``argv`` (default ``sys.argv[1:]``), export; the exit code."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     configure(p)
     return run(p.parse_args(argv))
+
+
+ENGINES_DESCRIPTION = "build the TensorRT engines of an existing export directory (cached under EXPORT_DIR/engines)"
+
+
+def engines_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Engines for an export made earlier (``export --to trt`` without exporting again); the exit code."""
+    p = argparse.ArgumentParser(prog=prog, description=ENGINES_DESCRIPTION)
+    p.add_argument("out", metavar="EXPORT_DIR", help="an export directory (manifest.json, <kind>/*.onnx)")
+    add_trt_arguments(p)
+    return build_trt(p.parse_args(argv), what="trt engines")

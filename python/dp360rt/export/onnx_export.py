@@ -33,8 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from dp360rt.backends.ort_backend import (MANIFEST_FORMAT, MANIFEST_NAME, MODULE_PREFIX, config_json,
-                                          state_dict_hashes)
+from dp360rt.backends.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MODULE_PREFIX, config_json, state_dict_hashes
 from dp360rt.model import DiffPortrait360
 from dp360rt.text.clip import empty_prompt_ids
 

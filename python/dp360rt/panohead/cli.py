@@ -55,11 +55,11 @@ def convert_pickle(src: str | Path, dst: str | Path, fp16: bool = False) -> dict
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from .verify import HEADER, format_row, verify
+    from .verify import TABLE, verify
     skip = tuple(a.skip or ())
     print(f"verifying PanoHead fixture set {a.fixture_dir}" + (f" (skipping {', '.join(skip)})" if skip else ""))
-    print(HEADER)
-    rows = verify(a.fixture_dir, skip=skip, on_row=lambda r: print(format_row(r), flush=True))
+    print(TABLE.header)
+    rows = verify(a.fixture_dir, skip=skip, on_row=lambda r: print(TABLE.row(r), flush=True))
     failed = [r.name for r in rows if not r.ok]
     print(f"{len(rows) - len(failed)}/{len(rows)} rows passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed or not rows else 0

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..case_table import CaseTable
 from .cameras import diffportrait_orbit
 from .draws import Draws
 from .generator import TriPlaneGenerator
@@ -43,14 +44,8 @@ class Row:
     message: str = ""
 
 
-def format_row(r: Row) -> str:
-    status = "PASS" if r.ok else "FAIL"
-    if r.message:
-        return f"{r.name:<24} {'-':>10} {'-':>8}  {status}  {r.message}"
-    return f"{r.name:<24} {r.rel:10.3e} {r.tol:8.0e}  {status}  worst: {r.worst}"
-
-
-HEADER = f"{'case':<24} {'rel err':>10} {'tol':>8}  result"
+# `dp360rt panohead verify`'s table of Rows.
+TABLE = CaseTable(24, (("rel err", "rel", 10, ".3e"), ("tol", "tol", 8, ".0e")))
 
 
 def materialize_pickle(fixture_dir: str | Path, arrays: dict[str, dict[str, Tensor]] | None = None) -> bytes:
