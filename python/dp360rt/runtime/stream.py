@@ -40,13 +40,13 @@ from ..backends.torch_backend import TorchBackend
 from ..generation import GenerationResult
 from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
                       quantize8, to_unit)
+from ..sampler.ddim import ddim_tables
 from ..sampler.fast import window_task
 from ..sampler.noise import RecordedNoise, as_noise
 from ..sampler.params import check_finite_latents, check_sampler_params
 from ..sampler.plan import activation_bytes, weight_bytes
 from ..sampler.tasks import BankCache, Task, step_tasks
 from ..sampler.windows import Window, prepare_windows
-from ..scheduler.schedule import ddim_tables
 from .host import RuntimeHost
 
 BACKVIEW, NVS = 0, 1

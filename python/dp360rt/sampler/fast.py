@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from ..model import DiffPortrait360
-from ..scheduler.schedule import ddim_tables
 from ..backends.base import Backend
 from ..backends.torch_backend import TorchBackend
+from .ddim import ddim_tables
 from .plan import BatchPlan
 from .reference import q_sample_999
 from .tasks import BankCache, Task, step_tasks
