@@ -29,7 +29,7 @@ import torch
 from dp360rt.backends.ort_backend import OrtBackend  # noqa: E402
 from dp360rt.backends.torch_backend import TorchBackend  # noqa: E402
 from dp360rt.model import build_model, init_random  # noqa: E402
-from dp360rt.pipeline import prepare_windows  # noqa: E402
+from dp360rt.sampler.windows import prepare_windows  # noqa: E402
 from dp360rt.sampler.fast import sample_windows_fast, write_shared_bank  # noqa: E402
 from dp360rt.sampler.noise import GeneratorNoise  # noqa: E402
 from dp360rt.sampler.plan import BatchPlan  # noqa: E402

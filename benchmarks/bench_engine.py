@@ -24,7 +24,7 @@ import torch
 from dp360rt import Pipeline
 from dp360rt.demo import synthetic_conditions, synthetic_portrait
 from dp360rt.flops import unet_equivalent, step_flops
-from dp360rt.pipeline import prepare_windows, sample_windows_reference
+from dp360rt.sampler.windows import prepare_windows, sample_windows_reference
 from dp360rt.sampler.fast import sample_windows_fast
 from dp360rt.sampler.noise import GeneratorNoise
 from dp360rt.sampler.plan import default_plan

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "python"))
 from dp360rt import Pipeline  # noqa: E402
 from dp360rt.demo import synthetic_conditions, synthetic_portrait  # noqa: E402
 from dp360rt.flops import step_flops  # noqa: E402
-from dp360rt.pipeline import prepare_windows, sample_windows_reference  # noqa: E402
+from dp360rt.sampler.windows import prepare_windows, sample_windows_reference  # noqa: E402
 from dp360rt.sampler.fast import sample_windows_fast  # noqa: E402
 from dp360rt.sampler.noise import GeneratorNoise  # noqa: E402
 from dp360rt.sampler.plan import default_plan  # noqa: E402

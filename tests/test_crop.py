@@ -182,6 +182,7 @@ def test_pipeline_crop_auto(tmp_path, astronaut, astronaut_crop, monkeypatch):
     tiny weights is covered by test_cli; here preprocessing is stopped once it has the portrait.)"""
     import dp360rt.pipeline as pl
     from dp360rt.demo import synthetic_conditions
+    from dp360rt.generation import GenerationResult
     with pytest.raises(ValueError, match="not a crop mode. Fix"):
         pl.Pipeline.random("tiny", crop="yes")
     pipe = pl.Pipeline.random("tiny", crop="auto")
@@ -208,6 +209,6 @@ def test_pipeline_crop_auto(tmp_path, astronaut, astronaut_crop, monkeypatch):
     assert seen[1] == photo
     with pytest.raises(ValueError, match="needs the raw photo"):
         pipe(torch.zeros(1, 3, pipe.image_size, pipe.image_size), conditions, steps=1)
-    res = pl.GenerationResult(back_view=torch.rand(3, 8, 8), views=torch.rand(32, 3, 8, 8), crop=astronaut_crop)
+    res = GenerationResult(back_view=torch.rand(3, 8, 8), views=torch.rand(32, 3, 8, 8), crop=astronaut_crop)
     out = res.save(tmp_path / "gen")
     assert sorted(p.name for p in (out / "crop").iterdir()) == ["camera.json", "crop.png", "overlay.png"]

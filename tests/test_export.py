@@ -165,7 +165,7 @@ def test_every_backend_implements_the_interface():
 def test_whole_360_generation_ort_equals_torch(models, backends):
     """4 windows x 8 frames, same noises, fast sampler on the ort backend vs the torch backend,
     for both exported UNet shapes (batched and separate guidance branches)."""
-    from dp360rt.pipeline import prepare_windows
+    from dp360rt.sampler.windows import prepare_windows
     from dp360rt.sampler.noise import GeneratorNoise
     m = models["nvs"]
     _, _, refs, ctx = _inputs(m, 8, seed=2)
@@ -211,7 +211,7 @@ def test_batch_sizes_share_one_trace_and_weights(models, tmp_path):
     share theirs); a whole 4-windows-per-call generation on the files equals torch."""
     from dp360rt.export import onnx_export as oe
     from dp360rt.export.profiles import parse_profiles
-    from dp360rt.pipeline import prepare_windows
+    from dp360rt.sampler.windows import prepare_windows
     from dp360rt.sampler.noise import GeneratorNoise
     m = models["nvs"]
     man, rows = oe.export_models({"nvs": m}, tmp_path, parse_profiles(["window8", "batch32"]), progress=False,
@@ -243,7 +243,7 @@ def test_batch_sizes_share_one_trace_and_weights(models, tmp_path):
 
 
 def test_backview_sampling_ort_equals_torch(models, backends):
-    from dp360rt.pipeline import Window
+    from dp360rt.sampler.windows import Window
     from dp360rt.sampler.noise import GeneratorNoise, RecordedNoise
     m = models["backview"]
     _, hint, refs, ctx = _inputs(m, 1, seed=3)
@@ -272,7 +272,7 @@ def test_unexported_shape_is_a_clear_error(models, backends):
         ob.bank([torch.cat([e, e]) for e in entries])
     with pytest.raises(ExportMismatchError, match="2 bank groups"):
         ob.unet(x, t, ctx.expand(16, -1, -1), ob.bank(entries), res, [8, 8])
-    from dp360rt.pipeline import prepare_windows
+    from dp360rt.sampler.windows import prepare_windows
     from dp360rt.sampler.noise import GeneratorNoise
     wins = prepare_windows(m, torch.rand(32, 3, 64, 64) * 2 - 1, None, 1, GeneratorNoise(0))
     with pytest.raises(ExportMismatchError, match="BatchPlan"):   # 4 windows per call: 32 rows, not exported

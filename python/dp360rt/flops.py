@@ -15,9 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import ModelConfig, get_model_config
 from .model import DiffPortrait360, build_model
 from .backends.torch_backend import TorchBackend
+from .sampler.ddim import ddim_tables, schedule_buffers
 from .sampler.noise import RecordedNoise
 from .sampler.tasks import Task, step_tasks
-from .scheduler.schedule import ddim_tables, schedule_buffers
 
 MODULES = {"AppearanceNet": "appearance net", "PoseControlNet": "pose net", "UNet": "UNet",
            "AutoencoderKL": "VAE", "Encoder": "VAE", "Decoder": "VAE", "FrozenCLIPEmbedder": "text"}

@@ -3,126 +3,29 @@ SEMANTICS.md), over an exchangeable sampling engine."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from .checkpoint import load_checkpoint, share_identical_tensors
 from .config import ModelConfig, load_config
+from .generation import GenerationResult
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
-                     load_portrait, quantize8, save_png, to_unit)
+                     load_portrait, quantize8, to_unit)
 from .model import DiffPortrait360, build_model, init_random
 from .offload import ModelSwap
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
 from .sampler.params import check_finite_latents, check_sampler_params
 from .sampler.plan import BatchPlan, default_plan
-from .sampler.reference import sample_reference
+from .sampler.windows import CONDITION_WINDOWS, Window, prepare_windows, sample_windows_reference
 from .text.clip import empty_prompt_ids
 
 log = logging.getLogger("dp360rt")
-
-if TYPE_CHECKING:
-    from .nerf import Nerf
-
-
-@dataclass
-class Window:
-    """One window of frames to sample: hints [F, 3, H, W], optional feature latent, its noises."""
-
-    index: int
-    hint: Tensor
-    feature_latent: Tensor | None
-    noise: RecordedNoise
-
-
-@dataclass
-class GenerationResult:
-    """Output of :meth:`Pipeline.__call__`.
-
-    back_view: [3, H, W] in [0, 1] (8-bit exact, as the authors save it); views: [N, 3, H, W] in
-    [0, 1]; cameras: [N, 25] PanoHead labels when known; latents: [N, 4, h, w] final latents;
-    timings: seconds per stage.
-    """
-
-    back_view: Tensor
-    views: Tensor
-    cameras: Tensor | None = None
-    latents: Tensor | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    unet_calls: int = 0
-    crop: Any = None            # the dp360rt.crop.CropResult of crop="auto"
-    inversion: Any = None       # the dp360rt.invert.Inversion of the 3D-aware noise stage
-
-    def fit_nerf(self, seconds: float | None = 60.0, steps: int | None = None, progress: bool = True,
-                 **options: Any) -> "Nerf":
-        """Fit an instant NeRF to the 32 views and their cameras and return it (render with
-        ``nerf.render(camera, width, height)``; ``nerf.stats`` holds steps, seconds and PSNR).
-        ``options`` override :class:`dp360rt.nerf.NerfConfig` fields (``encoding``, ``device``, ...)."""
-        from .nerf import Nerf
-        if self.cameras is None:
-            raise ValueError("these views have no cameras, so a NeRF cannot be fitted. Fix: generate with the "
-                             "sphere32 conditions (the default), whose PanoHead cameras are known")
-        nerf = Nerf(**options)
-        nerf.fit(list(self.views), self.cameras, seconds=seconds, steps=steps, progress=progress)
-        return nerf
-
-    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write ``back_view.png``, ``000.png`` ... ``cameras.json``, ``timings.json`` and, last,
-        ``manifest.json`` (the NeRF views layout; with ``crop="auto"`` also ``crop/``: crop.png,
-        camera.json, overlay.png; with 3D-aware noise also ``inversion/``) into ``out_dir``, atomically: the folder is built
-        aside and moved into place when complete. An existing non-empty ``out_dir`` is refused
-        unless ``overwrite=True`` (then replaced as a whole, never mixed)."""
-        from .results import ResultDir
-        with ResultDir(out_dir, kind="views", overwrite=overwrite) as r:
-            self.write_into(r.path)
-            return r.commit(views=len(self.views))
-
-    def write_into(self, d: Path) -> None:
-        """Write the files of :meth:`save` (each atomically) into the existing folder ``d``, no manifest."""
-        from .results import write_text_atomic
-        save_png(self.back_view, d / "back_view.png")
-        entries = []
-        for i, v in enumerate(self.views):
-            name = f"{i:03d}.png"
-            save_png(v, d / name)
-            entry: dict[str, Any] = {"file": name}
-            if self.cameras is not None:
-                entry["camera"] = [float(x) for x in self.cameras[i]]
-            entries.append(entry)
-        write_text_atomic(d / "cameras.json", json.dumps({"views": entries}, indent=1))
-        write_text_atomic(d / "timings.json", json.dumps(self.timings, indent=1))
-        if self.crop is not None:
-            self.crop.save(d / "crop")
-        if self.inversion is not None:
-            self.inversion.save(d / "inversion")
-
-
-CONDITION_WINDOWS = CONDITION_COUNT // 8
-
-
-def sample_windows_reference(model: DiffPortrait360, windows: list[Window], *, context: Tensor, ref_front: Tensor,
-                             ref_back: list[Tensor], steps: int, eta: float, cfg_scale: float,
-                             progress: Callable[[int, int], None] | None = None) -> tuple[list[Tensor], int]:
-    """The authors' loop: each window sampled on its own with references repeated over the batch."""
-    out, calls = [], 0
-    for w in windows:
-        f = w.hint.shape[0]
-        r = sample_reference(model, context=context.expand(f, -1, -1), hint=w.hint,
-                             ref_front=ref_front.expand(f, -1, -1, -1),
-                             ref_back=[b.expand(f, -1, -1, -1) for b in ref_back],
-                             steps=steps, eta=eta, cfg_scale=cfg_scale, feature_latent=w.feature_latent,
-                             noise=w.noise, progress=progress)
-        out.append(r.latent)
-        calls += r.unet_calls
-    return out, calls
-
 
 ENGINES = ("fast", "reference")
 BACKENDS = ("torch", "ort", "trt")
@@ -146,28 +49,6 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
-
-
-def prepare_windows(model: DiffPortrait360, conditions: Tensor, features: Tensor | None, steps: int,
-                 noise: NoiseSource) -> list[Window]:
-    """Encode feature frames and pre-draw every window's noises in the reference's draw order:
-    per window, [feature posterior], start latent, [q_sample noise], one draw per step."""
-    f = model.frames
-    n = conditions.shape[0]
-    if n % f:
-        raise ImageError(f"{n} condition images cannot be split into windows of {f} frames")
-    dev = conditions.device
-    h, w = conditions.shape[2] // 8, conditions.shape[3] // 8
-    shape = (f, model.cfg.unet.in_channels, h, w)
-    windows = []
-    for i in range(n // f):
-        feat = None
-        if features is not None:
-            mean, logvar = model.encode_image(features[i * f:(i + 1) * f])
-            feat = model.sample_latent(mean, logvar, noise(mean.shape, dev))
-        draws = [noise(shape, dev) for _ in range(steps + 1 + (feat is not None))]
-        windows.append(Window(i, conditions[i * f:(i + 1) * f], feat, RecordedNoise(draws)))
-    return windows
 
 
 class Pipeline:
@@ -234,7 +115,7 @@ class Pipeline:
                 d = export_dir.get(m.kind) if isinstance(export_dir, Mapping) else export_dir
                 self.backends[m.kind] = get_backend(backend, m, export_dir=d, **backend_options)
 
-    def _net(self, model: DiffPortrait360) -> Any:
+    def net(self, model: DiffPortrait360) -> Any:
         """What runs ``model``'s text tower and VAE: its exported backend, or the module itself."""
         return self.backends.get(model.kind, model)
 
@@ -248,7 +129,7 @@ class Pipeline:
         """Latents [B, 4, h, w] -> images [B, 3, 8h, 8w] (about [-1, 1]) in slices of the plan's
         ``decode_frames`` (edge mode), else in one call."""
         n = self.plan.decode_frames if self.plan is not None and self.plan.decode_frames else latent.shape[0]
-        return torch.cat([self._net(model).decode_latent(latent[i:i + n]) for i in range(0, latent.shape[0], n)])
+        return torch.cat([self.net(model).decode_latent(latent[i:i + n]) for i in range(0, latent.shape[0], n)])
 
     def _engine(self, model: DiffPortrait360, windows: list[Window], **kw: Any) -> tuple[list[Tensor], int]:
         if self.engine == "fast":
@@ -363,7 +244,8 @@ class Pipeline:
         return inversion.features(self.image_size), inversion
 
     def text_context(self, model: DiffPortrait360) -> Tensor:
-        return self._net(model).encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
+        """The empty prompt's text context [1, 77, C] from ``model``'s text tower."""
+        return self.net(model).encode_text(empty_prompt_ids(model.cfg.text.max_position_embeddings).to(self.device))
 
     @torch.no_grad()
     def __call__(self, portrait: Any, conditions: str | Path | Tensor, *, features: Tensor | None = None,
@@ -416,7 +298,7 @@ class Pipeline:
             tic = time.perf_counter()
             bv = self.use(self.backview)
             ctx_b = self.text_context(bv)
-            mean, logvar = self._net(bv).encode_image(img)
+            mean, logvar = self.net(bv).encode_image(img)
             ref = bv.sample_latent(mean, logvar, noise(mean.shape, self.device))
             hint_b = cond[BACK_CONDITION_INDEX:BACK_CONDITION_INDEX + 1]
             shape_b = (1, bv.cfg.unet.in_channels, s // 8, s // 8)
@@ -424,15 +306,15 @@ class Pipeline:
             (z_b,), calls = self._engine(bv, [bv_window], context=ctx_b, ref_front=ref, ref_back=[], steps=steps,
                                          eta=eta, cfg_scale=cfg_scale, progress=report("back view"))
             check_finite_latents(z_b, "the back view")
-            back = quantize8(self._net(bv).decode_latent(z_b).float())
+            back = quantize8(self.net(bv).decode_latent(z_b).float())
             timings["back_view"] = time.perf_counter() - tic
 
             tic = time.perf_counter()
             m = self.use(self.nvs)
             ctx = self.text_context(m)
-            mean, logvar = self._net(m).encode_image(img)
+            mean, logvar = self.net(m).encode_image(img)
             ref_front = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
-            mean, logvar = self._net(m).encode_image(back.to(self.device))
+            mean, logvar = self.net(m).encode_image(back.to(self.device))
             ref_back = m.sample_latent(mean, logvar, noise(mean.shape, self.device))
             windows = prepare_windows(m, cond, features, steps, noise)
             timings["encode"] = time.perf_counter() - tic

@@ -37,15 +37,17 @@ from torch import Tensor
 
 from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
 from ..backends.torch_backend import TorchBackend
+from ..generation import GenerationResult
 from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
                       quantize8, to_unit)
-from ..pipeline import GenerationResult, Pipeline, Window, prepare_windows
+from ..sampler.ddim import ddim_tables
 from ..sampler.fast import window_task
 from ..sampler.noise import RecordedNoise, as_noise
 from ..sampler.params import check_finite_latents, check_sampler_params
 from ..sampler.plan import activation_bytes, weight_bytes
 from ..sampler.tasks import BankCache, Task, step_tasks
-from ..scheduler.schedule import ddim_tables
+from ..sampler.windows import Window, prepare_windows
+from .host import RuntimeHost
 
 BACKVIEW, NVS = 0, 1
 
@@ -170,12 +172,13 @@ class Handle:
 class Runtime:
     """Serves generation requests on one pipeline through the native step loop.
 
+    pipeline: a :class:`~dp360rt.pipeline.Pipeline` (what is used of it: :class:`RuntimeHost`);
     policy: ``throughput`` or ``latency``; max_rows: latents per UNet call (default: the
     pipeline's plan, i.e. all windows on GPU, one window on CPU); queue_size: views buffered per
     request before the loop waits for the consumer. ``eta`` and ``cfg_scale`` are per runtime.
     """
 
-    def __init__(self, pipeline: Pipeline, policy: str = "throughput", max_rows: int | None = None,
+    def __init__(self, pipeline: RuntimeHost, policy: str = "throughput", max_rows: int | None = None,
                  max_memory: int | None = None, queue_size: int = 32, eta: float = 0.5, cfg_scale: float = 3.0):
         from ..checks import max_memory_bytes
         max_memory = max_memory_bytes(max_memory)       # None and 0: no limit (the loop's 0)
@@ -322,7 +325,7 @@ class Runtime:
         req.status = "running"
         bv, dev, s = self.pipe.use(self.pipe.backview), self.pipe.device, self.pipe.image_size
         with self._autocast():
-            mean, logvar = self.pipe._net(bv).encode_image(req.portrait.to(dev))
+            mean, logvar = self.pipe.net(bv).encode_image(req.portrait.to(dev))
             ref = bv.sample_latent(mean, logvar, req.noise(mean.shape, dev))
             shape = (1, bv.cfg.unet.in_channels, s // 8, s // 8)
             win = Window(0, req.conditions[BACK_CONDITION_INDEX:BACK_CONDITION_INDEX + 1].to(dev), None,
@@ -336,16 +339,16 @@ class Runtime:
         with self._autocast():
             bv = self.pipe.use(self.pipe.backview)
             check_finite_latents(req.bv_task.x, "the back view")
-            back = quantize8(self.pipe._net(bv).decode_latent(req.bv_task.x).float())
+            back = quantize8(self.pipe.net(bv).decode_latent(req.bv_task.x).float())
             req.back_view = back.cpu()
             if req.stream_back_view:
                 req.queue.push(View(BACK_VIEW_INDEX, req.cameras[BACK_CONDITION_INDEX], to_unit(req.back_view[0]),
                                     time.perf_counter() - req.t0))
             self.pipe.use(m)
             ctx = self.pipe.text_context(m)
-            mean, logvar = self.pipe._net(m).encode_image(req.portrait.to(dev))
+            mean, logvar = self.pipe.net(m).encode_image(req.portrait.to(dev))
             ref_front = m.sample_latent(mean, logvar, req.noise(mean.shape, dev))
-            mean, logvar = self.pipe._net(m).encode_image(back.to(dev))
+            mean, logvar = self.pipe.net(m).encode_image(back.to(dev))
             ref_back = m.sample_latent(mean, logvar, req.noise(mean.shape, dev))
             feats = req.features.to(dev) if req.features is not None else None
             windows = prepare_windows(m, req.conditions.to(dev), feats, req.steps, req.noise)

@@ -1,1 +1,2 @@
-"""DDIM samplers: the reference-semantics loop (ground truth) and noise sources."""
+"""DDIM samplers: the reference-semantics loop (ground truth), the fast engine, windows, the DDIM
+tables and noise sources."""

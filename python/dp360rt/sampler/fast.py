@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from ..model import DiffPortrait360
-from ..scheduler.schedule import ddim_tables
 from ..backends.base import Backend
 from ..backends.torch_backend import TorchBackend
+from .ddim import ddim_tables
 from .plan import BatchPlan
 from .reference import q_sample_999
 from .tasks import BankCache, Task, step_tasks
+from .windows import Window
 
 
 def write_shared_bank(backend: Backend, refs: list[Tensor], t: Tensor, context: Tensor) -> list[Tensor]:
@@ -53,14 +54,14 @@ def window_task(model: DiffPortrait360, win, key, refs: list[Tensor], context: T
 
 
 @torch.no_grad()
-def sample_windows_fast(model: DiffPortrait360, windows: list, *, context: Tensor, ref_front: Tensor,
+def sample_windows_fast(model: DiffPortrait360, windows: list[Window], *, context: Tensor, ref_front: Tensor,
                         ref_back: list[Tensor], steps: int, eta: float, cfg_scale: float,
                         plan: BatchPlan | None = None, backend: Backend | None = None,
                         progress: Callable[[int, int], None] | None = None,
                         record: list[tuple[Tensor, Tensor]] | None = None) -> tuple[list[Tensor], int]:
     """Sample all windows together; same signature and results as the reference engine.
 
-    windows: :class:`~dp360rt.pipeline.Window` list (hints [F, 3, H, W], optional feature latent,
+    windows: :class:`~dp360rt.sampler.windows.Window` list (hints [F, 3, H, W], optional feature latent,
     recorded noises in the reference order); context: [1, 77, C]; ref_front and each ref_back:
     [1, 4, h, w]. Returns (final latents per window, UNet calls). ``record`` collects
     ``(x, pred_x0)`` of all windows after every step, and ``(x_T, x_T)`` first.
@@ -121,7 +122,6 @@ def sample_fast_recorded(model: DiffPortrait360, inp: dict, ref_back: list[Tenso
     """Run one fixture DDIM case through the fast engine (on ``backend``, default the PyTorch
     modules); returns a reference-like SampleResult."""
     from .reference import SampleResult
-    from ..pipeline import Window
     lat = tuple(int(v) for v in inp["latent_hw"])
     hint = inp["hint"]
     if (hint.shape[2] // 8, hint.shape[3] // 8) != lat:

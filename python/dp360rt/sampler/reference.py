@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..model import DiffPortrait360
-from ..scheduler.schedule import DDIMTables, ddim_tables
+from .ddim import DDIMTables, ddim_tables
 from .noise import NoiseSource
 
 Q_SAMPLE_T = 999  # the 3D-aware start is q_sample(feature, t=999) although the first step is t=981

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import Backend
-from ..scheduler.schedule import DDIMTables
+from .ddim import DDIMTables
 from .noise import RecordedNoise
 from .reference import ddim_step
 

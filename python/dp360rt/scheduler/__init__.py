@@ -1,1 +1,0 @@
-"""Noise schedules and DDIM tables."""
