@@ -2,7 +2,6 @@
 SEMANTICS.md), over an exchangeable sampling engine."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -17,7 +16,7 @@ from .checkpoint import load_checkpoint, share_identical_tensors
 from .config import ModelConfig, load_config
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, save_png, to_unit)
-from .model import DiffPortrait360, build_model
+from .model import HALF_DTYPES, DiffPortrait360, autocast, build_model, store_half_weights
 from .offload import ModelSwap
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
@@ -142,12 +141,6 @@ def check_options(device: str | torch.device, backend: str, max_memory: Any) -> 
     return dev, max_memory_bytes(max_memory)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def prepare_windows(model: DiffPortrait360, conditions: Tensor, features: Tensor | None, steps: int,
                  noise: NoiseSource) -> list[Window]:
     """Encode feature frames and pre-draw every window's noises in the reference's draw order:
@@ -197,8 +190,15 @@ class Pipeline:
         self.crop = _crop_mode(crop)
         self.inverter = inverter        # a dp360rt.invert.Inverter: 3D-aware noise from a PanoHead inversion
         self.device, max_memory = check_options(device, backend, max_memory)
+        if dtype not in (torch.float32, *HALF_DTYPES):
+            raise ValueError(f"dtype={dtype} is not supported. Fix: use torch.float32, torch.float16 or torch.bfloat16")
         self.dtype = dtype
         self.engine = engine
+        if dtype in HALF_DTYPES and backend == "torch":
+            # Weights in the compute dtype: the same numbers as autocast over float32 weights (autocast
+            # casts exactly these), half the memory, and what the memory plan counts (2 bytes each).
+            store_half_weights(nvs, dtype)
+            store_half_weights(backview, dtype)
         self.nvs, self.backview = nvs, backview
         self.image_size = nvs.cfg.image_size
         self.max_memory = max_memory
@@ -268,7 +268,11 @@ class Pipeline:
         cfgs = load_config(config)
         models = {}
         for kind, src in (("nvs", nvs), ("backview", backview)):
-            m = build_model(kind, cfgs[kind])
+            # Built on 'meta' and given the checkpoint's tensors: no float32 copy of the weights beside
+            # the loaded ones, and half-precision weights are cast tensor by tensor as they load.
+            m = build_model(kind, cfgs[kind], device="meta")
+            if dtype in HALF_DTYPES and backend == "torch":
+                store_half_weights(m, dtype)
             models[kind] = load_checkpoint(m, src)
         shared = share_identical_tensors(models["nvs"], models["backview"])     # before moving: one copy on the device
         pipe = cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
@@ -412,7 +416,7 @@ class Pipeline:
         timings["preprocess"] = time.perf_counter() - tic
         report = (lambda stage: (lambda i, n: progress(stage, i, n))) if progress else (lambda stage: None)
         reloaded = self.swap.reload_seconds if self.swap is not None else 0.0
-        with _autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype):
             tic = time.perf_counter()
             bv = self.use(self.backview)
             ctx_b = self.text_context(bv)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
 from ..backends.torch_backend import TorchBackend
+from ..model import autocast
 from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
                       quantize8, to_unit)
 from ..pipeline import GenerationResult, Pipeline, Window, prepare_windows
@@ -311,10 +312,7 @@ class Runtime:
         return req.window_tasks[window]
 
     def _autocast(self):
-        dev, dt = self.pipe.device, self.pipe.dtype
-        if dev.type == "cuda" and dt in (torch.float16, torch.bfloat16):
-            return torch.autocast("cuda", dtype=dt)
-        return torch.autocast("cpu", enabled=False)
+        return autocast(self.pipe.device, self.pipe.dtype)
 
     @torch.no_grad()
     def _start_backview(self, req: _Request) -> None:
