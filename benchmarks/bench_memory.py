@@ -4,10 +4,11 @@
     python -m pytest benchmarks/bench_memory.py --benchmark-only        # tiny config, pytest-benchmark
 
 Each mode runs in a fresh subprocess, one after the other (never two at once): random weights
-built in bfloat16 (norm weights float32, as the model keeps them), a pipeline with or without the
+stored as ``Pipeline(dtype=torch.bfloat16)`` stores them (convolution and linear weights bfloat16,
+norms and embeddings float32), a pipeline with or without the
 budget, then one generation at ``--steps`` DDIM steps over 24 conditions (the back-view step, then
 three window steps of the 360° model one window at a time, then the VAE decodes; ``--windows 1``
-samples the first window only, the same peak in a third of the time) under CPU autocast. Peak RSS is read from /proc/self/status (VmHWM): once over the whole process and once
+samples the first window only, the same peak in a third of the time) under the pipeline's CPU autocast. Peak RSS is read from /proc/self/status (VmHWM): once over the whole process and once
 over the generation alone (VmHWM reset through /proc/self/clear_refs after the models are built).
 """
 from __future__ import annotations
@@ -43,9 +44,10 @@ def _reset_peak() -> bool:
 
 
 def build_bf16(kind: str, config: str):
-    """A random-weight model built directly in bfloat16 (norm weights float32: the model's norms
-    compute in float32), so no float32 copy of the weights ever exists."""
-    from dp360rt.model import build_model
+    """A random-weight model stored as ``Pipeline(dtype=torch.bfloat16)`` stores it (convolution
+    and linear weights bfloat16, everything else float32; see ``model.store_half_weights``), built
+    directly in bfloat16 so no float32 copy of the big weights ever exists."""
+    from dp360rt.model import LOW_PRECISION_MODULES, build_model
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -53,9 +55,10 @@ def build_bf16(kind: str, config: str):
     finally:
         torch.set_default_dtype(old)
     for mod in m.modules():
-        if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            for p in mod.parameters():
-                p.data = p.data.float()
+        if not isinstance(mod, LOW_PRECISION_MODULES):
+            for p in mod._parameters.values():
+                if p is not None:
+                    p.data = p.data.float()
     return m
 
 
@@ -80,8 +83,7 @@ def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, windows:
         engine = pipe._engine
         pipe._engine = lambda model, ws, **kw: engine(model, ws[:windows] if model.kind == "nvs" else ws, **kw)
     tic = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        res = pipe(portrait, conditions, steps=steps, seed=0)
+    res = pipe(portrait, conditions, steps=steps, seed=0)          # the pipeline's own bf16 autocast
     run_s = time.perf_counter() - tic
     out = {"mode": mode, "config": config, "steps": steps, "windows": windows or 3, "max_memory_gib": max_memory_gib if budget else None,
            "plan": pipe.plan.describe(3, pipe.nvs.frames), "estimated_gib": pipe.plan.estimated_bytes / 2**30,

@@ -184,7 +184,8 @@ def load_checkpoint(model: DiffPortrait360, source: str | Path | Mapping[str, Te
 
     Keeps each parameter's dtype and device: weights stored as float16, bfloat16 or float64 are
     cast explicitly to the parameter's dtype (float32 as built); integer, bool, complex or 8-bit
-    float tensors are refused. Raises :class:`CheckpointError` naming the problem and its fix.
+    float tensors are refused. A model built on ``device="meta"`` takes the loaded tensors
+    (cast to its parameters' dtypes) instead of copying into random weights. Raises :class:`CheckpointError` naming the problem and its fix.
     """
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     sd = read_state_dict(source) if not isinstance(source, Mapping) else source
@@ -196,7 +197,11 @@ def load_checkpoint(model: DiffPortrait360, source: str | Path | Mapping[str, Te
                                   f"{model.state_dict()[k].dtype} (the reference keeps these tables exact)")
     expected = model.state_dict()
     sd = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=False)
+    # A model built on 'meta' (no memory, no random init) takes the loaded tensors as they are.
+    on_meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(sd, strict=True, assign=on_meta)
+    if on_meta:
+        model.requires_grad_(False)
     return model
 
 

@@ -2,6 +2,7 @@
 and its reference-semantics ``apply_model``."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -141,6 +142,40 @@ def init_random(model: DiffPortrait360) -> None:
             p.normal_(0.0, p[0].numel() ** -0.5)
         else:
             p.normal_(1.0 if id(p) in norms else 0.0, 0.1)
+
+
+# Modules whose weights autocast hands to its low-precision kernels (convolutions, matmuls).
+LOW_PRECISION_MODULES = (nn.Conv2d, nn.Linear)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def store_half_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights and biases of ``model``'s convolutions and linear layers in ``dtype``
+    (float16 or bfloat16), in place; returns the bytes saved.
+
+    Autocast casts exactly these weights to ``dtype`` at every call, so a model run under autocast
+    gives bit-identical numbers with its weights stored this way, in half the memory. Norms,
+    embeddings and buffers keep float32 (autocast runs them in float32). A tensor two models hold
+    as one copy is cast once. Works on 'meta' models (before loading a checkpoint into them).
+    """
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"store_half_weights: dtype must be float16 or bfloat16, got {dtype}")
+    saved = 0
+    for mod in model.modules():
+        if isinstance(mod, LOW_PRECISION_MODULES):
+            for p in mod._parameters.values():
+                if p is not None and p.dtype == torch.float32:
+                    p.data = p.data.to(dtype)
+                    saved += p.numel() * 2
+    return saved
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The autocast context the networks run under: ``dtype`` (float16/bfloat16) on CUDA and CPU,
+    none for float32."""
+    if dtype in HALF_DTYPES and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 PREFIXES = ("model.diffusion_model", "control_model", "pose_control_model", "first_stage_model", "cond_stage_model")

@@ -2,7 +2,6 @@
 SEMANTICS.md), over an exchangeable sampling engine."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from .config import ModelConfig, load_config
 from .generation import GenerationResult
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, to_unit)
-from .model import DiffPortrait360, build_model, init_random
+from .model import HALF_DTYPES, DiffPortrait360, autocast, build_model, init_random, store_half_weights
 from .offload import ModelSwap
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
@@ -45,10 +44,6 @@ def check_options(device: str | torch.device, backend: str, max_memory: Any) -> 
     return dev, max_memory_bytes(max_memory)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 class Pipeline:
@@ -78,8 +73,15 @@ class Pipeline:
         self.crop = _crop_mode(crop)
         self.inverter = inverter        # a dp360rt.invert.Inverter: 3D-aware noise from a PanoHead inversion
         self.device, max_memory = check_options(device, backend, max_memory)
+        if dtype not in (torch.float32, *HALF_DTYPES):
+            raise ValueError(f"dtype={dtype} is not supported. Fix: use torch.float32, torch.float16 or torch.bfloat16")
         self.dtype = dtype
         self.engine = engine
+        if dtype in HALF_DTYPES and backend == "torch":
+            # Weights in the compute dtype: the same numbers as autocast over float32 weights (autocast
+            # casts exactly these), half the memory, and what the memory plan counts (2 bytes each).
+            store_half_weights(nvs, dtype)
+            store_half_weights(backview, dtype)
         self.nvs, self.backview = nvs, backview
         self.image_size = nvs.cfg.image_size
         self.max_memory = max_memory
@@ -149,7 +151,11 @@ class Pipeline:
         cfgs = load_config(config)
         models = {}
         for kind, src in (("nvs", nvs), ("backview", backview)):
-            m = build_model(kind, cfgs[kind])
+            # Built on 'meta' and given the checkpoint's tensors: no float32 copy of the weights beside
+            # the loaded ones, and half-precision weights are cast tensor by tensor as they load.
+            m = build_model(kind, cfgs[kind], device="meta")
+            if dtype in HALF_DTYPES and backend == "torch":
+                store_half_weights(m, dtype)
             models[kind] = load_checkpoint(m, src)
         shared = share_identical_tensors(models["nvs"], models["backview"])     # before moving: one copy on the device
         pipe = cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
@@ -294,7 +300,7 @@ class Pipeline:
         timings["preprocess"] = time.perf_counter() - tic
         report = (lambda stage: (lambda i, n: progress(stage, i, n))) if progress else (lambda stage: None)
         reloaded = self.swap.reload_seconds if self.swap is not None else 0.0
-        with _autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype):
             tic = time.perf_counter()
             bv = self.use(self.backview)
             ctx_b = self.text_context(bv)

@@ -38,6 +38,7 @@ from torch import Tensor
 from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
 from ..backends.torch_backend import TorchBackend
 from ..generation import GenerationResult
+from ..model import autocast
 from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
                       quantize8, to_unit)
 from ..sampler.ddim import ddim_tables
@@ -314,10 +315,7 @@ class Runtime:
         return req.window_tasks[window]
 
     def _autocast(self):
-        dev, dt = self.pipe.device, self.pipe.dtype
-        if dev.type == "cuda" and dt in (torch.float16, torch.bfloat16):
-            return torch.autocast("cuda", dtype=dt)
-        return torch.autocast("cpu", enabled=False)
+        return autocast(self.pipe.device, self.pipe.dtype)
 
     @torch.no_grad()
     def _start_backview(self, req: _Request) -> None:
