@@ -15,7 +15,8 @@ from dp360rt.demo import synthetic_conditions, synthetic_portrait
 from dp360rt.images import ImageError, load_conditions, load_portrait, save_png, to_unit
 from dp360rt.runtime import RequestCancelled
 from dp360rt.sampler.plan import MemoryBudgetError, plan_batches
-from dp360rt.sampler.ddim import ddim_tables, schedule_buffers
+from dp360rt.noise_schedule import schedule_buffers
+from dp360rt.sampler.ddim import ddim_tables
 
 
 @pytest.fixture(scope="module")

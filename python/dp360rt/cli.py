@@ -11,23 +11,8 @@ from pathlib import Path
 import torch
 
 from .checks import arg, device_name, gib_budget, positive_int
-from .config import ConfigError
-from .images import ImageError
-
-
-def _progress_bar():
-    from tqdm import tqdm
-    bars: dict[str, tqdm] = {}
-
-    def update(stage: str, i: int, n: int) -> None:
-        bar = bars.get(stage)
-        if bar is None or bar.n >= bar.total:
-            if bar is not None:
-                bar.close()
-            bar = bars[stage] = tqdm(total=n, desc=stage, unit="step", leave=False)
-        bar.update(1)
-
-    return update
+from .cli_pipeline import add_backend_args, pipeline_from_args
+from .progress import progress_bar
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -98,14 +83,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 def cmd_generate(a: argparse.Namespace) -> int:
     from .results import check_output_dir, save_or_keep
     check_output_dir(a.out, a.overwrite)            # before the models load, not after the generation
-    pipe = _pipeline(a)
+    pipe = pipeline_from_args(a)
     if pipe.shared["tensors"]:
         print(f"{pipe.shared['tensors']} tensors ({pipe.shared['bytes'] / 2**20:.0f} MiB) are identical in both "
               "checkpoints: kept once")
@@ -116,7 +97,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from .images import load_frames
         features = load_frames(a.features, pipe.image_size)
     res = pipe(a.portrait, _conditions(a, pipe.image_size), features=features, cameras=a.cameras, steps=a.steps,
-               seed=a.seed, progress=_progress_bar(), crop=a.crop)
+               seed=a.seed, progress=progress_bar(), crop=a.crop)
     if res.crop is not None:
         print(_crop_summary(res.crop))
     out = save_or_keep(lambda d: res.save(d, overwrite=a.overwrite), a.out)
@@ -125,61 +106,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _backend_kw(a: argparse.Namespace) -> dict:
-    if a.backend != "torch" and not a.export_dir:
-        raise ConfigError(f"--backend {a.backend} runs exported networks. Fix: pass --export-dir DIR "
-                          "(made by `dp360rt export ... --out DIR`)")
-    if a.backend == "trt":
-        from .backends.trt_backend import import_trt
-        import_trt()          # TensorRT and a GPU, before any weights load
-    return {"backend": a.backend, "export_dir": a.export_dir} if a.backend != "torch" else {}
-
-
-def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="torch", choices=["torch", "ort", "trt"],
-                   help="torch (default), or exported networks on ONNX Runtime / TensorRT")
-    p.add_argument("--export-dir", help="the export --backend ort|trt runs (dp360rt export ... --out DIR)")
-
-
-def _pipeline(a: argparse.Namespace):
-    """The pipeline a verb asks for: official checkpoints, or random weights (--random CONFIG)."""
-    from .pipeline import Pipeline
-    max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
-    kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem, **_backend_kw(a))
-    if hasattr(a, "no_noise3d"):
-        from .invert.cli import check_noise3d_files
-        check_noise3d_files(a)               # a missing PanoHead / VGG16 file, before any weights load
-    if a.random:
-        _check_inputs_early(a)
-        return Pipeline.random(a.random, seed=0, inverter=_inverter(a), **kw)
-    if not (a.nvs and a.backview):
-        raise ConfigError("pass both --nvs and --backview checkpoints, or --random CONFIG for random weights")
-    if not a.conditions:        # checked before the checkpoints load
-        raise ImageError("--conditions DIR (the authors' sphere32 folder) is required with real checkpoints")
-    _check_inputs_early(a)
-    return Pipeline.from_checkpoints(a.nvs, a.backview, config=a.config, inverter=_inverter(a), **kw)
-
-
-def _inverter(a: argparse.Namespace):
-    """The 3D-aware-noise stage generate/stream ask for (None without --panohead/--vgg/--3d-noise)."""
-    if not hasattr(a, "no_noise3d"):
-        return None
-    from .invert.cli import inverter_from_args
-    return inverter_from_args(a, a.device)
-
-
-def _check_inputs_early(a: argparse.Namespace) -> None:
-    """Portrait and condition folder problems are named before any weights load (their pixels
-    are decoded later, by the pipeline)."""
-    from .images import condition_files, open_image
-    if getattr(a, "portrait", None):
-        open_image(a.portrait)
-    if getattr(a, "conditions", None):
-        condition_files(a.conditions)
-
-
 def _conditions(a: argparse.Namespace, size: int):
-    """--conditions, or synthetic condition images for random weights (see :func:`_pipeline`)."""
+    """--conditions, or synthetic condition images for random weights (see :func:`dp360rt.cli_pipeline.pipeline_from_args`)."""
     if a.conditions:
         return a.conditions
     from .demo import synthetic_conditions
@@ -193,13 +121,13 @@ def cmd_stream(a: argparse.Namespace) -> int:
     # Views go into a fresh folder beside --out, moved into place when all are there: an
     # interrupted stream (Ctrl-C) leaves an earlier result in --out as it was.
     with ResultDir(a.out, kind="views", overwrite=a.overwrite) as rd:
-        pipe = _pipeline(a)
+        pipe = pipeline_from_args(a)
         tmp = rd.path
         views = {}
         try:
             for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps,
                                  seed=a.seed, cameras=a.cameras, back_view=True, crop=a.crop,
-                                 progress=_progress_bar()):
+                                 progress=progress_bar()):
                 name = "back_view.png" if v.is_back_view else f"{v.index:03d}.png"
                 save_png(v.image, tmp / name)
                 what = "back view" if v.is_back_view else f"view {v.index:3d}"
@@ -219,7 +147,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
     from .results import check_output_dir
     check_output_dir(a.out, a.overwrite)            # before the models load
-    pipe = _pipeline(a)
+    pipe = pipeline_from_args(a)
     try:
         run_bench(pipe, a.out, steps=a.steps, repeats=a.repeats, warmup=a.warmup,
                   conditions=_conditions(a, pipe.image_size), portrait=a.portrait, nerf_steps=a.nerf_steps,
@@ -250,7 +178,7 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
                    help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
     p.add_argument("--max-memory", type=arg(gib_budget, "--max-memory", convert=float),
                    help="GiB the fast engine may plan for (default, or 0: no limit)")
-    _add_backend_args(p)
+    add_backend_args(p)
     _add_overwrite_arg(p)
 
 

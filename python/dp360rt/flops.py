@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import ModelConfig, get_model_config
 from .model import DiffPortrait360, build_model
 from .backends.torch_backend import TorchBackend
-from .sampler.ddim import ddim_tables, schedule_buffers
+from .noise_schedule import schedule_buffers
+from .sampler.ddim import ddim_tables
 from .sampler.noise import RecordedNoise
 from .sampler.tasks import Task, step_tasks
 

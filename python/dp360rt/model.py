@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig, get_model_config
-from .sampler.ddim import schedule_buffers
+from .noise_schedule import schedule_buffers
 from .text.clip import FrozenCLIPEmbedder
 from .unet.bank import BankReader, BankWriter
 from .unet.unet import AppearanceNet, PoseControlNet, UNet, check_latent

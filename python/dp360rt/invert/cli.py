@@ -73,7 +73,7 @@ def inverter_from_args(a: argparse.Namespace, device):
 
 
 def cmd_invert(a: argparse.Namespace) -> int:
-    from ..cli import _progress_bar
+    from ..progress import progress_bar
     from .stage import Inverter
     _check_steps(a)
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +103,7 @@ def cmd_invert(a: argparse.Namespace) -> int:
         inv = Inverter(a.panohead, a.vgg, device=dev, w_steps=a.w_steps, pti_steps=a.pti_steps, seed=a.seed,
                        batch=a.batch)
     load = time.perf_counter() - t
-    result = inv(a.crop, camera, progress=_progress_bar())
+    result = inv(a.crop, camera, progress=progress_bar())
     result.timings["load"] = load
     out = result.save(a.out)
     print(f"wrote {out}/features/000.png ... {len(result.frames) - 1:03d}.png (use with generate --features "

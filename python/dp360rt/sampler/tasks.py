@@ -9,7 +9,7 @@ sampling every task on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Hashable
 
 import torch
 from torch import Tensor

@@ -12,7 +12,7 @@ INSTALL_FIX = "Fix: pip install 'dp360rt[serve]' (Starlette, uvicorn, python-mul
 
 
 def add_parser(sub: Any) -> None:
-    from ..cli import _add_backend_args
+    from ..cli_pipeline import add_backend_args
     s = sub.add_parser("serve", help="streaming HTTP service (SSE) over one pipeline; --ray: on Ray Serve")
     s.add_argument("--nvs", help="model_state-340000.th (or .safetensors)")
     s.add_argument("--backview", help="back_head-230000.th (or .safetensors)")
@@ -44,7 +44,7 @@ def add_parser(sub: Any) -> None:
                    help="Ray cluster to join (default $RAY_ADDRESS; none: start a local one)")
     s.add_argument("--replica-cpus", type=float, default=None,
                    help="CPUs reserved per replica on a CPU machine (default: the machine's CPUs / (replicas + 1))")
-    _add_backend_args(s)
+    add_backend_args(s)
     s.set_defaults(fn=cmd_serve)
 
 
@@ -87,10 +87,10 @@ def pipeline_spec(a: argparse.Namespace) -> dict[str, Any]:
 
 def backend_from_spec(spec: dict[str, Any], replica: str | None = None):
     """A :class:`~dp360rt.serve.backend.LocalBackend` for a :func:`pipeline_spec` (not loaded yet)."""
-    from ..cli import _pipeline
+    from ..cli_pipeline import pipeline_from_args
     from .backend import LocalBackend
     ns = argparse.Namespace(**spec)
-    return LocalBackend(lambda: _pipeline(ns), conditions=spec["conditions"], policy=spec["policy"], replica=replica)
+    return LocalBackend(lambda: pipeline_from_args(ns), conditions=spec["conditions"], policy=spec["policy"], replica=replica)
 
 
 def viewer_parts(enabled: bool = True, nerf_seconds: float | None = None,
