@@ -7,13 +7,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SCHEDULE_KEYS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-)
-
-
 def schedule_buffers(timesteps: int = 1000, linear_start: float = 0.00085,
                      linear_end: float = 0.012) -> dict[str, Tensor]:
     """The 12 float16 schedule tables [T] and the float32 ``logvar`` [T], computed in float64
