@@ -103,7 +103,7 @@ class ExportedBackend:
         if module in ("unet", "unet_nobank"):
             call += f", cond_rows {cond_rows or 0}"
         have = "; ".join(e.describe() for e in cands) or "none"
-        hint = (f" or run the sampler with a BatchPlan whose UNet batch is one of the exported ones"
+        hint = (" or run the sampler with a BatchPlan whose UNet batch is one of the exported ones"
                 if module.startswith("unet") or module == "pose" else "")
         raise ExportMismatchError(
             f"{type(self).__name__} ({self.kind}): no exported '{module}' file has the static shapes of this call "

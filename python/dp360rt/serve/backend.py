@@ -21,9 +21,8 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..images import MAX_PIXELS, to_uint8

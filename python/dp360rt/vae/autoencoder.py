@@ -1,7 +1,6 @@
 """The LDM KL autoencoder (``first_stage_model``): encoder with its Gaussian posterior, decoder."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
