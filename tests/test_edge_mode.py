@@ -70,6 +70,35 @@ def test_edge_mode_gives_the_default_modes_views(weights, default, tmp_path):
     assert tmp_path.is_dir()                           # a folder the caller gave is left alone
 
 
+@pytest.mark.parametrize("edge", [True, False])
+def test_edge_mode_loads_one_model_at_a_time(weights, monkeypatch, tmp_path, edge):
+    """from_checkpoints in edge mode offloads the 360° model before the back-view model's own weights
+    load (the two are never resident together); without a budget both stay, as the spy shows."""
+    import dp360rt.pipeline as pl
+    seen: dict = {}
+    real_identical, real_load = pl.identical_tensors, pl.load_state
+
+    def identical(keep, model, sd):
+        out = real_identical(keep, model, sd)
+        seen.update(nvs=keep, shared={id(t) for t in out.values()})
+        return out
+
+    def load(model, sd):
+        if model.kind == "backview":
+            own = [p for p in seen["nvs"].parameters() if id(p) not in seen["shared"]]
+            seen["nvs_own_resident"] = sum(p.numel() for p in own if not p.is_meta)
+        return real_load(model, sd)
+
+    monkeypatch.setattr(pl, "identical_tensors", identical)
+    monkeypatch.setattr(pl, "load_state", load)
+    pipe = Pipeline.from_checkpoints(*weights, config="tiny", max_memory=edge_budget(8) if edge else None,
+                                     offload_dir=tmp_path)
+    assert seen["shared"] and (seen["nvs_own_resident"] == 0) == edge, seen["nvs_own_resident"]
+    assert (pipe.swap is not None) == edge and pipe.shared["tensors"] == len(seen["shared"])
+    assert meta_params(pipe.backview) == 0
+    pipe.close()
+
+
 def test_sliced_decode_matches_whole_window(weights, default):
     nvs, bv = weights
     edge = Pipeline.from_checkpoints(nvs, bv, config="tiny", max_memory=edge_budget(2))

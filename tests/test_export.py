@@ -305,15 +305,6 @@ def test_verify_with_ort_backend(models, exported):
     assert len(results) == 10 and all(r.ok for r in results), [r for r in results if not r.ok]
 
 
-def test_cli_verify_backend_ort_exports_and_passes(capsys):
-    """The acceptance command as a user types it: no export given, so the fixture's models are exported
-    to a temporary directory first, then every golden case runs through ONNX Runtime."""
-    from dp360rt.cli import main
-    assert main(["verify", str(SET_A), "--backend", "ort"]) == 0
-    out = capsys.readouterr().out
-    assert "backend: ort" in out and "10/10 cases passed" in out
-
-
 def test_export_attention_forms_equal_the_runtime():
     """The exportable attention forms (patched in while tracing) compute the runtime's numbers."""
     import torch.nn.functional as F

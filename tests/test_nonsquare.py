@@ -11,6 +11,8 @@ from dp360rt.export.profiles import parse_profile
 from dp360rt.export.fixture import case_image_sizes
 from dp360rt.verify import TABLE, verify
 
+THREADS = torch.get_num_threads()
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -28,13 +30,23 @@ def test_fast_engine_equals_reference_on_nonsquare_latents(nonsquare_set):
     _all_pass(verify(nonsquare_set, engine="fast"))
 
 
-def test_ort_backend_exports_the_cases_sizes_and_passes(nonsquare_set):
-    """`dp360rt verify DIR --backend ort` exports the profiles at the cases' image size (128x192)."""
+def test_cli_verify_backend_ort_exports_the_cases_sizes_and_passes(nonsquare_set, capsys):
+    """The acceptance command as a user types it, `dp360rt verify DIR --backend ort`: no export given,
+    so the fixture's models are exported first, at the cases' image size (128x192, read from the
+    cases), then every golden case runs through ONNX Runtime."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
+    from dp360rt.cli import main
     cases = torch.load(nonsquare_set / "cases.pt", weights_only=True)
     assert case_image_sizes(cases) == [(128, 192)]
-    _all_pass(verify(nonsquare_set, backend="ort", threads=1))
+    torch.set_num_threads(1)          # tiny networks: one thread is fastest (ORT follows torch's count)
+    try:
+        code = main(["verify", str(nonsquare_set), "--backend", "ort"])
+    finally:
+        torch.set_num_threads(THREADS)
+    out = capsys.readouterr().out
+    print(out)
+    assert code == 0 and "backend: ort" in out and "10/10 cases passed" in out, out
 
 
 def test_profile_image_size_parameter():

@@ -185,16 +185,32 @@ def load_checkpoint(model: DiffPortrait360, source: str | Path | Mapping[str, Te
     Keeps each parameter's dtype and device: weights stored as float16, bfloat16 or float64 are
     cast explicitly to the parameter's dtype (float32 as built); integer, bool, complex or 8-bit
     float tensors are refused. A model built on ``device="meta"`` takes the loaded tensors
-    (cast to its parameters' dtypes) instead of copying into random weights. Raises :class:`CheckpointError` naming the problem and its fix.
+    (cast to its parameters' dtypes) instead of copying into random weights; from an in-memory
+    state dict, the tensors already in the right dtype are then shared with the caller's dict, not
+    copied (nothing in dp360rt writes to weights, and a copy would double the peak memory).
+    Raises :class:`CheckpointError` naming the problem and its fix.
     """
+    return load_state(model, checked_state_dict(model, source))
+
+
+def checked_state_dict(model: DiffPortrait360, source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict of ``source`` (a file, memory-mapped, or a dict) checked against ``model``
+    (:func:`check_state_dict`, plus the schedule tables' exact dtypes); tensors as stored, not yet
+    cast. Raises :class:`CheckpointError`."""
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     sd = read_state_dict(source) if not isinstance(source, Mapping) else source
     sd = check_state_dict(model, sd, name)
-    schedule = {k for k, _ in model.named_buffers() if "." not in k}
-    for k in schedule:
-        if sd[k].dtype != model.state_dict()[k].dtype:
+    expected = model.state_dict()
+    for k, _ in model.named_buffers():
+        if "." not in k and sd[k].dtype != expected[k].dtype:
             raise CheckpointError(f"{name}: schedule table '{k}' is {sd[k].dtype}, expected "
-                                  f"{model.state_dict()[k].dtype} (the reference keeps these tables exact)")
+                                  f"{expected[k].dtype} (the reference keeps these tables exact)")
+    return sd
+
+
+def load_state(model: DiffPortrait360, sd: Mapping[str, Tensor]) -> DiffPortrait360:
+    """Load a :func:`checked_state_dict` into ``model``, each tensor cast to its parameter's dtype
+    (see :func:`load_checkpoint`)."""
     expected = model.state_dict()
     sd = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items()}
     # A model built on 'meta' (no memory, no random init) takes the loaded tensors as they are.
@@ -214,29 +230,29 @@ def _fingerprint(t: Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, t.device.type, zlib.crc32(sample))
 
 
-def share_identical_tensors(keep: torch.nn.Module, other: torch.nn.Module) -> dict[str, int]:
-    """Make every parameter or buffer of ``other`` that equals one of ``keep`` (same shape, dtype
-    and values, whatever its name) point at ``keep``'s tensor, so the two models hold one copy.
+def identical_tensors(keep: torch.nn.Module, model: torch.nn.Module, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of ``model``'s state dict ``sd`` whose tensor, cast to ``model``'s dtype for
+    that key, equals a tensor ``keep`` holds (same shape, dtype and values, whatever its name),
+    mapped to ``keep``'s own tensor (its Parameter object for a parameter).
 
-    Both official checkpoints carry the same frozen VAE and CLIP text tower; sharing them saves
-    their memory on the device. Returns ``{"tensors": n, "bytes": saved}``. Moving or casting
-    the models afterwards keeps the sharing (``Module.to`` converts a shared tensor in place)."""
+    Both official checkpoints carry the same frozen VAE and CLIP text tower: loading those keys
+    from this dict (``load_state_dict(..., assign=True)`` into a 'meta' model) makes the two models
+    hold one copy. Each entry is cast and compared alone, so the other model's weights are never all
+    materialized here. Moving or casting the models afterwards keeps the sharing (``Module.to``
+    converts a shared tensor in place)."""
     index: dict[tuple, list[Tensor]] = {}
     for t in list(keep.parameters()) + list(keep.buffers()):
-        index.setdefault(_fingerprint(t), []).append(t)
-    n = saved = 0
-    for mod in other.modules():
-        for slots in (mod._parameters, mod._buffers):
-            for name, t in list(slots.items()):
-                if t is None:
-                    continue
-                match = next((c for c in index.get(_fingerprint(t), ()) if c is not t and torch.equal(c, t)), None)
-                if match is None or isinstance(t, torch.nn.Parameter) != isinstance(match, torch.nn.Parameter):
-                    continue
-                slots[name] = match
-                n += 1
-                saved += t.numel() * t.element_size()
-    return {"tensors": n, "bytes": saved}
+        if not t.is_meta:
+            index.setdefault(_fingerprint(t), []).append(t)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = model.state_dict()
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        v = v.to(expected[k].dtype)
+        match = next((c for c in index.get(_fingerprint(v), ()) if torch.equal(c, v)), None)
+        if match is not None and isinstance(match, torch.nn.Parameter) == (k in params):
+            out[k] = match
+    return out
 
 
 # -- the fixtures' seeded recipe -------------------------------------------------------------------

@@ -6,7 +6,7 @@ the other's own parameters are written once to a file (``torch.save``, one per m
 offload directory) and replaced by 'meta' placeholders; making it resident again loads that file
 memory-mapped (``weights_only=True``) and moves the tensors to the device. Tensors the two models
 hold as one copy (the frozen VAE and text tower, see
-:func:`dp360rt.checkpoint.share_identical_tensors`) and all buffers never leave: both models need
+:func:`dp360rt.checkpoint.identical_tensors`) and all buffers never leave: both models need
 them, so they stay correct whichever model is resident.
 """
 from __future__ import annotations

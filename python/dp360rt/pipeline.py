@@ -10,13 +10,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .checkpoint import load_checkpoint, share_identical_tensors
+from .checkpoint import checked_state_dict, identical_tensors, load_checkpoint, load_state
 from .config import ModelConfig, load_config
 from .generation import GenerationResult
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, to_unit)
 from .model import HALF_DTYPES, DiffPortrait360, autocast, build_model, init_random, store_half_weights
-from .offload import ModelSwap
+from .offload import ModelSwap, move_resident
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
 from .sampler.params import check_finite_latents, check_sampler_params
@@ -28,6 +28,17 @@ log = logging.getLogger("dp360rt")
 
 ENGINES = ("fast", "reference")
 BACKENDS = ("torch", "ort", "trt")
+
+
+def memory_plan(nvs: DiffPortrait360, backview: DiffPortrait360, device: torch.device, dtype: torch.dtype,
+                max_memory: int | None) -> BatchPlan:
+    """The fast engine's batch plan for these two models under ``max_memory`` bytes (None: no
+    limit), counting the tensors they hold as one copy once (see :func:`default_plan`)."""
+    dbytes = 2 if dtype in HALF_DTYPES else 4
+    nvs_ids = {id(p) for p in nvs.parameters()}
+    shared = sum(p.numel() for p in backview.parameters() if id(p) in nvs_ids) * dbytes
+    return default_plan(nvs.cfg, device.type, dbytes, max_memory, CONDITION_WINDOWS,
+                        backview=backview.cfg if max_memory is not None else None, shared_bytes=shared)
 
 
 def check_options(device: str | torch.device, backend: str, max_memory: Any) -> tuple[torch.device, int | None]:
@@ -58,14 +69,15 @@ class Pipeline:
     and decodes views in slices. ``backend="ort"|"trt"`` runs the
     networks from an ONNX export (``export_dir``: one directory, or ``{"nvs": DIR, "backview": DIR}``;
     make one with ``dp360rt export``) under the fast engine's schedule; ``"torch"`` (default) runs
-    the PyTorch modules.
+    the PyTorch modules. ``swap``: a :class:`ModelSwap` already holding these two models (what
+    :meth:`from_checkpoints` makes while loading in edge mode).
     """
 
     def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None,
                  backend: str = "torch", export_dir: str | Path | Mapping[str, str | Path] | None = None,
                  crop: str | None = None, offload_dir: str | Path | None = None, inverter: Any = None,
-                 **backend_options: Any):
+                 swap: ModelSwap | None = None, **backend_options: Any):
         if nvs.kind != "nvs" or backview.kind != "backview":
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
@@ -89,11 +101,7 @@ class Pipeline:
         self.shared = {"tensors": 0, "bytes": 0}        # tensors the two models hold as one copy
         self.swap: ModelSwap | None = None
         if engine == "fast":
-            dbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-            nvs_ids = {id(p) for p in nvs.parameters()}
-            shared = sum(p.numel() for p in backview.parameters() if id(p) in nvs_ids) * dbytes
-            self.plan = default_plan(nvs.cfg, self.device.type, dbytes, max_memory, CONDITION_WINDOWS,
-                                     backview=backview.cfg if max_memory is not None else None, shared_bytes=shared)
+            self.plan = memory_plan(nvs, backview, self.device, dtype, max_memory)
             log.info("memory plan: %s", self.plan.describe(CONDITION_WINDOWS, nvs.frames))
         if self.plan is not None and self.plan.one_model_resident:
             if backend != "torch":
@@ -102,7 +110,8 @@ class Pipeline:
                     f"which only backend='torch' does; backend={backend!r} keeps its own copy of each network. "
                     "Fix: use backend='torch' or raise max_memory")
             # The back view runs first, so the 360° model starts offloaded.
-            self.swap = ModelSwap({"backview": backview, "nvs": nvs}, self.device, offload_dir)
+            self.swap = swap or ModelSwap({"backview": backview, "nvs": nvs}, self.device, offload_dir)
+            move_resident(backview, self.device)
         else:
             self.nvs.to(self.device)
             self.backview.to(self.device)
@@ -146,22 +155,45 @@ class Pipeline:
                          export_dir: str | Path | Mapping[str, str | Path] | None = None,
                          crop: str | None = None, inverter: Any = None, **backend_options: Any) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
-        identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many)."""
-        check_options(device, backend, max_memory)          # before minutes of loading
+        identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many).
+        In edge mode (a ``max_memory`` that needs one diffusion model resident at a time) the
+        360° model is offloaded before the back-view model's own weights load."""
+        dev, budget = check_options(device, backend, max_memory)          # before minutes of loading
         cfgs = load_config(config)
-        models = {}
-        for kind, src in (("nvs", nvs), ("backview", backview)):
+        half = dtype if dtype in HALF_DTYPES and backend == "torch" else None
+
+        def empty(kind: str) -> DiffPortrait360:
             # Built on 'meta' and given the checkpoint's tensors: no float32 copy of the weights beside
             # the loaded ones, and half-precision weights are cast tensor by tensor as they load.
             m = build_model(kind, cfgs[kind], device="meta")
-            if dtype in HALF_DTYPES and backend == "torch":
-                store_half_weights(m, dtype)
-            models[kind] = load_checkpoint(m, src)
-        shared = share_identical_tensors(models["nvs"], models["backview"])     # before moving: one copy on the device
-        pipe = cls(models["nvs"], models["backview"], device=device, dtype=dtype, engine=engine,
-                   max_memory=max_memory, backend=backend, export_dir=export_dir, crop=crop, inverter=inverter,
-                   **backend_options)
-        pipe.shared = shared
+            if half is not None:
+                store_half_weights(m, half)
+            return m
+
+        nvs_model = load_checkpoint(empty("nvs"), nvs)
+        bv_model = empty("backview")
+        bv_state = checked_state_dict(bv_model, backview)
+        # The tensors both files hold identically (the frozen VAE and text tower) are kept once: the
+        # back-view model takes the 360° model's copy.
+        shared = identical_tensors(nvs_model, bv_model, bv_state)
+        bv_model.load_state_dict(shared, strict=False, assign=True)
+        swap = None
+        if engine == "fast" and backend == "torch" and budget is not None:
+            plan = memory_plan(nvs_model, bv_model, dev, dtype, budget)
+            if plan.one_model_resident:
+                # Edge mode: the 360° model goes to its offload file before the back-view model's own
+                # weights load, so the two are never resident together, not even while loading.
+                swap = ModelSwap({"backview": bv_model, "nvs": nvs_model}, dev, backend_options.pop("offload_dir", None))
+        load_state(bv_model, {**bv_state, **shared})
+        del bv_state
+        try:
+            pipe = cls(nvs_model, bv_model, device=dev, dtype=dtype, engine=engine, max_memory=budget, backend=backend,
+                       export_dir=export_dir, crop=crop, inverter=inverter, swap=swap, **backend_options)
+        except BaseException:
+            if swap is not None:
+                swap.close()
+            raise
+        pipe.shared = {"tensors": len(shared), "bytes": sum(t.numel() * t.element_size() for t in shared.values())}
         return pipe
 
     @classmethod

@@ -91,8 +91,8 @@ class CaseRunner:
 
     :meth:`model` builds each model kind from the set's config and weights on first use;
     :meth:`run` computes one case's outputs and returns them with the case's tolerance and the
-    outputs the engine by design does not compute. The network calls (:meth:`encode_text`,
-    :meth:`encode_image`, :meth:`decode_latent`, :meth:`apply`, :meth:`sample`) are methods so that
+    outputs the engine by design does not compute. The network calls (:meth:`net` for the text
+    tower and the VAE, :meth:`apply`, :meth:`sample`) are methods so that
     :class:`BackendCaseRunner` can put them on another backend. Tensors as in the case files
     (token ids [B, 77], images [B, 3, H, W], latents [B, 4, h, w]).
     """
@@ -117,13 +117,13 @@ class CaseRunner:
     def _run(self, name: str, case: dict[str, Any]) -> tuple[dict[str, Any], float]:
         inp, noise = case["inputs"], case.get("noise", [])
         if name.startswith("text_encode"):
-            return {"context": self.encode_text("nvs", inp["token_ids"])}, TOL_CALL
+            return {"context": self.net("nvs").encode_text(inp["token_ids"])}, TOL_CALL
         if name.startswith("vae_encode"):
-            mean, logvar = self.encode_image(inp["image"])
+            mean, logvar = self.net("nvs").encode_image(inp["image"])
             latent = self.model("nvs").sample_latent(mean, logvar, RecordedNoise(noise)(mean.shape))
             return {"mean": mean, "logvar": logvar, "latent": latent}, TOL_CALL
         if name.startswith("vae_decode"):
-            return {"image": self.decode_latent(inp["latent"])}, TOL_CALL
+            return {"image": self.net("nvs").decode_latent(inp["latent"])}, TOL_CALL
         kind = next((k for k in ("nvs", "backview") if name.startswith(k + "_")), None)
         if kind is None:
             raise KeyError(name)
@@ -141,15 +141,10 @@ class CaseRunner:
                     "ddim_sigmas": t.sigmas, "ddim_sqrt_one_minus_alphas": t.sqrt_one_minus_alphas}, TOL_DDIM
         raise KeyError(name)
 
-    # the network calls a backend runner replaces
-    def encode_text(self, kind: str, ids: Tensor) -> Tensor:
-        return self.model(kind).encode_text(ids)
-
-    def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model("nvs").encode_image(image)
-
-    def decode_latent(self, latent: Tensor) -> Tensor:
-        return self.model("nvs").decode_latent(latent)
+    def net(self, kind: str):
+        """What runs the text tower and the VAE of ``kind``: the model itself here, its backend in
+        :class:`BackendCaseRunner` (both have ``encode_text``, ``encode_image``, ``decode_latent``)."""
+        return self.model(kind)
 
     def apply(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], uc: bool):
         if self.engine == "fast":
@@ -198,14 +193,8 @@ class BackendCaseRunner(CaseRunner):
             self.backends[kind] = get_backend(self.backend_name, self.model(kind), **opts)
         return self.backends[kind]
 
-    def encode_text(self, kind: str, ids: Tensor) -> Tensor:
-        return self.backend(kind).encode_text(ids)
-
-    def encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        return self.backend("nvs").encode_image(image)
-
-    def decode_latent(self, latent: Tensor) -> Tensor:
-        return self.backend("nvs").decode_latent(latent)
+    def net(self, kind: str):
+        return self.backend(kind)
 
     def apply(self, m: DiffPortrait360, inp: dict[str, Any], ref_back: list[Tensor], uc: bool):
         return apply_fast(m, inp["x_noisy"], inp["t"], inp["context"], inp["hint"],
@@ -300,7 +289,7 @@ def _run_cases(runner: CaseRunner, cases: dict[str, Any], add: Callable[[CaseRes
             ref = meta["backview_text_context"]
             from .text.clip import empty_prompt_ids
             ids = empty_prompt_ids(ref.shape[1]).expand(ref.shape[0], -1)
-            add(compare({"context": runner.encode_text("backview", ids)}, {"context": ref}, TOL_CALL,
+            add(compare({"context": runner.net("backview").encode_text(ids)}, {"context": ref}, TOL_CALL,
                         "_meta.backview_text_context"))
         except (CheckpointError, ConfigError, ValueError, RuntimeError) as e:
             add(CaseResult("_meta.backview_text_context", False, message=str(e)))
