@@ -62,10 +62,33 @@ def build_bf16(kind: str, config: str):
     return m
 
 
+def compute_in_float32() -> None:
+    """Keep the bfloat16 weights but do the arithmetic in float32, in this process: every convolution
+    and linear layer casts its weight to its input's dtype at the call, and the pipeline's autocast
+    is off. For CPUs without native bfloat16 (AVX2 only), where torch's bfloat16 convolution is a
+    reference loop about 250x slower than float32 (one 128-channel 3x3 convolution at 128x128:
+    0.1 vs 33.6 GFLOP/s on this machine's AMD EPYC). The activations are then float32, twice the
+    bfloat16 ones, so the peak is an upper bound on the bfloat16 run's."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import dp360rt.pipeline as pipeline_module
+    pipeline_module.autocast = lambda device, dtype: contextlib.nullcontext()
+    conv_forward = nn.Conv2d._conv_forward
+    nn.Conv2d._conv_forward = lambda self, x, w, b: conv_forward(self, x, w.to(x.dtype),
+                                                                   None if b is None else b.to(x.dtype))
+    nn.Linear.forward = lambda self, x: F.linear(x, self.weight.to(x.dtype),
+                                                 None if self.bias is None else self.bias.to(x.dtype))
+
+
 def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, windows: int | None = None,
-             offload_dir: str | None = None) -> dict:
+             offload_dir: str | None = None, compute: str = "bfloat16") -> dict:
     """Build and run one mode in this process; returns the figures."""
     from dp360rt.pipeline import Pipeline
+    if compute == "float32":
+        compute_in_float32()
     torch.manual_seed(0)
     tic = time.perf_counter()
     nvs, bv = build_bf16("nvs", config), build_bf16("backview", config)
@@ -85,7 +108,7 @@ def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, windows:
     tic = time.perf_counter()
     res = pipe(portrait, conditions, steps=steps, seed=0)          # the pipeline's own bf16 autocast
     run_s = time.perf_counter() - tic
-    out = {"mode": mode, "config": config, "steps": steps, "windows": windows or 3, "max_memory_gib": max_memory_gib if budget else None,
+    out = {"mode": mode, "config": config, "compute": compute, "steps": steps, "windows": windows or 3, "max_memory_gib": max_memory_gib if budget else None,
            "plan": pipe.plan.describe(3, pipe.nvs.frames), "estimated_gib": pipe.plan.estimated_bytes / 2**30,
            "peak_rss_gib_generation": _status_kib("VmHWM") * 1024 / 2**30 if reset else None,
            "peak_rss_gib_process": max(build_peak, _status_kib("VmHWM") * 1024) / 2**30,
@@ -95,11 +118,12 @@ def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, windows:
     return out
 
 
-def measure(mode: str, config: str, max_memory_gib: float, steps: int, windows: int | None = None) -> dict:
+def measure(mode: str, config: str, max_memory_gib: float, steps: int, windows: int | None = None,
+            compute: str = "bfloat16") -> dict:
     """One mode in a fresh subprocess (so its peak RSS is its own)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, __file__, "--child", mode, "--config", config, "--max-memory", str(max_memory_gib),
-           "--steps", str(steps)] + (["--windows", str(windows)] if windows else [])
+           "--steps", str(steps), "--compute", compute] + (["--windows", str(windows)] if windows else [])
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{mode} run failed:\n{p.stderr[-3000:]}")
@@ -113,18 +137,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--windows", type=int, help="sample only this many of the 3 windows (default: all)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--compute", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="arithmetic dtype; float32 keeps the bfloat16 weights (for CPUs without native bfloat16)")
     ap.add_argument("--json")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if a.child:
-        print(json.dumps(run_mode(a.child, a.config, a.max_memory, a.steps, a.windows)))
+        print(json.dumps(run_mode(a.child, a.config, a.max_memory, a.steps, a.windows, compute=a.compute)))
         return
     rows = []
     for mode in a.modes:
-        r = measure(mode, a.config, a.max_memory, a.steps, a.windows)
+        r = measure(mode, a.config, a.max_memory, a.steps, a.windows, a.compute)
         rows.append(r)
-        print(f"{mode:8s} peak RSS {r['peak_rss_gib_generation']:.2f} GiB (generation), "
+        print(f"{mode:8s} ({a.compute} arithmetic) peak RSS {r['peak_rss_gib_generation']:.2f} GiB (generation), "
               f"{r['peak_rss_gib_process']:.2f} GiB (process); planner estimate {r['estimated_gib']:.2f} GiB; "
               f"build {r['build_s']:.0f} s, run {r['run_s']:.0f} s, reloads {r['reloads']}\n         plan: {r['plan']}",
               flush=True)

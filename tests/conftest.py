@@ -1,6 +1,7 @@
 """Shared fixtures: the setA golden cases and tiny models rebuilt from its seeded recipe."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,12 @@ import torch
 
 from dp360rt.checkpoint import load_checkpoint, materialize_recipe
 from dp360rt.model import build_model
+
+# CI runs two pytest-xdist workers on two cores: each computes on one thread (and so do the
+# processes its tests start), or the two would oversubscribe the CPU and stall each other's teams.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SET_A = FIXTURES / "setA"

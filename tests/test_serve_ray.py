@@ -23,14 +23,19 @@ def ray_server():
     spec = {"nvs": None, "backview": None, "random": "tiny", "config": "full", "conditions": None, "device": "cpu",
             "dtype": "fp32", "engine": "fast", "max_memory": None, "backend": "torch", "export_dir": None,
             "policy": "latency"}
+    from ray.serve._private import api as serve_api
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Ray gives the HTTP proxy's worker 60 s to start (a constant, not a setting); on CI's two cores,
+    # shared with the other pytest-xdist worker, starting it has taken longer.
+    proxy_timeout, serve_api.HTTP_PROXY_TIMEOUT = serve_api.HTTP_PROXY_TIMEOUT, 300
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(spec, replicas=2, viewer=False, replica_cpus=0.5), name="dp360rt", route_prefix="/")
         with httpx.Client(timeout=120) as client:
             yield f"http://127.0.0.1:{port}", client
     finally:
+        serve_api.HTTP_PROXY_TIMEOUT = proxy_timeout
         serve.shutdown()
         ray.shutdown()
 
