@@ -83,3 +83,19 @@ def test_store_half_weights_refuses_other_dtypes():
         store_half_weights(nn.Linear(2, 2), torch.float64)
     with pytest.raises(ValueError, match="dtype=torch.float64 is not supported"):
         Pipeline.random("tiny", dtype=torch.float64)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_half_precision_on_a_cpu_without_native_support_warns(monkeypatch, native):
+    """On CPUs without native bfloat16 (AVX2 only) torch's bfloat16 convolution is a reference loop,
+    hundreds of times slower than float32: the pipeline says so, with the fix, before any weights load."""
+    import warnings
+    import dp360rt.pipeline as pl
+    monkeypatch.setattr(pl, "cpu_half_is_native", lambda dtype: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pl.check_options("cpu", "torch", None, torch.bfloat16)
+        pl.check_options("cpu", "torch", None, torch.float32)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == (0 if native else 1), msgs
+    assert native or ("no native torch.bfloat16 arithmetic" in msgs[0] and "Fix: use torch.float32" in msgs[0])

@@ -24,10 +24,11 @@ def ray_server():
             "dtype": "fp32", "engine": "fast", "max_memory": None, "backend": "torch", "export_dir": None,
             "policy": "latency"}
     from ray.serve._private import api as serve_api
+    from dp360rt.serve.ray_app import patient_proxy_start
     port = free_port()
+    patient_proxy_start(120)          # CI's two cores are shared with the other pytest-xdist worker
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    # Ray gives the HTTP proxy's worker 60 s to start (a constant, not a setting); on CI's two cores,
-    # shared with the other pytest-xdist worker, starting it has taken longer.
+    # serve.start waits 60 s for the proxy (a constant, not a setting): as long as the check above.
     proxy_timeout, serve_api.HTTP_PROXY_TIMEOUT = serve_api.HTTP_PROXY_TIMEOUT, 300
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

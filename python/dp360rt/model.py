@@ -198,3 +198,16 @@ def state_summary(model: DiffPortrait360) -> dict[str, Any]:
         "keys_per_prefix": keys,
         "elements_per_prefix": elems,
     }
+
+
+def cpu_half_is_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs ``dtype`` (float16/bfloat16) convolutions and matmuls natively
+    (oneDNN's answer: AVX512-BF16/FP16 or AMX). Without it torch falls back to a reference loop,
+    hundreds of times slower than float32 (0.1 vs 33.6 GFLOP/s for one 3x3 convolution on an
+    AVX2-only AMD EPYC)."""
+    probe = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
+        torch.ops.mkldnn._is_mkldnn_fp16_supported
+    try:
+        return bool(probe())
+    except (AttributeError, RuntimeError):
+        return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -15,7 +16,8 @@ from .config import ModelConfig, load_config
 from .generation import GenerationResult
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, to_unit)
-from .model import HALF_DTYPES, DiffPortrait360, autocast, build_model, init_random, store_half_weights
+from .model import (HALF_DTYPES, DiffPortrait360, autocast, build_model, cpu_half_is_native, init_random,
+                    store_half_weights)
 from .offload import ModelSwap, move_resident
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
@@ -41,14 +43,22 @@ def memory_plan(nvs: DiffPortrait360, backview: DiffPortrait360, device: torch.d
                         backview=backview.cfg if max_memory is not None else None, shared_bytes=shared)
 
 
-def check_options(device: str | torch.device, backend: str, max_memory: Any) -> tuple[torch.device, int | None]:
+def check_options(device: str | torch.device, backend: str, max_memory: Any,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.device, int | None]:
     """Refuse a device, backend or memory budget this process cannot honour, before any weights
-    load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no limit)."""
+    load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no limit).
+    Warns when half precision would run on a CPU without native half-precision arithmetic."""
     from .checks import device as check_device
     from .checks import max_memory_bytes
     dev = check_device(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}")
+    if dtype in HALF_DTYPES and dev.type == "cpu" and backend == "torch" and not cpu_half_is_native(dtype):
+        warnings.warn(
+            f"dtype={dtype} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native {dtype} "
+            "arithmetic): torch runs its reference convolution loop, hundreds of times slower than float32. "
+            "Fix: use torch.float32 here; half precision pays off on GPUs and on CPUs with AVX512-BF16/AMX",
+            RuntimeWarning, stacklevel=3)
     if backend == "trt":
         from .backends.trt_backend import import_trt
         import_trt()                  # TrtUnavailableError (an ImportError) with the fix
@@ -84,7 +94,7 @@ class Pipeline:
             raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
         self.crop = _crop_mode(crop)
         self.inverter = inverter        # a dp360rt.invert.Inverter: 3D-aware noise from a PanoHead inversion
-        self.device, max_memory = check_options(device, backend, max_memory)
+        self.device, max_memory = check_options(device, backend, max_memory, dtype)
         if dtype not in (torch.float32, *HALF_DTYPES):
             raise ValueError(f"dtype={dtype} is not supported. Fix: use torch.float32, torch.float16 or torch.bfloat16")
         self.dtype = dtype
@@ -158,7 +168,7 @@ class Pipeline:
         identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many).
         In edge mode (a ``max_memory`` that needs one diffusion model resident at a time) the
         360° model is offloaded before the back-view model's own weights load."""
-        dev, budget = check_options(device, backend, max_memory)          # before minutes of loading
+        dev, budget = check_options(device, backend, max_memory, dtype)          # before minutes of loading
         cfgs = load_config(config)
         half = dtype if dtype in HALF_DTYPES and backend == "torch" else None
 
@@ -200,7 +210,7 @@ class Pipeline:
     def random(cls, config: str | Path | Mapping[str, Any] | dict[str, ModelConfig], seed: int = 0,
                **kw: Any) -> "Pipeline":
         """Random-weight models (for demos, tests and benchmarks): real speed, meaningless pictures."""
-        check_options(kw.get("device", "cpu"), kw.get("backend", "torch"), kw.get("max_memory"))
+        check_options(kw.get("device", "cpu"), kw.get("backend", "torch"), kw.get("max_memory"), kw.get("dtype", torch.float32))
         cfgs = config if isinstance(config, dict) and all(isinstance(v, ModelConfig) for v in config.values()) \
             else load_config(config)
         torch.manual_seed(seed)

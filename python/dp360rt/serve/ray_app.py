@@ -155,9 +155,18 @@ def build_app(spec: dict[str, Any], *, replicas: int, max_queue: int = 16, max_u
     return Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": ingress_cpus}).bind(gen, options)
 
 
+def patient_proxy_start(seconds: float = 60.0) -> None:
+    """Give Ray Serve's HTTP proxy ``seconds`` to start before its first readiness check fails
+    (Ray's default, 5 s, then kills and restarts it: on a busy 2-core machine the proxy's worker
+    takes longer than that to start, and serve.start fails). Only sets the environment variable
+    ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S`` when unset; call before ``ray.init``."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(seconds))
+
+
 def run_ray(a: Any, spec: dict[str, Any]) -> int:
     """``dp360rt serve --ray``: join (or start) a Ray cluster, run the app, serve until Ctrl-C."""
     t0 = time.perf_counter()
+    patient_proxy_start()
     ray.init(address=a.ray_address or None, include_dashboard=False)
     serve.start(http_options={"host": a.host, "port": a.port})
     app = build_app(spec, replicas=a.replicas, max_queue=a.max_queue, max_upload_mb=a.max_upload, token=a.token,
