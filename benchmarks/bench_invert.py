@@ -89,5 +89,13 @@ def main() -> int:
     return 0
 
 
+# -- pytest-benchmark (tiny settings) ----------------------------------------------------------
+def test_invert_tiny(benchmark, tmp_path):
+    """This script at tiny settings in its own process (`pytest benchmarks --benchmark-json out.json`)."""
+    from script_runner import run_script
+    run_script(benchmark, "bench_invert.py", ["--frames", "4"], tmp_path)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

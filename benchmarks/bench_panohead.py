@@ -75,5 +75,13 @@ def main() -> int:
     return 0
 
 
+# -- pytest-benchmark (tiny settings) ----------------------------------------------------------
+def test_panohead_tiny(benchmark, tmp_path):
+    """This script at tiny settings in its own process (`pytest benchmarks --benchmark-json out.json`)."""
+    from script_runner import run_script
+    run_script(benchmark, "bench_panohead.py", ["--config", "tiny", "--repeats", "1"], tmp_path)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

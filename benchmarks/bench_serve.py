@@ -153,5 +153,13 @@ def main() -> None:
             json.dump(rows, f, indent=1)
 
 
+# -- pytest-benchmark (tiny settings) ----------------------------------------------------------
+def test_serve_tiny(benchmark, tmp_path):
+    """This script at tiny settings in its own process (`pytest benchmarks --benchmark-json out.json`)."""
+    from script_runner import run_script
+    run_script(benchmark, "bench_serve.py", ["--modes", "local", "--requests", "2", "--clients", "2", "--steps", "1"], tmp_path)
+
+
 if __name__ == "__main__":
     main()
+

@@ -106,5 +106,13 @@ def main() -> int:
     return 0
 
 
+# -- pytest-benchmark (tiny settings) ----------------------------------------------------------
+def test_viewer_tiny(benchmark, tmp_path):
+    """This script at tiny settings in its own process (`pytest benchmarks --benchmark-json out.json`)."""
+    from script_runner import run_script
+    run_script(benchmark, "bench_viewer.py", ["--steps", "2", "--sizes", "64", "--frames", "2"], tmp_path)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+
