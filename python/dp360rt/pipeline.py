@@ -58,7 +58,7 @@ def check_options(device: str | torch.device, backend: str, max_memory: Any,
             f"dtype={dtype} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native {dtype} "
             "arithmetic): torch runs its reference convolution loop, hundreds of times slower than float32. "
             "Fix: use torch.float32 here; half precision pays off on GPUs and on CPUs with AVX512-BF16/AMX",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning, stacklevel=1)     # one place: Python's default filter shows it once, not per build step
     if backend == "trt":
         from .backends.trt_backend import import_trt
         import_trt()                  # TrtUnavailableError (an ImportError) with the fix
@@ -120,8 +120,11 @@ class Pipeline:
                     f"which only backend='torch' does; backend={backend!r} keeps its own copy of each network. "
                     "Fix: use backend='torch' or raise max_memory")
             # The back view runs first, so the 360° model starts offloaded.
-            self.swap = swap or ModelSwap({"backview": backview, "nvs": nvs}, self.device, offload_dir)
-            move_resident(backview, self.device)
+            if swap is None:
+                swap = ModelSwap({"backview": backview, "nvs": nvs}, self.device, offload_dir)
+            else:       # from_checkpoints loaded the back-view model's own weights after making the swap
+                move_resident(backview, self.device)
+            self.swap = swap
         else:
             self.nvs.to(self.device)
             self.backview.to(self.device)
