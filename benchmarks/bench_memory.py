@@ -106,7 +106,7 @@ def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, windows:
         engine = pipe._engine
         pipe._engine = lambda model, ws, **kw: engine(model, ws[:windows] if model.kind == "nvs" else ws, **kw)
     tic = time.perf_counter()
-    res = pipe(portrait, conditions, steps=steps, seed=0)          # the pipeline's own bf16 autocast
+    res = pipe(portrait, conditions, steps=steps, seed=0)          # the pipeline's autocast (off with --compute float32)
     run_s = time.perf_counter() - tic
     out = {"mode": mode, "config": config, "compute": compute, "steps": steps, "windows": windows or 3, "max_memory_gib": max_memory_gib if budget else None,
            "plan": pipe.plan.describe(3, pipe.nvs.frames), "estimated_gib": pipe.plan.estimated_bytes / 2**30,

@@ -11,7 +11,6 @@ from dp360rt.export.profiles import parse_profile
 from dp360rt.export.fixture import case_image_sizes
 from dp360rt.verify import TABLE, verify
 
-THREADS = torch.get_num_threads()
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -39,11 +38,12 @@ def test_cli_verify_backend_ort_exports_the_cases_sizes_and_passes(nonsquare_set
     from dp360rt.cli import main
     cases = torch.load(nonsquare_set / "cases.pt", weights_only=True)
     assert case_image_sizes(cases) == [(128, 192)]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)          # tiny networks: one thread is fastest (ORT follows torch's count)
     try:
         code = main(["verify", str(nonsquare_set), "--backend", "ort"])
     finally:
-        torch.set_num_threads(THREADS)
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     print(out)
     assert code == 0 and "backend: ort" in out and "10/10 cases passed" in out, out

@@ -28,7 +28,7 @@ def ray_server():
     port = free_port()
     patient_proxy_start(120)          # CI's two cores are shared with the other pytest-xdist worker
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    # serve.start waits 60 s for the proxy (a constant, not a setting): as long as the check above.
+    # serve.start waits 60 s for the proxy (a constant, not a setting): longer than the check above.
     proxy_timeout, serve_api.HTTP_PROXY_TIMEOUT = serve_api.HTTP_PROXY_TIMEOUT, 300
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
