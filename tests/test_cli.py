@@ -49,12 +49,13 @@ def test_verify_missing_case_and_malformed(tmp_path, cases, capsys):
 
 def test_verify_tables_line_up():
     """Both verify commands print one table layout: PASS/FAIL under "result", "-" for uncompared numbers."""
-    from dp360rt.panohead.verify import TABLE as PANOHEAD, Row
-    from dp360rt.verify import TABLE, CaseResult
+    from dp360rt.case_table import CaseResult
+    from dp360rt.panohead.verify import TABLE as PANOHEAD
+    from dp360rt.verify import TABLE
     for table, ok, bad in ((TABLE, CaseResult("nvs_ddim", True, 2e-7, 3e-8, 1e-4, "x_steps[0]"),
                             CaseResult("vae_decode", False, message="case missing from cases.pt")),
-                           (PANOHEAD, Row("mapping", True, 3e-8, 1e-5, "ws_trunc"),
-                            Row("planes", False, message="planes not computed"))):
+                           (PANOHEAD, CaseResult("mapping", True, rel=3e-8, tol=1e-5, worst="ws_trunc"),
+                            CaseResult("planes", False, message="planes not computed"))):
         col = table.header.index("result")
         assert table.row(ok)[col:] == "PASS  worst: " + ok.worst
         assert table.row(bad)[col:] == "FAIL  " + bad.message

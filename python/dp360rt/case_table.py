@@ -10,10 +10,24 @@ from dataclasses import dataclass
 from typing import Any
 
 
+@dataclass
+class CaseResult:
+    """One checked case: ``ok``, the errors (``max_abs``, ``rel`` = max abs error / max |expected|,
+    against ``tol``), the worst output's name, or a ``message`` when it could not be compared."""
+
+    name: str
+    ok: bool
+    max_abs: float = float("nan")
+    rel: float = float("nan")
+    tol: float = float("nan")
+    worst: str = ""
+    message: str = ""
+
+
 @dataclass(frozen=True)
 class CaseTable:
-    """Column layout of a verify table. ``columns``: (title, result attribute, width, format spec)
-    per error column; a result has ``name``, ``ok``, ``worst``, ``message`` and those attributes."""
+    """Column layout of a verify table of :class:`CaseResult` rows. ``columns``: (title, result
+    attribute, width, format spec) per error column."""
 
     name_width: int
     columns: tuple[tuple[str, str, int, str], ...]

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
-from .case_table import CaseTable
+from .case_table import CaseResult, CaseTable
 from .checkpoint import CheckpointError, fixture_state_dict, load_checkpoint, load_tensors
 from .config import ConfigError
 from .model import DiffPortrait360, build_model
@@ -32,15 +31,6 @@ STANDARD_CASES = ("text_encode", "vae_encode", "vae_decode", "nvs_apply_cond", "
                   "backview_apply_cond", "backview_apply_uncond", "backview_ddim")
 
 
-@dataclass
-class CaseResult:
-    name: str
-    ok: bool
-    max_abs: float = float("nan")
-    rel: float = float("nan")
-    tol: float = float("nan")
-    worst: str = ""
-    message: str = ""
 
 
 def tensor_error(ours: Tensor, ref: Tensor) -> tuple[float, float]:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, field as dc_field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -49,13 +48,14 @@ def _camera_info(cams: Tensor) -> dict[str, Any]:
             "fx": round(float(cams[:, 16].mean()), 6), "lookat": [0.0, 0.0, 0.0]}
 
 
-@dataclass
-class _Pool:
-    o: list[Tensor] = dc_field(default_factory=list)
-    d: list[Tensor] = dc_field(default_factory=list)
-    c: list[Tensor] = dc_field(default_factory=list)
-    images: list[Tensor] = dc_field(default_factory=list)
-    cams: list[Tensor] = dc_field(default_factory=list)
+class _View(NamedTuple):
+    """One training view: its rays (origins, directions, colours; each [H*W, 3]), the image [H, W, 3]
+    and its camera [25]."""
+    origins: Tensor
+    directions: Tensor
+    colors: Tensor
+    image: Tensor
+    camera: Tensor
 
 
 class Fitter:
@@ -76,7 +76,7 @@ class Fitter:
         self.progress = progress
         self.step = 0
         self.elapsed = 0.0
-        self._pool = _Pool()
+        self._views: list[_View] = []
         self._lock = threading.Lock()
         self._rays: tuple[Tensor, Tensor, Tensor] | None = None
         self._opt: torch.optim.Optimizer | None = None
@@ -105,11 +105,7 @@ class Fitter:
         h, w = img.shape[:2]
         o, d = camera_rays(cam, w, h)
         with self._lock:
-            self._pool.o.append(o.reshape(-1, 3))
-            self._pool.d.append(d.reshape(-1, 3))
-            self._pool.c.append(img.reshape(-1, 3))
-            self._pool.images.append(img)
-            self._pool.cams.append(cam)
+            self._views.append(_View(o.reshape(-1, 3), d.reshape(-1, 3), img.reshape(-1, 3), img, cam))
             self._rays = None
             carver = self.nerf.carver
         if carver is not None and self.nerf.field is not None:
@@ -119,14 +115,15 @@ class Fitter:
 
     @property
     def num_views(self) -> int:
-        return len(self._pool.images)
+        return len(self._views)
 
     def _ray_pool(self) -> tuple[Tensor, Tensor, Tensor]:
         with self._lock:
             if self._rays is None:
                 dev = self.nerf.device
-                self._rays = (torch.cat(self._pool.o).to(dev), torch.cat(self._pool.d).to(dev),
-                              torch.cat(self._pool.c).to(dev))
+                views = self._views
+                self._rays = (torch.cat([v.origins for v in views]).to(dev), torch.cat([v.directions for v in views]).to(dev),
+                              torch.cat([v.colors for v in views]).to(dev))
             return self._rays
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -137,13 +134,13 @@ class Fitter:
             assert nerf.image_size is not None
             nerf._build(nerf.image_size)
             self._init_background()
-            nerf.camera_info = _camera_info(torch.stack(self._pool.cams))
+            nerf.camera_info = _camera_info(torch.stack([v.camera for v in self._views]))
             cfg = nerf.config
             if cfg.carve:
                 bg = nerf.background if nerf.background_mode == "fixed" else None
                 carver = ViewCarver(cfg.carve_res, cfg.bound, bg, cfg.carve_tol, cfg.carve_min_votes)
                 with self._lock:
-                    views = list(zip(self._pool.images, self._pool.cams))
+                    views = [(v.image, v.camera) for v in self._views]
                     nerf.carver = carver
                 for img, cam in views:
                     carver.add(img, cam)
@@ -162,7 +159,7 @@ class Fitter:
                 return
             if mode not in ("auto", "fit"):
                 raise ValueError(f"unknown background {mode!r}. Fix: use auto, fit, white, black or r,g,b")
-            mode_col, frac = estimate_background(self._pool.images)
+            mode_col, frac = estimate_background([v.image for v in self._views])
             nerf.background = mode_col.to(dev)
             nerf.background_mode = "fixed" if mode == "auto" and frac >= 0.1 else "fit"
         else:

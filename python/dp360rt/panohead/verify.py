@@ -16,7 +16,6 @@ import json
 import lzma
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..case_table import CaseTable
+from ..case_table import CaseResult, CaseTable
 from .cameras import diffportrait_orbit
 from .draws import Draws
 from .generator import TriPlaneGenerator
@@ -34,17 +33,9 @@ from .weights import (PanoHeadCheckpointError, fixture_spec, generator_from_stat
 DEFAULT_TOL = 3e-5
 
 
-@dataclass
-class Row:
-    name: str
-    ok: bool
-    rel: float = float("nan")
-    tol: float = float("nan")
-    worst: str = ""
-    message: str = ""
 
 
-# `dp360rt panohead verify`'s table of Rows.
+# `dp360rt panohead verify`'s table.
 TABLE = CaseTable(24, (("rel err", "rel", 10, ".3e"), ("tol", "tol", 8, ".0e")))
 
 
@@ -92,16 +83,16 @@ def _weight_forms(d: Path) -> list[tuple[str, Callable[[], tuple[dict, dict]]]]:
     return forms
 
 
-def load_fixture_generator(fixture_dir: str | Path, on_row: Callable[[Row], None] | None = None
-                           ) -> tuple[TriPlaneGenerator | None, list[Row]]:
+def load_fixture_generator(fixture_dir: str | Path, on_row: Callable[[CaseResult], None] | None = None
+                           ) -> tuple[TriPlaneGenerator | None, list[CaseResult]]:
     """G_ema of a fixture set from its first weight form, and one row per form (all must agree)."""
     d = Path(fixture_dir)
-    rows: list[Row] = []
+    rows: list[CaseResult] = []
     first = None
     g = None
     forms = _weight_forms(d)
     if not forms:
-        rows.append(Row("weights", False, message="no weights: need G_ema.safetensors, network-snapshot.pkl or "
+        rows.append(CaseResult("weights", False, message="no weights: need G_ema.safetensors, network-snapshot.pkl or "
                                                   "init.json + buffers.pt"))
     for name, load in forms:
         try:
@@ -109,14 +100,14 @@ def load_fixture_generator(fixture_dir: str | Path, on_row: Callable[[Row], None
             if first is None:
                 g = generator_from_state(spec, sd, f"{d} ({name})")
                 first = (name, sd)
-                row = Row(f"weights:{name}", True, 0.0, 0.0, worst=f"{len(sd)} tensors (cases run on these)")
+                row = CaseResult(f"weights:{name}", True, rel=0.0, tol=0.0, worst=f"{len(sd)} tensors (cases run on these)")
             else:
                 diff = sorted(k for k in set(sd) | set(first[1])
                               if k not in sd or k not in first[1] or not torch.equal(sd[k], first[1][k]))
-                row = Row(f"weights:{name}", not diff, 0.0, 0.0, worst=f"{len(sd)} tensors, equal to {first[0]}",
+                row = CaseResult(f"weights:{name}", not diff, rel=0.0, tol=0.0, worst=f"{len(sd)} tensors, equal to {first[0]}",
                           message=f"{len(diff)} tensors differ from {first[0]} (e.g. {', '.join(diff[:3])})" if diff else "")
         except (ValueError, OSError, KeyError) as e:
-            row = Row(f"weights:{name}", False, message=f"{type(e).__name__}: {e}")
+            row = CaseResult(f"weights:{name}", False, message=f"{type(e).__name__}: {e}")
         rows.append(row)
         if on_row:
             on_row(row)
@@ -231,7 +222,7 @@ def _projector(g: TriPlaneGenerator, case: dict) -> dict[str, Tensor]:
             "w_out": torch.cat(log.w_after_step), "synth_image_pool8": torch.stack(log.images_pool8)}
 
 
-def compare(name: str, got: dict[str, Tensor], ref: dict, tol: dict) -> Row:
+def compare(name: str, got: dict[str, Tensor], ref: dict, tol: dict) -> CaseResult:
     """Worst scale-relative error over the stored outputs of a case."""
     worst_rel, worst_key, worst_tol, bad = -1.0, "", DEFAULT_TOL, []
     for key, r in ref.items():
@@ -258,17 +249,17 @@ def compare(name: str, got: dict[str, Tensor], ref: dict, tol: dict) -> Row:
         if rel / t > worst_rel / worst_tol or worst_rel < 0:
             worst_rel, worst_key, worst_tol = rel, key, t
     if bad:
-        return Row(name, False, max(worst_rel, 0.0), worst_tol, message="; ".join(bad[:4]))
-    return Row(name, True, worst_rel, worst_tol, worst=worst_key)
+        return CaseResult(name, False, rel=max(worst_rel, 0.0), tol=worst_tol, message="; ".join(bad[:4]))
+    return CaseResult(name, True, rel=worst_rel, tol=worst_tol, worst=worst_key)
 
 
-def verify(fixture_dir: str | Path, skip: tuple[str, ...] = (), on_row: Callable[[Row], None] | None = None
-           ) -> list[Row]:
-    """Verify a PanoHead fixture set; one :class:`Row` per weight form and per case (in file order)."""
+def verify(fixture_dir: str | Path, skip: tuple[str, ...] = (), on_row: Callable[[CaseResult], None] | None = None
+           ) -> list[CaseResult]:
+    """Verify a PanoHead fixture set; one :class:`CaseResult` per weight form and per case (in file order)."""
     d = Path(fixture_dir)
     g, rows = load_fixture_generator(d, on_row)
 
-    def emit(r: Row) -> None:
+    def emit(r: CaseResult) -> None:
         rows.append(r)
         if on_row:
             on_row(r)
@@ -276,10 +267,10 @@ def verify(fixture_dir: str | Path, skip: tuple[str, ...] = (), on_row: Callable
     try:
         cases = torch.load(d / "cases.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        emit(Row("cases.pt", False, message=f"{d / 'cases.pt'} not found"))
+        emit(CaseResult("cases.pt", False, message=f"{d / 'cases.pt'} not found"))
         return rows
     except Exception as e:  # a corrupt file: report, never crash
-        emit(Row("cases.pt", False, message=f"unreadable ({type(e).__name__}: {e})"))
+        emit(CaseResult("cases.pt", False, message=f"unreadable ({type(e).__name__}: {e})"))
         return rows
     meta = cases.get("_meta", {}) if isinstance(cases, dict) else {}
     tols = meta.get("tolerance", {})
@@ -287,13 +278,13 @@ def verify(fixture_dir: str | Path, skip: tuple[str, ...] = (), on_row: Callable
         if name == "_meta" or name in skip:
             continue
         if g is None:
-            emit(Row(name, False, message="no usable weights"))
+            emit(CaseResult(name, False, message="no usable weights"))
             continue
         try:
             got = compute_case(g, name, case, meta)
             emit(compare(name, got, case["outputs"], tols.get(name, {})))
         except KeyError as e:
-            emit(Row(name, False, message=f"unknown case or missing input {e}"))
+            emit(CaseResult(name, False, message=f"unknown case or missing input {e}"))
         except (ValueError, RuntimeError, TypeError) as e:
-            emit(Row(name, False, message=f"{type(e).__name__}: {e}"))
+            emit(CaseResult(name, False, message=f"{type(e).__name__}: {e}"))
     return rows
