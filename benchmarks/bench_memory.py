@@ -1,15 +1,23 @@
-"""Peak memory of the pipeline, default mode next to edge mode (``max_memory``), in bfloat16 on CPU.
+"""Peak memory of the pipeline, default mode next to edge mode (``max_memory``), with bfloat16 weights.
 
-    python benchmarks/bench_memory.py --config full --max-memory 8      # each mode in its own process
+    python benchmarks/bench_memory.py --config full --max-memory 8 --windows 1 --compute float32
     python -m pytest benchmarks/bench_memory.py --benchmark-only        # tiny config, pytest-benchmark
 
-Each mode runs in a fresh subprocess, one after the other (never two at once): random weights
-stored as ``Pipeline(dtype=torch.bfloat16)`` stores them (convolution and linear weights bfloat16,
-norms and embeddings float32), a pipeline with or without the
-budget, then one generation at ``--steps`` DDIM steps over 24 conditions (the back-view step, then
-three window steps of the 360° model one window at a time, then the VAE decodes; ``--windows 1``
-samples the first window only, the same peak in a third of the time) under the pipeline's CPU autocast. Peak RSS is read from /proc/self/status (VmHWM): once over the whole process and once
-over the generation alone (VmHWM reset through /proc/self/clear_refs after the models are built).
+What a user does, at any config: random float32 checkpoints in the authors' layout are written
+first (one model at a time, in their own process, the VAE and text tower identical in both files
+as in the official pair; ``--checkpoints DIR`` keeps and reuses them), then each mode runs in a
+fresh process, one after the other: ``Pipeline.from_checkpoints(..., dtype=torch.bfloat16,
+compute_dtype=...)`` with or without the budget, then one generation at ``--steps`` DDIM steps over
+24 conditions (the back-view step, then the 360° model's window steps, then the VAE decodes;
+``--windows 1`` samples the first window only: the same peak in a third of the time).
+``--compute float32`` keeps the bfloat16 weights and computes in float32 (CPUs without native
+bfloat16, where torch's bfloat16 convolution is a reference loop hundreds of times slower).
+
+Memory, from /proc/self/status: VmHWM (peak RSS) over the whole process and over the generation
+alone (reset through /proc/self/clear_refs after loading), and the generation's peak RssAnon
+(sampled every 20 ms): memory the process needs. The rest of RSS is RssFile, pages of memory-mapped
+files (the checkpoints while they load, edge mode's reloaded weights), which the kernel can drop
+and read again under memory pressure.
 """
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("default", "edge")
+SHARED_PREFIXES = ("first_stage_model.", "cond_stage_model.")   # identical in the official pair
 
 
 def _status_kib(field: str) -> int:
@@ -43,58 +54,66 @@ def _reset_peak() -> bool:
         return False
 
 
-def build_bf16(kind: str, config: str):
-    """A random-weight model stored as ``Pipeline(dtype=torch.bfloat16)`` stores it (convolution
-    and linear weights bfloat16, everything else float32; see ``model.store_half_weights``), built
-    directly in bfloat16 so no float32 copy of the big weights ever exists."""
-    from dp360rt.model import LOW_PRECISION_MODULES, build_model
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        m = build_model(kind, config)
-    finally:
-        torch.set_default_dtype(old)
-    for mod in m.modules():
-        if not isinstance(mod, LOW_PRECISION_MODULES):
-            for p in mod._parameters.values():
-                if p is not None:
-                    p.data = p.data.float()
-    return m
+class PeakSampler:
+    """Samples RssAnon and RssFile every ``period`` seconds on a thread, keeping each one's peak
+    (bytes), from construction to :meth:`stop` (which joins the thread); ``stages`` keeps the
+    peak RssAnon per ``stage``, a name the caller sets."""
+
+    def __init__(self, period: float = 0.02):
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.stage = "back-view encode"
+        self.stages: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            for k in self.peak:
+                v = _status_kib(k) * 1024
+                self.peak[k] = max(self.peak[k], v)
+                if k == "RssAnon":
+                    self.stages[self.stage] = max(self.stages.get(self.stage, 0), v)
+            self._stop.wait(period)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
-def compute_in_float32() -> None:
-    """Keep the bfloat16 weights but do the arithmetic in float32, in this process: every convolution
-    and linear layer casts its weight to its input's dtype at the call, and the pipeline's autocast
-    is off. For CPUs without native bfloat16 (AVX2 only), where torch's bfloat16 convolution is a
-    reference loop about 250x slower than float32 (one 128-channel 3x3 convolution at 128x128:
-    0.1 vs 33.6 GFLOP/s on this machine's AMD EPYC). The activations are then float32, twice the
-    bfloat16 ones, so the peak is an upper bound on the bfloat16 run's."""
-    import contextlib
-
-    import torch.nn.functional as F
-    from torch import nn
-
-    import dp360rt.pipeline as pipeline_module
-    pipeline_module.autocast = lambda device, dtype: contextlib.nullcontext()
-    conv_forward = nn.Conv2d._conv_forward
-    nn.Conv2d._conv_forward = lambda self, x, w, b: conv_forward(self, x, w.to(x.dtype),
-                                                                   None if b is None else b.to(x.dtype))
-    nn.Linear.forward = lambda self, x: F.linear(x, self.weight.to(x.dtype),
-                                                 None if self.bias is None else self.bias.to(x.dtype))
+def checkpoint_paths(directory: Path, config: str) -> dict[str, Path]:
+    return {kind: directory / f"{kind}-{Path(config).stem}.pt" for kind in ("nvs", "backview")}
 
 
-def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, windows: int | None = None,
-             offload_dir: str | None = None, compute: str = "bfloat16") -> dict:
-    """Build and run one mode in this process; returns the figures."""
-    from dp360rt.pipeline import Pipeline
-    if compute == "float32":
-        compute_in_float32()
+def make_checkpoints(directory: Path, config: str) -> None:
+    """Random float32 checkpoints in the authors' layout, one model in memory at a time; the
+    back-view file takes the 360° file's VAE and text tower, as the official pair holds them."""
+    from dp360rt.model import build_model, init_random
+    paths = checkpoint_paths(directory, config)
     torch.manual_seed(0)
+    for kind in ("nvs", "backview"):
+        model = build_model(kind, config)
+        init_random(model)
+        sd = model.state_dict()
+        if kind == "backview":
+            nvs = torch.load(paths["nvs"], map_location="cpu", weights_only=True, mmap=True)
+            sd.update({k: v for k, v in nvs.items() if k.startswith(SHARED_PREFIXES)})
+        tmp = paths[kind].with_suffix(".tmp")
+        torch.save(sd, tmp)
+        tmp.replace(paths[kind])
+        del model, sd
+
+
+def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, checkpoints: Path,
+             windows: int | None = None, compute: str = "bfloat16") -> dict:
+    """Load and run one mode in this process; returns the figures."""
+    from dp360rt.pipeline import Pipeline
+    paths = checkpoint_paths(checkpoints, config)
     tic = time.perf_counter()
-    nvs, bv = build_bf16("nvs", config), build_bf16("backview", config)
     budget = int(max_memory_gib * 2**30) if mode == "edge" else None
-    pipe = Pipeline(nvs, bv, dtype=torch.bfloat16, max_memory=budget, offload_dir=offload_dir)
-    del nvs, bv
+    pipe = Pipeline.from_checkpoints(paths["nvs"], paths["backview"], config=config, dtype=torch.bfloat16,
+                                     compute_dtype=getattr(torch, compute), max_memory=budget)
     build_s = time.perf_counter() - tic
     build_peak = _status_kib("VmHWM") * 1024
     reset = _reset_peak()
@@ -102,15 +121,31 @@ def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, windows:
     g = torch.Generator().manual_seed(0)
     portrait = torch.rand(1, 3, s, s, generator=g) * 2 - 1
     conditions = torch.rand(24, 3, s, s, generator=g) * 2 - 1
-    if windows:     # sample only the first `windows` windows: the others repeat its step (and its peak)
-        engine = pipe._engine
-        pipe._engine = lambda model, ws, **kw: engine(model, ws[:windows] if model.kind == "nvs" else ws, **kw)
-    tic = time.perf_counter()
-    res = pipe(portrait, conditions, steps=steps, seed=0)          # the pipeline's autocast (off with --compute float32)
-    run_s = time.perf_counter() - tic
-    out = {"mode": mode, "config": config, "compute": compute, "steps": steps, "windows": windows or 3, "max_memory_gib": max_memory_gib if budget else None,
+    sampler = PeakSampler()
+    engine = pipe._engine
+
+    def staged_engine(model, ws, **kw):
+        sampler.stage = f"{model.kind} steps"
+        if windows and model.kind == "nvs":     # the first `windows` windows: the others repeat its step (and its peak)
+            ws = ws[:windows]
+        try:
+            return engine(model, ws, **kw)
+        finally:
+            sampler.stage = "back-view decode, 360° encodes" if model.kind == "backview" else "view decodes"
+
+    pipe._engine = staged_engine
+    try:
+        tic = time.perf_counter()
+        res = pipe(portrait, conditions, steps=steps, seed=0)
+        run_s = time.perf_counter() - tic
+    finally:
+        peaks = sampler.stop()
+    out = {"mode": mode, "config": config, "compute": compute, "steps": steps, "windows": windows or 3,
+           "max_memory_gib": max_memory_gib if budget else None,
            "plan": pipe.plan.describe(3, pipe.nvs.frames), "estimated_gib": pipe.plan.estimated_bytes / 2**30,
            "peak_rss_gib_generation": _status_kib("VmHWM") * 1024 / 2**30 if reset else None,
+           "peak_anon_gib_generation": peaks["RssAnon"] / 2**30, "peak_file_gib_generation": peaks["RssFile"] / 2**30,
+           "peak_anon_gib_per_stage": {k: v / 2**30 for k, v in sampler.stages.items()},
            "peak_rss_gib_process": max(build_peak, _status_kib("VmHWM") * 1024) / 2**30,
            "build_s": build_s, "run_s": run_s, "timings": res.timings,
            "reloads": pipe.swap.reloads if pipe.swap else 0, "finite": bool(torch.isfinite(res.views).all())}
@@ -118,16 +153,23 @@ def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, windows:
     return out
 
 
-def measure(mode: str, config: str, max_memory_gib: float, steps: int, windows: int | None = None,
-            compute: str = "bfloat16") -> dict:
-    """One mode in a fresh subprocess (so its peak RSS is its own)."""
+def _child(args: list[str]) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, __file__, "--child", mode, "--config", config, "--max-memory", str(max_memory_gib),
-           "--steps", str(steps), "--compute", compute] + (["--windows", str(windows)] if windows else [])
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        raise RuntimeError(f"{mode} run failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{' '.join(args[:2])} failed:\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def measure(mode: str, config: str, max_memory_gib: float, steps: int, checkpoints: Path,
+            windows: int | None = None, compute: str = "bfloat16") -> dict:
+    """One mode in a fresh subprocess (so its peak RSS is its own); writes the checkpoints first
+    (in another process) when ``checkpoints`` lacks them."""
+    if not all(p.is_file() for p in checkpoint_paths(checkpoints, config).values()):
+        _child(["--make-checkpoints", str(checkpoints), "--config", config])
+    out = _child(["--child", mode, "--config", config, "--max-memory", str(max_memory_gib), "--steps", str(steps),
+                  "--compute", compute, "--checkpoints", str(checkpoints)] + (["--windows", str(windows)] if windows else []))
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -139,40 +181,58 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--compute", choices=("bfloat16", "float32"), default="bfloat16",
                     help="arithmetic dtype; float32 keeps the bfloat16 weights (for CPUs without native bfloat16)")
+    ap.add_argument("--checkpoints", help="folder for the random checkpoints, kept for the next run "
+                                          "(default: a temporary folder, removed)")
     ap.add_argument("--json")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--make-checkpoints", help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    if a.child:
-        print(json.dumps(run_mode(a.child, a.config, a.max_memory, a.steps, a.windows, compute=a.compute)))
+    if a.make_checkpoints:
+        make_checkpoints(Path(a.make_checkpoints), a.config)
         return
-    rows = []
-    for mode in a.modes:
-        r = measure(mode, a.config, a.max_memory, a.steps, a.windows, a.compute)
-        rows.append(r)
-        print(f"{mode:8s} ({a.compute} arithmetic) peak RSS {r['peak_rss_gib_generation']:.2f} GiB (generation), "
-              f"{r['peak_rss_gib_process']:.2f} GiB (process); planner estimate {r['estimated_gib']:.2f} GiB; "
-              f"build {r['build_s']:.0f} s, run {r['run_s']:.0f} s, reloads {r['reloads']}\n         plan: {r['plan']}",
-              flush=True)
+    if a.child:
+        print(json.dumps(run_mode(a.child, a.config, a.max_memory, a.steps, Path(a.checkpoints), a.windows, a.compute)))
+        return
+    with tempfile.TemporaryDirectory(prefix="dp360rt-bench-memory-") as tmp:
+        checkpoints = Path(a.checkpoints or tmp)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for mode in a.modes:
+            r = measure(mode, a.config, a.max_memory, a.steps, checkpoints, a.windows, a.compute)
+            rows.append(r)
+            print(f"{mode:8s} (bfloat16 weights, {a.compute} arithmetic) generation: peak RSS "
+                  f"{r['peak_rss_gib_generation']:.2f} GiB, of it anonymous {r['peak_anon_gib_generation']:.2f} GiB "
+                  f"(file-backed peak {r['peak_file_gib_generation']:.2f} GiB); process peak RSS "
+                  f"{r['peak_rss_gib_process']:.2f} GiB; planner estimate {r['estimated_gib']:.2f} GiB; "
+                  f"load {r['build_s']:.0f} s, run {r['run_s']:.0f} s, reloads {r['reloads']}\n"
+                  f"         peak anonymous memory per stage (GiB): "
+                  f"{', '.join(f'{k} {v:.2f}' for k, v in r['peak_anon_gib_per_stage'].items())}\n"
+                  f"         plan: {r['plan']}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
 # -- pytest-benchmark (tiny config) ------------------------------------------------------------
-def test_memory_tiny(benchmark):
+def test_memory_tiny(benchmark, tmp_path):
     """Both modes at the tiny config under a budget that forces edge mode; edge mode must not
     need more memory for the generation than the default mode."""
     from dp360rt.config import load_config
+    from dp360rt.model import build_model
     from dp360rt.sampler.plan import activation_bytes, weight_bytes
     cfgs = load_config("tiny")
     nvs, bv, lat = cfgs["nvs"], cfgs["backview"], cfgs["nvs"].latent_size
-    both_min = (weight_bytes(nvs, 2) + weight_bytes(bv, 2)
-                + activation_bytes(nvs, 2, lat, lat, 2, fused_attention=True)
-                + activation_bytes(nvs, 8, lat, lat, 2, fused_attention=True))
+    shared = sum(p.numel() for k, p in build_model("backview", bv, device="meta").named_parameters()
+                 if k.startswith(SHARED_PREFIXES)) * 2
+    both_min = (weight_bytes(nvs, 2) + weight_bytes(bv, 2) - shared
+                + activation_bytes(nvs, 2, lat, lat, 4, fused_attention=True)
+                + activation_bytes(nvs, 8, lat, lat, 4, fused_attention=True))
     budget_gib = (both_min - 1) / 2**30       # the smallest batch with both models resident does not fit
-    rows = benchmark.pedantic(lambda: [measure(m, "tiny", budget_gib, 1) for m in MODES], rounds=1, iterations=1)
+    rows = benchmark.pedantic(lambda: [measure(m, "tiny", budget_gib, 1, tmp_path, compute="float32") for m in MODES],
+                              rounds=1, iterations=1)
     default, edge_r = rows
     assert "one diffusion model resident" in edge_r["plan"] and edge_r["reloads"] >= 1
+    assert default["finite"] and edge_r["finite"]
     benchmark.extra_info.update({r["mode"]: r["peak_rss_gib_generation"] for r in rows})
 
 

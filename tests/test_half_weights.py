@@ -96,6 +96,50 @@ def test_half_precision_on_a_cpu_without_native_support_warns(monkeypatch, nativ
         warnings.simplefilter("always")
         pl.check_options("cpu", "torch", None, torch.bfloat16)
         pl.check_options("cpu", "torch", None, torch.float32)
+        pl.check_options("cpu", "torch", None, torch.bfloat16, torch.float32)     # the fix: no warning
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == (0 if native else 1), msgs
-    assert native or ("no native torch.bfloat16 arithmetic" in msgs[0] and "Fix: use torch.float32" in msgs[0])
+    assert native or ("no native torch.bfloat16 arithmetic" in msgs[0] and "Fix: compute_dtype=torch.float32" in msgs[0])
+
+
+def test_half_weights_with_float32_arithmetic(recipe):
+    """``dtype=bfloat16, compute_dtype=float32``: bfloat16 weights (half the memory), float32
+    arithmetic (no autocast). A whole generation equals the float32 pipeline whose convolution and
+    linear weights were rounded to bfloat16; its error against plain float32 is printed. The memory
+    plan counts 2-byte weights and 4-byte activations."""
+    from dp360rt.pipeline import memory_plan
+    cfg = SET_A / "config.json"
+    mixed = Pipeline.from_checkpoints(recipe["nvs"], recipe["backview"], config=cfg, dtype=torch.bfloat16,
+                                      compute_dtype=torch.float32)
+    fp32 = Pipeline.from_checkpoints(recipe["nvs"], recipe["backview"], config=cfg)
+    rounded = Pipeline.from_checkpoints(recipe["nvs"], recipe["backview"], config=cfg)
+    for m in (rounded.nvs, rounded.backview):
+        for mod in m.modules():
+            if isinstance(mod, LOW_PRECISION_MODULES):
+                for p in mod._parameters.values():
+                    if p is not None:
+                        p.data = p.data.to(torch.bfloat16).float()
+    for m in (mixed.nvs, mixed.backview):
+        assert weight_dtypes(m) == ({torch.bfloat16}, {torch.float32})
+    s = mixed.image_size
+    portrait = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    conditions = torch.rand(24, 3, s, s, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    got, want, full = (p(portrait, conditions, steps=2, seed=3) for p in (mixed, rounded, fp32))
+    assert got.latents.dtype == torch.float32
+    err = rel_err(got.latents, want.latents)
+    print(f"bf16 weights + fp32 arithmetic vs fp32 on bf16-rounded weights: {err:.2e}; "
+          f"vs plain fp32: {rel_err(got.latents, full.latents):.2e}")
+    assert err <= 1e-6 and torch.equal(got.back_view, want.back_view)
+    assert not torch.equal(got.latents, full.latents)        # the rounding shows: the weights really are bf16
+    half = memory_plan(mixed.nvs, mixed.backview, mixed.device, torch.bfloat16, None)
+    assert mixed.plan.weights_bytes == half.weights_bytes
+    assert mixed.plan.estimated_bytes - mixed.plan.weights_bytes == 2 * (half.estimated_bytes - half.weights_bytes)
+    for p in (mixed, fp32, rounded):
+        p.close()
+
+
+def test_compute_dtype_refuses_what_cannot_run():
+    with pytest.raises(ValueError, match="compute_dtype=torch.float16 with dtype=torch.bfloat16"):
+        Pipeline.random("tiny", dtype=torch.bfloat16, compute_dtype=torch.float16)
+    with pytest.raises(ValueError, match="backend='ort' runs exported networks"):
+        Pipeline.random("tiny", dtype=torch.bfloat16, compute_dtype=torch.float32, backend="ort")

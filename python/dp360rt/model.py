@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, get_model_config
@@ -149,6 +150,11 @@ LOW_PRECISION_MODULES = (nn.Conv2d, nn.Linear)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def dtype_bytes(dtype: torch.dtype) -> int:
+    """Bytes per element the memory plan counts for ``dtype`` (2 for half precision, else 4)."""
+    return 2 if dtype in HALF_DTYPES else 4
+
+
 def store_half_weights(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the weights and biases of ``model``'s convolutions and linear layers in ``dtype``
     (float16 or bfloat16), in place; returns the bytes saved.
@@ -168,6 +174,36 @@ def store_half_weights(model: nn.Module, dtype: torch.dtype) -> int:
                     p.data = p.data.to(dtype)
                     saved += p.numel() * 2
     return saved
+
+
+class _CastingConv2d(nn.Conv2d):
+    """A convolution that casts its stored weights to its input's dtype at each call."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class _CastingLinear(nn.Linear):
+    """A linear layer that casts its stored weights to its input's dtype at each call."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+_CASTING = {nn.Conv2d: _CastingConv2d, nn.Linear: _CastingLinear}
+
+
+def cast_weights_at_call(model: nn.Module) -> None:
+    """Make ``model``'s convolutions and linear layers cast their weights to their input's dtype at
+    each call, in place: half-precision stored weights (:func:`store_half_weights`) then run float32
+    arithmetic. That is the memory of half-precision weights at float32 speed on CPUs without native
+    half-precision arithmetic, where torch's bfloat16 convolution is a reference loop hundreds of
+    times slower (see :func:`cpu_half_is_native`). The numbers equal a float32 model whose weights
+    were rounded to the half dtype. State dict keys and the weights' identity do not change."""
+    for mod in model.modules():
+        cls = _CASTING.get(type(mod))
+        if cls is not None:
+            mod.__class__ = cls
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

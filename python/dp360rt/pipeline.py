@@ -16,8 +16,8 @@ from .config import ModelConfig, load_config
 from .generation import GenerationResult
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, to_unit)
-from .model import (HALF_DTYPES, DiffPortrait360, autocast, build_model, cpu_half_is_native, init_random,
-                    store_half_weights)
+from .model import (HALF_DTYPES, DiffPortrait360, autocast, build_model, cast_weights_at_call, cpu_half_is_native,
+                    dtype_bytes, init_random, store_half_weights)
 from .offload import ModelSwap, move_resident
 from .sampler.noise import NoiseSource, RecordedNoise, as_noise
 from .sampler.fast import sample_windows_fast
@@ -33,32 +33,45 @@ BACKENDS = ("torch", "ort", "trt")
 
 
 def memory_plan(nvs: DiffPortrait360, backview: DiffPortrait360, device: torch.device, dtype: torch.dtype,
-                max_memory: int | None) -> BatchPlan:
+                max_memory: int | None, compute_dtype: torch.dtype | None = None) -> BatchPlan:
     """The fast engine's batch plan for these two models under ``max_memory`` bytes (None: no
-    limit), counting the tensors they hold as one copy once (see :func:`default_plan`)."""
-    dbytes = 2 if dtype in HALF_DTYPES else 4
+    limit), counting the tensors they hold as one copy once (see :func:`default_plan`); weights
+    in ``dtype``, activations in ``compute_dtype`` (default ``dtype``)."""
+    dbytes = dtype_bytes(dtype)
     nvs_ids = {id(p) for p in nvs.parameters()}
     shared = sum(p.numel() for p in backview.parameters() if id(p) in nvs_ids) * dbytes
     return default_plan(nvs.cfg, device.type, dbytes, max_memory, CONDITION_WINDOWS,
-                        backview=backview.cfg if max_memory is not None else None, shared_bytes=shared)
+                        backview=backview.cfg if max_memory is not None else None, shared_bytes=shared,
+                        compute_bytes=dtype_bytes(compute_dtype or dtype))
 
 
-def check_options(device: str | torch.device, backend: str, max_memory: Any,
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.device, int | None]:
-    """Refuse a device, backend or memory budget this process cannot honour, before any weights
-    load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no limit).
-    Warns when half precision would run on a CPU without native half-precision arithmetic."""
+def check_options(device: str | torch.device, backend: str, max_memory: Any, dtype: torch.dtype = torch.float32,
+                  compute_dtype: torch.dtype | None = None) -> tuple[torch.device, int | None]:
+    """Refuse a device, backend, dtype pair or memory budget this process cannot honour, before any
+    weights load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no
+    limit). Warns when half precision would run on a CPU without native half-precision arithmetic."""
     from .checks import device as check_device
     from .checks import max_memory_bytes
     dev = check_device(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}")
-    if dtype in HALF_DTYPES and dev.type == "cpu" and backend == "torch" and not cpu_half_is_native(dtype):
+    if dtype not in (torch.float32, *HALF_DTYPES):
+        raise ValueError(f"dtype={dtype} is not supported. Fix: use torch.float32, torch.float16 or torch.bfloat16")
+    compute = compute_dtype or dtype
+    if compute not in (dtype, torch.float32):
+        raise ValueError(f"compute_dtype={compute} with dtype={dtype}: the arithmetic runs in the weights' dtype "
+                         "or in float32. Fix: compute_dtype=None (the weights' dtype) or torch.float32")
+    if compute != dtype and backend != "torch":
+        raise ValueError(f"compute_dtype={compute} with dtype={dtype} casts the PyTorch modules' weights at each call; "
+                         f"backend={backend!r} runs exported networks in their own dtype. Fix: backend='torch', "
+                         "or leave compute_dtype unset")
+    if compute in HALF_DTYPES and dev.type == "cpu" and backend == "torch" and not cpu_half_is_native(compute):
         warnings.warn(
-            f"dtype={dtype} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native {dtype} "
+            f"dtype={compute} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native {compute} "
             "arithmetic): torch runs its reference convolution loop, hundreds of times slower than float32. "
-            "Fix: use torch.float32 here; half precision pays off on GPUs and on CPUs with AVX512-BF16/AMX",
-            RuntimeWarning, stacklevel=1)     # one place: Python's default filter shows it once, not per build step
+            f"Fix: compute_dtype=torch.float32 keeps the {compute} weights (half the memory) and computes in "
+            "float32, or use torch.float32; half-precision arithmetic pays off on GPUs and on CPUs with "
+            "AVX512-BF16/AMX", RuntimeWarning, stacklevel=1)  # one place: Python's default filter shows it once
     if backend == "trt":
         from .backends.trt_backend import import_trt
         import_trt()                  # TrtUnavailableError (an ImportError) with the fix
@@ -79,31 +92,35 @@ class Pipeline:
     and decodes views in slices. ``backend="ort"|"trt"`` runs the
     networks from an ONNX export (``export_dir``: one directory, or ``{"nvs": DIR, "backview": DIR}``;
     make one with ``dp360rt export``) under the fast engine's schedule; ``"torch"`` (default) runs
-    the PyTorch modules. ``swap``: a :class:`ModelSwap` already holding these two models (what
-    :meth:`from_checkpoints` makes while loading in edge mode).
+    the PyTorch modules.
+    ``swap``: a :class:`ModelSwap` already holding these two models (what
+    :meth:`from_checkpoints` makes while loading in edge mode). ``dtype`` is the weights' dtype and,
+    by default, the arithmetic's (autocast); ``compute_dtype=torch.float32`` with a half ``dtype``
+    keeps half-precision weights and computes in float32 (for CPUs without native half precision).
     """
 
     def __init__(self, nvs: DiffPortrait360, backview: DiffPortrait360, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, engine: str = "fast", max_memory: int | None = None,
                  backend: str = "torch", export_dir: str | Path | Mapping[str, str | Path] | None = None,
                  crop: str | None = None, offload_dir: str | Path | None = None, inverter: Any = None,
-                 swap: ModelSwap | None = None, **backend_options: Any):
+                 swap: ModelSwap | None = None, compute_dtype: torch.dtype | None = None, **backend_options: Any):
         if nvs.kind != "nvs" or backview.kind != "backview":
             raise ValueError("Pipeline(nvs=..., backview=...): models of the wrong kind; swap them")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
         self.crop = _crop_mode(crop)
         self.inverter = inverter        # a dp360rt.invert.Inverter: 3D-aware noise from a PanoHead inversion
-        self.device, max_memory = check_options(device, backend, max_memory, dtype)
-        if dtype not in (torch.float32, *HALF_DTYPES):
-            raise ValueError(f"dtype={dtype} is not supported. Fix: use torch.float32, torch.float16 or torch.bfloat16")
+        self.device, max_memory = check_options(device, backend, max_memory, dtype, compute_dtype)
         self.dtype = dtype
+        self.compute_dtype = compute_dtype or dtype
         self.engine = engine
         if dtype in HALF_DTYPES and backend == "torch":
-            # Weights in the compute dtype: the same numbers as autocast over float32 weights (autocast
+            # Weights in the half dtype: the same numbers as autocast over float32 weights (autocast
             # casts exactly these), half the memory, and what the memory plan counts (2 bytes each).
-            store_half_weights(nvs, dtype)
-            store_half_weights(backview, dtype)
+            for m in (nvs, backview):
+                store_half_weights(m, dtype)
+                if self.compute_dtype == torch.float32:
+                    cast_weights_at_call(m)
         self.nvs, self.backview = nvs, backview
         self.image_size = nvs.cfg.image_size
         self.max_memory = max_memory
@@ -111,7 +128,7 @@ class Pipeline:
         self.shared = {"tensors": 0, "bytes": 0}        # tensors the two models hold as one copy
         self.swap: ModelSwap | None = None
         if engine == "fast":
-            self.plan = memory_plan(nvs, backview, self.device, dtype, max_memory)
+            self.plan = memory_plan(nvs, backview, self.device, dtype, max_memory, self.compute_dtype)
             log.info("memory plan: %s", self.plan.describe(CONDITION_WINDOWS, nvs.frames))
         if self.plan is not None and self.plan.one_model_resident:
             if backend != "torch":
@@ -166,12 +183,13 @@ class Pipeline:
                          dtype: torch.dtype = torch.float32, engine: str = "fast",
                          max_memory: int | None = None, backend: str = "torch",
                          export_dir: str | Path | Mapping[str, str | Path] | None = None,
-                         crop: str | None = None, inverter: Any = None, **backend_options: Any) -> "Pipeline":
+                         crop: str | None = None, inverter: Any = None, compute_dtype: torch.dtype | None = None,
+                         **backend_options: Any) -> "Pipeline":
         """Load the two official checkpoint files (or state dicts) strictly; tensors both hold
         identically (the frozen VAE and text tower) are kept once (``pipe.shared`` says how many).
         In edge mode (a ``max_memory`` that needs one diffusion model resident at a time) the
         360° model is offloaded before the back-view model's own weights load."""
-        dev, budget = check_options(device, backend, max_memory, dtype)          # before minutes of loading
+        dev, budget = check_options(device, backend, max_memory, dtype, compute_dtype)  # before minutes of loading
         cfgs = load_config(config)
         half = dtype if dtype in HALF_DTYPES and backend == "torch" else None
 
@@ -192,7 +210,7 @@ class Pipeline:
         bv_model.load_state_dict(shared, strict=False, assign=True)
         swap = None
         if engine == "fast" and backend == "torch" and budget is not None:
-            plan = memory_plan(nvs_model, bv_model, dev, dtype, budget)
+            plan = memory_plan(nvs_model, bv_model, dev, dtype, budget, compute_dtype)
             if plan.one_model_resident:
                 # Edge mode: the 360° model goes to its offload file before the back-view model's own
                 # weights load, so the two are never resident together, not even while loading.
@@ -201,7 +219,8 @@ class Pipeline:
         del bv_state
         try:
             pipe = cls(nvs_model, bv_model, device=dev, dtype=dtype, engine=engine, max_memory=budget, backend=backend,
-                       export_dir=export_dir, crop=crop, inverter=inverter, swap=swap, **backend_options)
+                       export_dir=export_dir, crop=crop, inverter=inverter, swap=swap, compute_dtype=compute_dtype,
+                       **backend_options)
         except BaseException:
             if swap is not None:
                 swap.close()
@@ -213,7 +232,8 @@ class Pipeline:
     def random(cls, config: str | Path | Mapping[str, Any] | dict[str, ModelConfig], seed: int = 0,
                **kw: Any) -> "Pipeline":
         """Random-weight models (for demos, tests and benchmarks): real speed, meaningless pictures."""
-        check_options(kw.get("device", "cpu"), kw.get("backend", "torch"), kw.get("max_memory"), kw.get("dtype", torch.float32))
+        check_options(kw.get("device", "cpu"), kw.get("backend", "torch"), kw.get("max_memory"), kw.get("dtype", torch.float32),
+                      kw.get("compute_dtype"))
         cfgs = config if isinstance(config, dict) and all(isinstance(v, ModelConfig) for v in config.values()) \
             else load_config(config)
         torch.manual_seed(seed)
@@ -345,7 +365,7 @@ class Pipeline:
         timings["preprocess"] = time.perf_counter() - tic
         report = (lambda stage: (lambda i, n: progress(stage, i, n))) if progress else (lambda stage: None)
         reloaded = self.swap.reload_seconds if self.swap is not None else 0.0
-        with autocast(self.device, self.dtype):
+        with autocast(self.device, self.compute_dtype):
             tic = time.perf_counter()
             bv = self.use(self.backview)
             ctx_b = self.text_context(bv)

@@ -23,7 +23,8 @@ class RuntimeHost(Protocol):
     nvs: DiffPortrait360                # the 360° model (kind "nvs")
     backview: DiffPortrait360           # the back-view model (kind "backview")
     device: torch.device
-    dtype: torch.dtype                  # float16/bfloat16: autocast (model.autocast)
+    dtype: torch.dtype                  # the weights' dtype
+    compute_dtype: torch.dtype          # float16/bfloat16: autocast (model.autocast); float32: none
     image_size: int                     # S: portraits and conditions are [*, 3, S, S]
     plan: BatchPlan | None              # the fast engine's memory plan (None: one window per call)
     swap: ModelSwap | None              # set in edge mode: one diffusion model resident at a time

@@ -38,7 +38,7 @@ from torch import Tensor
 from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
 from ..backends.torch_backend import TorchBackend
 from ..generation import GenerationResult
-from ..model import autocast
+from ..model import autocast, dtype_bytes
 from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
                       quantize8, to_unit)
 from ..sampler.ddim import ddim_tables
@@ -192,15 +192,15 @@ class Runtime:
         plan = pipeline.plan
         self.max_rows = max_rows or (plan.windows_per_call * self.frames if plan else self.frames)
         self.batch_cfg = plan.batch_cfg if plan else True
-        dbytes = 2 if pipeline.dtype in (torch.float16, torch.bfloat16) else 4
+        wbytes, abytes = dtype_bytes(pipeline.dtype), dtype_bytes(pipeline.compute_dtype)
         cfg = pipeline.nvs.cfg
         lat = cfg.latent_size
         fixed = (plan.weights_bytes if plan and plan.weights_bytes else
-                 weight_bytes(cfg, dbytes) + weight_bytes(pipeline.backview.cfg, dbytes))
+                 weight_bytes(cfg, wbytes) + weight_bytes(pipeline.backview.cfg, wbytes))
         self._edge = pipeline.swap is not None
         self._waiting: list[Any] = []          # edge mode: admissions of requests waiting for the next wave
         self._admit_lock = threading.Lock()
-        per_row = activation_bytes(cfg, 2 if self.batch_cfg else 1, lat, lat, dbytes, fused_attention=True)
+        per_row = activation_bytes(cfg, 2 if self.batch_cfg else 1, lat, lat, abytes, fused_attention=True)
         self._backends = {BACKVIEW: pipeline.backends.get("backview") or TorchBackend(pipeline.backview),
                           NVS: pipeline.backends.get("nvs") or TorchBackend(pipeline.nvs)}
         self._caches = {BACKVIEW: BankCache(), NVS: BankCache()}
@@ -315,7 +315,7 @@ class Runtime:
         return req.window_tasks[window]
 
     def _autocast(self):
-        return autocast(self.pipe.device, self.pipe.dtype)
+        return autocast(self.pipe.device, self.pipe.compute_dtype)
 
     @torch.no_grad()
     def _start_backview(self, req: _Request) -> None:

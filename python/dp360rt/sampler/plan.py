@@ -83,10 +83,11 @@ def vae_decode_bytes(cfg: ModelConfig, frames: int, h: int, w: int, dtype_bytes:
 def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dtype_bytes: int,
                  max_memory: int | None = None, max_windows_per_call: int | None = None,
                  backview: ModelConfig | None = None, shared_bytes: int = 0,
-                 fused_attention: bool = False) -> BatchPlan:
+                 fused_attention: bool = False, compute_bytes: int | None = None) -> BatchPlan:
     """The largest batch (all windows, both branches, preferred) within ``max_memory`` bytes
     (None: no limit) and ``max_windows_per_call``. Raises :class:`MemoryBudgetError` with the
-    minimum needed otherwise.
+    minimum needed otherwise. Weights count ``dtype_bytes`` per element, activations
+    ``compute_bytes`` (default the same; 4 for half-precision weights run in float32).
 
     With ``backview`` (its config; ``shared_bytes`` of weights both models hold as one copy) the
     back-view model's weights count too, and when no batch fits with both models resident the
@@ -94,8 +95,10 @@ def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dt
     as few frames per VAE call as the budget asks for."""
     weights = weight_bytes(cfg, dtype_bytes)
     other = weight_bytes(backview, dtype_bytes) - shared_bytes if backview is not None else 0
+    compute_bytes = compute_bytes or dtype_bytes
+
     def act(c: ModelConfig, rows: int) -> int:
-        return activation_bytes(c, rows, h, w, dtype_bytes, fused_attention)
+        return activation_bytes(c, rows, h, w, compute_bytes, fused_attention)
 
     bank = act(cfg, 2)  # appearance net on 2 references
     bv_step = 0
@@ -113,7 +116,7 @@ def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dt
                 need = max(need, bv_step)
             smallest = need
             if max_memory is None or need <= max_memory:
-                decode = _decode_frames(cfg, frames, h, w, dtype_bytes, max_memory, held) if one_resident else None
+                decode = _decode_frames(cfg, frames, h, w, compute_bytes, max_memory, held) if one_resident else None
                 return BatchPlan(wpc, cfg_b, need, max_memory, one_resident, decode, held)
     raise MemoryBudgetError(
         f"max_memory={max_memory / 2**30:.2f} GiB is too small: one window of {frames} frames needs about "
@@ -130,7 +133,8 @@ def _decode_frames(cfg: ModelConfig, frames: int, h: int, w: int, dtype_bytes: i
 
 
 def default_plan(cfg: ModelConfig, device: str, dtype_bytes: int, max_memory: int | None = None,
-                 windows: int = 4, backview: ModelConfig | None = None, shared_bytes: int = 0) -> BatchPlan:
+                 windows: int = 4, backview: ModelConfig | None = None, shared_bytes: int = 0,
+                 compute_bytes: int | None = None) -> BatchPlan:
     """The engine's choice: on a GPU the largest batch that fits (throughput grows with batch);
     on a CPU one window per call (a bigger batch adds memory traffic, not throughput: measured
     in benchmarks/RESULTS.md). Both devices run fused attention (no score matrix)."""
@@ -138,4 +142,4 @@ def default_plan(cfg: ModelConfig, device: str, dtype_bytes: int, max_memory: in
     lat = cfg.latent_size
     cap = None if str(device).startswith("cuda") else 1
     return plan_batches(cfg, windows, frames, lat, lat, dtype_bytes, max_memory, cap, backview, shared_bytes,
-                        fused_attention=True)
+                        fused_attention=True, compute_bytes=compute_bytes)
