@@ -161,9 +161,10 @@ def test_stream_and_bench_random_tiny(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "portrait.png"), "--random", "tiny", "--steps", "2", "--out", str(gen)]) == 0
     assert len(list(gen.glob("*.png"))) >= 33 and (gen / "cameras.json").is_file()
     rc = main(["bench", "--random", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--nerf-steps", "5",
-               "--out", str(tmp_path / "bench")])
+               "--dtype", "bf16", "--compute-dtype", "fp32", "--out", str(tmp_path / "bench")])
     assert rc == 0
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert (report["dtype"], report["compute_dtype"]) == ("torch.bfloat16", "torch.float32")     # bf16 weights, fp32 arithmetic
     stages = {"text", "vae_encode", "back_view", "views", "window (each)", "decode", "total", "nerf_fit", "nerf_render"}
     assert set(report["median_s"]) == stages and all(v > 0 for v in report["median_s"].values())
     assert report["device"] == "cpu" and "torch" in report["capabilities"]

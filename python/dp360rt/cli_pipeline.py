@@ -34,7 +34,9 @@ def pipeline_from_args(a: argparse.Namespace):
     """The pipeline a verb asks for: official checkpoints, or random weights (--random CONFIG)."""
     from .pipeline import Pipeline
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
-    kw = dict(device=a.device, dtype=_dtype(a.dtype), engine=a.engine, max_memory=max_mem, **_backend_kw(a))
+    compute = getattr(a, "compute_dtype", None)
+    kw = dict(device=a.device, dtype=_dtype(a.dtype), compute_dtype=_dtype(compute) if compute else None, engine=a.engine,
+              max_memory=max_mem, **_backend_kw(a))
     if hasattr(a, "no_noise3d"):
         from .invert.cli import check_noise3d_files
         check_noise3d_files(a)               # a missing PanoHead / VGG16 file, before any weights load

@@ -23,6 +23,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8360)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     s.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, else fp32")
+    s.add_argument("--compute-dtype", choices=["fp32", "fp16", "bf16"],
+                   help="arithmetic dtype (default: --dtype's); fp32 with --dtype bf16/fp16 keeps half-precision weights "
+                        "(half the memory) and computes in float32: for CPUs without native bf16/fp16")
     s.add_argument("--engine", default="fast", choices=["fast", "reference"])
     s.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
     s.add_argument("--policy", default="latency", choices=["latency", "throughput"],
@@ -81,7 +84,7 @@ def pipeline_spec(a: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {"nvs": a.nvs, "backview": a.backview, "random": a.random, "config": a.config, "conditions": a.conditions,
             "device": a.device or ("cuda" if cuda else "cpu"), "dtype": a.dtype or ("fp16" if cuda else "fp32"),
-            "engine": a.engine, "max_memory": a.max_memory, "backend": a.backend, "export_dir": a.export_dir,
+            "compute_dtype": a.compute_dtype, "engine": a.engine, "max_memory": a.max_memory, "backend": a.backend, "export_dir": a.export_dir,
             "policy": a.policy}
 
 
