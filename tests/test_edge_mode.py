@@ -83,11 +83,11 @@ def test_edge_mode_loads_one_model_at_a_time(weights, monkeypatch, tmp_path, edg
         seen.update(nvs=keep, shared={id(t) for t in out.values()})
         return out
 
-    def load(model, sd):
+    def load(model, sd, **kw):
         if model.kind == "backview":
             own = [p for p in seen["nvs"].parameters() if id(p) not in seen["shared"]]
             seen["nvs_own_resident"] = sum(p.numel() for p in own if not p.is_meta)
-        return real_load(model, sd)
+        return real_load(model, sd, **kw)
 
     monkeypatch.setattr(pl, "identical_tensors", identical)
     monkeypatch.setattr(pl, "load_state", load)
@@ -111,6 +111,19 @@ def test_sliced_decode_matches_whole_window(weights, default):
     assert err < 1e-5
     edge.close()
     assert not edge.swap.directory.exists()           # its own temporary folder is removed
+
+
+def test_offload_folder_removed_without_close(weights):
+    """A caller who never calls close() does not leave gigabytes in the temporary folder: it goes
+    with the pipeline (and at the latest at interpreter exit); a folder the caller gave is kept."""
+    import gc
+    nvs, bv = weights
+    edge = Pipeline.from_checkpoints(nvs, bv, config="tiny", max_memory=edge_budget(8))
+    folder = edge.swap.directory
+    assert (folder / "nvs.pt").is_file()
+    del edge
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_edge_mode_refuses_exported_backends(weights, tmp_path):

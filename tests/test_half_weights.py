@@ -143,3 +143,21 @@ def test_compute_dtype_refuses_what_cannot_run():
         Pipeline.random("tiny", dtype=torch.bfloat16, compute_dtype=torch.float16)
     with pytest.raises(ValueError, match="backend='ort' runs exported networks"):
         Pipeline.random("tiny", dtype=torch.bfloat16, compute_dtype=torch.float32, backend="ort")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_model_holds_no_page_of_the_checkpoint_file(tmp_path, recipe, dtype):
+    """Checkpoint files are read memory-mapped. The model must not keep the mapping: a bfloat16 load
+    reads every page of the float32 file, and one float32 norm taken from it as it is would keep all
+    those pages in the process's RSS (10 GB for the official 360° file)."""
+    import gc
+    paths = {}
+    for kind in ("nvs", "backview"):
+        paths[kind] = tmp_path / f"{kind}.th"
+        torch.save(recipe[kind], paths[kind])
+    pipe = Pipeline.from_checkpoints(paths["nvs"], paths["backview"], config=SET_A / "config.json", dtype=dtype,
+                                     compute_dtype=torch.float32)
+    gc.collect()
+    maps = open("/proc/self/maps").read()
+    assert not any(str(p) in maps for p in paths.values()), "a checkpoint file is still mapped"
+    pipe.close()

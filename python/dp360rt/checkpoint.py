@@ -190,7 +190,7 @@ def load_checkpoint(model: DiffPortrait360, source: str | Path | Mapping[str, Te
     copied (nothing in dp360rt writes to weights, and a copy would double the peak memory).
     Raises :class:`CheckpointError` naming the problem and its fix.
     """
-    return load_state(model, checked_state_dict(model, source))
+    return load_state(model, checked_state_dict(model, source), copy=not isinstance(source, Mapping))
 
 
 def checked_state_dict(model: DiffPortrait360, source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -208,11 +208,19 @@ def checked_state_dict(model: DiffPortrait360, source: str | Path | Mapping[str,
     return sd
 
 
-def load_state(model: DiffPortrait360, sd: Mapping[str, Tensor]) -> DiffPortrait360:
+def load_state(model: DiffPortrait360, sd: Mapping[str, Tensor], copy: bool = False) -> DiffPortrait360:
     """Load a :func:`checked_state_dict` into ``model``, each tensor cast to its parameter's dtype
-    (see :func:`load_checkpoint`)."""
+    (see :func:`load_checkpoint`). ``copy``: a tensor that goes into a 'meta' slot without a cast
+    is copied, not taken: for a memory-mapped file, whose every page a half-precision load reads,
+    one float32 norm taken as it is would keep the whole mapping (and its pages in RSS) alive."""
     expected = model.state_dict()
-    sd = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items()}
+
+    def own(k: str, v: Tensor) -> Tensor:
+        if v.dtype != expected[k].dtype:
+            return v.to(expected[k].dtype)
+        return v.clone() if copy and expected[k].is_meta else v
+
+    sd = {k: own(k, v) for k, v in sd.items()}
     # A model built on 'meta' (no memory, no random init) takes the loaded tensors as they are.
     on_meta = any(t.is_meta for t in expected.values())
     model.load_state_dict(sd, strict=True, assign=on_meta)

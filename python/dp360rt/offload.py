@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -60,9 +61,12 @@ class ModelSwap:
     def __init__(self, models: dict[str, DiffPortrait360], device: torch.device, directory: str | Path | None = None):
         self.models = models
         self.device = torch.device(device)
-        self._own_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="dp360rt-offload-") if directory is None else directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Our temporary folder holds gigabytes: removed by close(), else when the swap is garbage
+        # collected or the interpreter exits, never left behind by a caller who forgot close().
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True) \
+            if directory is None else None
         ids = {kind: {id(p) for p in m.parameters()} for kind, m in models.items()}
         shared = set.intersection(*ids.values()) if len(ids) > 1 else set()
         self._slots = {kind: _slots(m, shared) for kind, m in models.items()}
@@ -119,6 +123,7 @@ class ModelSwap:
         self.reload_seconds += time.perf_counter() - tic
 
     def close(self) -> None:
-        """Remove the offload files (when the folder was ours)."""
-        if self._own_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        """Remove the offload files (when the folder was ours; also done when the swap is garbage
+        collected or at interpreter exit)."""
+        if self._cleanup is not None:
+            self._cleanup()

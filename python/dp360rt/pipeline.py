@@ -215,7 +215,7 @@ class Pipeline:
                 # Edge mode: the 360° model goes to its offload file before the back-view model's own
                 # weights load, so the two are never resident together, not even while loading.
                 swap = ModelSwap({"backview": bv_model, "nvs": nvs_model}, dev, backend_options.pop("offload_dir", None))
-        load_state(bv_model, {**bv_state, **shared})
+        load_state(bv_model, {**bv_state, **shared}, copy=not isinstance(backview, Mapping))
         del bv_state
         try:
             pipe = cls(nvs_model, bv_model, device=dev, dtype=dtype, engine=engine, max_memory=budget, backend=backend,
