@@ -42,6 +42,18 @@ def test_stream_equals_reference_loop(pipe):
     assert (res.back_view - ref.back_view).abs().max() <= 1 / 255 + 1e-6
 
 
+def test_stream_with_half_weights_and_float32_arithmetic():
+    """The step loop runs ``compute_dtype=float32`` pipelines as ``pipe()`` does: bfloat16 weights
+    cast at each call, no autocast; the same views as the Python loop."""
+    mixed = Pipeline.random("tiny", seed=0, dtype=torch.bfloat16, compute_dtype=torch.float32)
+    want = mixed(POR, COND, steps=2, seed=3)
+    got = torch.stack([v.image for v in mixed.stream(POR, COND, steps=2, seed=3)])
+    err = (got - want.views).abs().max().item()
+    print(f"stream vs pipe(), bf16 weights + fp32 arithmetic: max abs error {err:.2e}")
+    assert err < 1e-3
+    mixed.close()
+
+
 def test_nerf_fitter_consumes_the_stream(pipe):
     """Views go into the NeRF fitter as they arrive, each with its camera (the default orbit here)."""
     from dp360rt.nerf import Nerf, sphere32_cameras
@@ -51,7 +63,7 @@ def test_nerf_fitter_consumes_the_stream(pipe):
     assert fitter.num_views == 32
     stats = fitter.train()
     assert stats["steps"] == 6 and np.isfinite(stats["train_psnr"])
-    assert torch.equal(torch.stack(fitter._pool.cams), sphere32_cameras())
+    assert torch.equal(torch.stack([v.camera for v in fitter._views]), sphere32_cameras())
 
 
 @settings(max_examples=200, deadline=None)
