@@ -83,7 +83,8 @@ def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int 
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(pipe.device), "dtype": str(pipe.dtype),
-        "compute_dtype": str(pipe.compute_dtype), "engine": pipe.engine, "config_model_channels": pipe.nvs.cfg.unet.model_channels, "image_size": s,
+        "compute_dtype": str(pipe.compute_dtype), "engine": pipe.engine,
+        "config_model_channels": pipe.nvs.cfg.unet.model_channels, "image_size": s,
         "steps": steps, "repeats": repeats, "warmup": warmup, "median_s": med, "runs": runs,
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if pipe.device.type == "cuda" else "process peak RSS",

@@ -32,9 +32,6 @@ from .weights import (PanoHeadCheckpointError, fixture_spec, generator_from_stat
 
 DEFAULT_TOL = 3e-5
 
-
-
-
 # `dp360rt panohead verify`'s table.
 TABLE = CaseTable(24, (("rel err", "rel", 10, ".3e"), ("tol", "tol", 8, ".0e")))
 
@@ -92,20 +89,22 @@ def load_fixture_generator(fixture_dir: str | Path, on_row: Callable[[CaseResult
     g = None
     forms = _weight_forms(d)
     if not forms:
-        rows.append(CaseResult("weights", False, message="no weights: need G_ema.safetensors, network-snapshot.pkl or "
-                                                  "init.json + buffers.pt"))
+        rows.append(CaseResult("weights", False, message="no weights: need G_ema.safetensors, network-snapshot.pkl "
+                                                         "or init.json + buffers.pt"))
     for name, load in forms:
         try:
             sd, spec = load()
             if first is None:
                 g = generator_from_state(spec, sd, f"{d} ({name})")
                 first = (name, sd)
-                row = CaseResult(f"weights:{name}", True, rel=0.0, tol=0.0, worst=f"{len(sd)} tensors (cases run on these)")
+                row = CaseResult(f"weights:{name}", True, rel=0.0, tol=0.0,
+                                 worst=f"{len(sd)} tensors (cases run on these)")
             else:
                 diff = sorted(k for k in set(sd) | set(first[1])
                               if k not in sd or k not in first[1] or not torch.equal(sd[k], first[1][k]))
-                row = CaseResult(f"weights:{name}", not diff, rel=0.0, tol=0.0, worst=f"{len(sd)} tensors, equal to {first[0]}",
-                          message=f"{len(diff)} tensors differ from {first[0]} (e.g. {', '.join(diff[:3])})" if diff else "")
+                row = CaseResult(f"weights:{name}", not diff, rel=0.0, tol=0.0,
+                                 worst=f"{len(sd)} tensors, equal to {first[0]}",
+                                 message=f"{len(diff)} tensors differ from {first[0]} (e.g. {', '.join(diff[:3])})" if diff else "")
         except (ValueError, OSError, KeyError) as e:
             row = CaseResult(f"weights:{name}", False, message=f"{type(e).__name__}: {e}")
         rows.append(row)
