@@ -11,6 +11,7 @@ them, so they stay correct whichever model is resident.
 """
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
 import time
@@ -47,6 +48,17 @@ def move_resident(model: nn.Module, device: torch.device) -> None:
         for name, b in mod._buffers.items():
             if b is not None and not b.is_meta and b.device != device:
                 mod._buffers[name] = b.to(device)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+    An offloaded model's weights are thousands of blocks freed between live ones: without this,
+    glibc keeps most of those gigabytes in the process's RSS (3 GiB at full size, measured)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 class ModelSwap:
@@ -109,6 +121,7 @@ class ModelSwap:
                 mod._parameters[name] = meta
         if self.resident == kind:
             self.resident = None
+        release_freed_memory()
 
     def _load(self, kind: str) -> None:
         tic = time.perf_counter()
