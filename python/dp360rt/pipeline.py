@@ -41,7 +41,7 @@ def memory_plan(nvs: DiffPortrait360, backview: DiffPortrait360, device: torch.d
     nvs_ids = {id(p) for p in nvs.parameters()}
     shared = sum(p.numel() for p in backview.parameters() if id(p) in nvs_ids) * dbytes
     return default_plan(nvs.cfg, device.type, dbytes, max_memory, CONDITION_WINDOWS,
-                        backview=backview.cfg if max_memory is not None else None, shared_bytes=shared,
+                        backview=backview.cfg, shared_bytes=shared,
                         compute_bytes=dtype_bytes(compute_dtype or dtype))
 
 
@@ -168,7 +168,7 @@ class Pipeline:
 
     def decode(self, model: DiffPortrait360, latent: Tensor) -> Tensor:
         """Latents [B, 4, h, w] -> images [B, 3, 8h, 8w] (about [-1, 1]) in slices of the plan's
-        ``decode_frames`` (edge mode), else in one call."""
+        ``decode_frames`` (a tight budget), else in one call."""
         n = self.plan.decode_frames if self.plan is not None and self.plan.decode_frames else latent.shape[0]
         return torch.cat([self.net(model).decode_latent(latent[i:i + n]) for i in range(0, latent.shape[0], n)])
 

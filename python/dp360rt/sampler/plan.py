@@ -41,6 +41,13 @@ class MemoryBudgetError(ValueError):
     """Even the smallest batch does not fit ``max_memory``."""
 
 
+# Measured peak RSS over the live tensors the two estimates below count: the UNet step at full
+# size 1.46x, the VAE decode 1.33x (CPU, float32 arithmetic; benchmarks/RESULTS.md, "Edge mode
+# memory"): temporaries between the counted tensors and the allocator's slack. Both estimates
+# carry this factor so the plan bounds what is measured.
+SLACK_NUM, SLACK_DEN = 3, 2
+
+
 def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
     from ..model import build_model
     m = build_model(cfg.kind, cfg, device="meta")
@@ -69,7 +76,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, h: int, w: int, dtype_bytes: i
     if not fused_attention:
         attn += min(n0, 1024) * 3 * n0 * u.num_heads * 4 // dtype_bytes
     per_row = skips + 2 * max(ff, attn) + 6 * c0 * n0
-    return rows * per_row * dtype_bytes
+    return rows * per_row * dtype_bytes * SLACK_NUM // SLACK_DEN
 
 
 def vae_decode_bytes(cfg: ModelConfig, frames: int, h: int, w: int, dtype_bytes: int) -> int:
@@ -77,7 +84,7 @@ def vae_decode_bytes(cfg: ModelConfig, frames: int, h: int, w: int, dtype_bytes:
     the decoder's widest full-resolution level alive at once."""
     v = cfg.vae
     f = cfg.downsample_factor
-    return frames * 6 * v.ch * v.ch_mult[0] * (h * f) * (w * f) * dtype_bytes
+    return frames * 6 * v.ch * v.ch_mult[0] * (h * f) * (w * f) * dtype_bytes * SLACK_NUM // SLACK_DEN
 
 
 def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dtype_bytes: int,
@@ -91,8 +98,9 @@ def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dt
 
     With ``backview`` (its config; ``shared_bytes`` of weights both models hold as one copy) the
     back-view model's weights count too, and when no batch fits with both models resident the
-    plan keeps one at a time (edge mode: the back-view step's own need counts then) and decodes
-    as few frames per VAE call as the budget asks for."""
+    plan keeps one at a time (edge mode: the back-view step's own need counts then). Views are
+    decoded in as few frames per VAE call as the budget asks for (in either mode); the estimate
+    is the largest need of a UNet step and a VAE decode."""
     weights = weight_bytes(cfg, dtype_bytes)
     other = weight_bytes(backview, dtype_bytes) - shared_bytes if backview is not None else 0
     compute_bytes = compute_bytes or dtype_bytes
@@ -111,13 +119,13 @@ def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dt
         held = weights if one_resident else weights + other
         for wpc, cfg_b in options:
             rows = wpc * frames * (2 if cfg_b else 1)
-            need = held + bank + act(cfg, rows)
+            decode = _decode_frames(cfg, frames, h, w, compute_bytes, max_memory, held)
+            need = max(held + bank + act(cfg, rows), held + vae_decode_bytes(cfg, decode, h, w, compute_bytes))
             if one_resident:
                 need = max(need, bv_step)
             smallest = need
             if max_memory is None or need <= max_memory:
-                decode = _decode_frames(cfg, frames, h, w, compute_bytes, max_memory, held) if one_resident else None
-                return BatchPlan(wpc, cfg_b, need, max_memory, one_resident, decode, held)
+                return BatchPlan(wpc, cfg_b, need, max_memory, one_resident, decode if decode < frames else None, held)
     raise MemoryBudgetError(
         f"max_memory={max_memory / 2**30:.2f} GiB is too small: one window of {frames} frames needs about "
         f"{smallest / 2**30:.2f} GiB ({weights / 2**30:.2f} GiB of weights). Fix: raise max_memory or use fp16")
