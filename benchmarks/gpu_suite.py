@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "python"))
 from dp360rt import Pipeline  # noqa: E402
 from dp360rt.demo import synthetic_conditions, synthetic_portrait  # noqa: E402
 from dp360rt.flops import step_flops  # noqa: E402
+from dp360rt.model import dtype_bytes  # noqa: E402
 from dp360rt.sampler.windows import prepare_windows, sample_windows_reference  # noqa: E402
 from dp360rt.sampler.fast import sample_windows_fast  # noqa: E402
 from dp360rt.sampler.noise import GeneratorNoise  # noqa: E402
@@ -72,7 +73,7 @@ def stage_engine_step(cfg: str, dev: str, dtype: torch.dtype, out: dict) -> None
     cond = synthetic_conditions(8, s).to(dev, dtype if dev.startswith("cuda") else torch.float32)
     ctx = pipe.text_context(m)
     lat = torch.randn(1, 4, s // 8, s // 8, device=dev, dtype=cond.dtype)
-    plan = default_plan(m.cfg, dev, 2 if dtype != torch.float32 else 4)
+    plan = default_plan(m.cfg, dev, dtype_bytes(dtype))
     res = {}
     for name, fn in (("reference", sample_windows_reference), ("fast", sample_windows_fast)):
         def step():

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .checks import arg, device_name, gib_budget, positive_int
-from .cli_pipeline import add_backend_args, pipeline_from_args
+from .cli_pipeline import add_backend_args, add_compute_dtype_arg, pipeline_from_args
 from .progress import progress_bar
 
 
@@ -174,9 +174,7 @@ def _add_model_args(p: argparse.ArgumentParser, random_default: str | None = Non
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    type=arg(device_name, "--device", convert=str), help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--compute-dtype", choices=["fp32", "fp16", "bf16"],
-                   help="arithmetic dtype (default: --dtype's); fp32 with --dtype bf16/fp16 keeps half-precision weights "
-                        "(half the memory) and computes in float32: for CPUs without native bf16/fp16")
+    add_compute_dtype_arg(p)
     p.add_argument("--engine", default="fast", choices=["fast", "reference"],
                    help="fast: same numbers, shared-bank schedule (default); reference: the authors' loop")
     p.add_argument("--max-memory", type=arg(gib_budget, "--max-memory", convert=float),

@@ -30,6 +30,12 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-dir", help="the export --backend ort|trt runs (dp360rt export ... --out DIR)")
 
 
+def add_compute_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compute-dtype", choices=["fp32", "fp16", "bf16"],
+                   help="arithmetic dtype (default: --dtype's); fp32 with --dtype bf16/fp16 keeps half-precision weights "
+                        "(half the memory) and computes in float32: for CPUs without native bf16/fp16")
+
+
 def pipeline_from_args(a: argparse.Namespace):
     """The pipeline a verb asks for: official checkpoints, or random weights (--random CONFIG)."""
     from .pipeline import Pipeline

@@ -117,10 +117,11 @@ def plan_batches(cfg: ModelConfig, windows: int, frames: int, h: int, w: int, dt
     smallest = None
     for one_resident in ((False, True) if backview is not None else (False,)):
         held = weights if one_resident else weights + other
+        decode = _decode_frames(cfg, frames, h, w, compute_bytes, max_memory, held)
+        decode_need = held + vae_decode_bytes(cfg, decode, h, w, compute_bytes)
         for wpc, cfg_b in options:
             rows = wpc * frames * (2 if cfg_b else 1)
-            decode = _decode_frames(cfg, frames, h, w, compute_bytes, max_memory, held)
-            need = max(held + bank + act(cfg, rows), held + vae_decode_bytes(cfg, decode, h, w, compute_bytes))
+            need = max(held + bank + act(cfg, rows), decode_need)
             if one_resident:
                 need = max(need, bv_step)
             smallest = need

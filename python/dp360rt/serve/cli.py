@@ -12,7 +12,7 @@ INSTALL_FIX = "Fix: pip install 'dp360rt[serve]' (Starlette, uvicorn, python-mul
 
 
 def add_parser(sub: Any) -> None:
-    from ..cli_pipeline import add_backend_args
+    from ..cli_pipeline import add_backend_args, add_compute_dtype_arg
     s = sub.add_parser("serve", help="streaming HTTP service (SSE) over one pipeline; --ray: on Ray Serve")
     s.add_argument("--nvs", help="model_state-340000.th (or .safetensors)")
     s.add_argument("--backview", help="back_head-230000.th (or .safetensors)")
@@ -23,9 +23,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8360)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     s.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, else fp32")
-    s.add_argument("--compute-dtype", choices=["fp32", "fp16", "bf16"],
-                   help="arithmetic dtype (default: --dtype's); fp32 with --dtype bf16/fp16 keeps half-precision weights "
-                        "(half the memory) and computes in float32: for CPUs without native bf16/fp16")
+    add_compute_dtype_arg(s)
     s.add_argument("--engine", default="fast", choices=["fast", "reference"])
     s.add_argument("--max-memory", type=float, help="GiB the fast engine may plan for (default: no limit)")
     s.add_argument("--policy", default="latency", choices=["latency", "throughput"],
