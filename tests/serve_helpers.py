@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -77,3 +79,99 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise KeyError(name)
+
+
+# -- a server in its own process (what CPU, memory and kill -9 are measured on) ------------------------
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used (those gone since are not counted)."""
+    total = 0
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / TICKS
+
+
+def cores_used(pid: int, seconds: float) -> float:
+    """Cores the process tree of ``pid`` keeps busy over the next ``seconds`` (0.5 = half a core)."""
+    pids = process_tree(pid)
+    before = cpu_seconds(pids)
+    time.sleep(seconds)
+    return (cpu_seconds(pids) - before) / seconds
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS for {pid}")
+
+
+class ServerProcess:
+    """``python -m dp360rt serve ARGS --port P`` in its own process (one compute thread); waits for
+    ``/readyz``. ``base``: its URL; ``pid``; ``log``: its stderr so far."""
+
+    def __init__(self, args: list[str], log_path: Path, ready_timeout: float = 240.0):
+        import subprocess
+        import sys
+        import httpx
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dp360rt", "serve", *args, "--port", str(self.port)],
+                                     stdout=self._log, stderr=self._log, env=env)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            assert self.proc.poll() is None, f"the server exited ({self.proc.returncode}):\n{self.log}"
+            assert time.monotonic() < deadline, f"the server was not ready after {ready_timeout:.0f} s:\n{self.log}"
+            try:
+                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill9(self) -> None:
+        import signal
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+                self.proc.wait(30)
+        self._log.close()

@@ -30,9 +30,10 @@ class Recorder(GenerationListener):
         self.calls: list[tuple] = []
         self.lock = threading.Lock()
 
-    def on_start(self, gen_id):
+    def on_start(self, gen_id, options):
         with self.lock:
             self.calls.append(("start", gen_id))
+            self.options = options
 
     def on_view(self, gen_id, index, camera, image):
         with self.lock:

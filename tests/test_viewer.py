@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -38,7 +39,7 @@ def ready_sessions(head_views):
     """A session fed through the listener interface and fitted to the end of its budget."""
     images, cams = head_views
     s = NerfSessions(steps=STEPS, chunk_seconds=0.2)
-    s.on_start("g1")
+    s.on_start("g1", {"nerf": "always"})
     s.on_view("g1", -1, cams[18].tolist(), images[18])          # the back view: shown, not fitted
     for i, (im, cam) in enumerate(zip(images, cams)):
         s.on_view("g1", i, cam.tolist(), im)
@@ -69,9 +70,9 @@ def test_listener_flow_fits_and_renders(ready_sessions):
 
 def test_failed_generation_is_a_failed_session(head_views):
     images, cams = head_views
-    s = NerfSessions(steps=STEPS)
+    s = NerfSessions(steps=STEPS, mode="always")
     try:
-        s.on_start("bad")
+        s.on_start("bad", {"nerf": "always"})
         s.on_end("bad", "cancelled")
         st = s.get("bad").status()
         assert st["state"] == "failed" and "cancelled" in st["error"] and not st["renderable"]
@@ -84,7 +85,7 @@ def test_failed_generation_is_a_failed_session(head_views):
 def test_render_never_waits_for_a_training_step(head_views, monkeypatch):
     """Block the worker inside a training step: renders of the published snapshot must still finish."""
     images, cams = head_views
-    s = NerfSessions(steps=10_000, chunk_seconds=0.05)
+    s = NerfSessions(steps=10_000, chunk_seconds=0.05, mode="always")
     blocked, release = threading.Event(), threading.Event()
     real_step = Fitter.train_step
 
@@ -204,13 +205,37 @@ def test_downloads(ready_sessions, tmp_path):
         assert mp4.status_code == 200 and mp4.content[4:8] == b"ftyp"
 
 
-def test_download_before_fit_is_409(head_views):
+def test_download_before_fit_starts_it_or_names_nerf_none(head_views):
+    """A field download before the fit: 202 + Retry-After, and an on_view generation starts fitting
+    (nobody asked before: idle); a nerf=none generation is a 409 naming the mode."""
+    images, cams = head_views
     s = NerfSessions(steps=10)
     try:
-        s.on_start("early")
+        s.on_start("early", {"nerf": "always"})
+        s.on_start("lazy", {"nerf": "on_view"})
+        s.on_start("never", {"nerf": "none"})
+        for gen in ("lazy", "never"):
+            for i in range(3):
+                s.on_view(gen, i, cams[i].tolist(), images[i])
+            s.on_end(gen, "done")
         with _client(s) as c:
             r = c.get("/v1/generations/early/nerf.zip")
-            assert r.status_code == 409 and "not fitted yet" in r.json()["error"]["message"]
+            assert r.status_code == 202 and "being fitted" in r.json()["error"]["message"]
+            assert int(r.headers["retry-after"]) >= 1
+            assert c.get("/v1/generations/lazy/nerf/status").json()["state"] == "idle"
+            time.sleep(0.3)
+            assert s.get("lazy").status()["state"] == "idle"             # nobody asked: no fit
+            assert c.get("/v1/generations/lazy/mesh.ply").status_code == 202
+            assert s.get("lazy").status()["fit"]["started"]
+            s.wait("lazy", timeout=120)
+            st = c.get("/v1/generations/lazy/nerf/status").json()
+            assert st["state"] == "ready" and st["fit"]["wall_seconds"] > 0 and st["fit"]["train_seconds"] > 0
+            assert c.get("/v1/generations/lazy/mesh.ply").status_code == 200
+            r = c.get("/v1/generations/never/nerf.zip")
+            assert r.status_code == 409 and "nerf=none" in r.json()["error"]["message"]
+            assert c.post("/v1/generations/never/nerf/fit").status_code == 409
+            assert s.get("never").status()["state"] == "off"
+            assert c.get("/v1/generations/never/views.zip").status_code == 200     # the views are there
             assert c.get("/v1/viewer/config").json() == {"upload": False, "generations": []}
     finally:
         s.close()

@@ -125,9 +125,12 @@ def cmd_stream(a: argparse.Namespace) -> int:
         tmp = rd.path
         views = {}
         try:
-            for v in pipe.stream(a.portrait, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps,
-                                 seed=a.seed, cameras=a.cameras, back_view=True, crop=a.crop,
-                                 progress=progress_bar()):
+            prepared = pipe.prepare(a.portrait, crop=a.crop, progress=progress_bar())
+            if prepared.crop is not None:
+                print(_crop_summary(prepared.crop))
+            prepared.save_extras(tmp)               # crop/ and inversion/, as generate saves them
+            for v in pipe.stream(prepared, _conditions(a, pipe.image_size), policy=a.policy, steps=a.steps,
+                                 seed=a.seed, cameras=a.cameras, back_view=True):
                 name = "back_view.png" if v.is_back_view else f"{v.index:03d}.png"
                 save_png(v.image, tmp / name)
                 what = "back view" if v.is_back_view else f"view {v.index:3d}"
@@ -232,16 +235,17 @@ def cmd_view(a: argparse.Namespace) -> int:
     sessions = NerfSessions(seconds=a.seconds)
     try:
         if a.synthetic:
-            load_synthetic(sessions, a.synthetic, a.size)
+            load_synthetic(sessions, a.synthetic, a.size, mode=a.nerf)
         for p in a.paths:
-            load_path(sessions, p)
+            load_path(sessions, p, mode=a.nerf)
     except BaseException:
         sessions.close()
         raise
     host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
     print(f"dp360rt view: open http://{host}:{a.port}/ ({len(sessions.preloaded())} result(s); Ctrl-C stops)",
           flush=True)
-    uvicorn.run(build_app(sessions), host=a.host, port=a.port, log_level="warning")
+    from .serve.parts import WS_MAX_BYTES
+    uvicorn.run(build_app(sessions), host=a.host, port=a.port, log_level="warning", ws_max_size=WS_MAX_BYTES)
     return 0
 
 
@@ -334,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     vw.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     vw.add_argument("--port", type=int, default=8360)
     vw.add_argument("--seconds", type=float, default=30.0, help="NeRF fitting budget per unfitted folder (default 30)")
+    vw.add_argument("--nerf", default="on_view", choices=["on_view", "always"],
+                    help="fit an unfitted folder when the page first shows it (on_view, default) or all at start")
     vw.add_argument("--size", type=int, default=64, help="synthetic scene view size in pixels (default 64)")
     vw.set_defaults(fn=cmd_view)
     from .panohead.cli import add_parsers as add_panohead_parsers

@@ -72,7 +72,27 @@ class GenerationResult:
             entries.append(entry)
         write_text_atomic(d / "cameras.json", json.dumps({"views": entries}, indent=1))
         write_text_atomic(d / "timings.json", json.dumps(self.timings, indent=1))
+        Prepared(None, crop=self.crop, inversion=self.inversion).save_extras(d)
+
+
+@dataclass
+class Prepared:
+    """A portrait after the stages before the diffusion models (:meth:`dp360rt.Pipeline.prepare`):
+    the portrait to generate from (the 512² crop with ``crop="auto"``), the 3D-aware noise's
+    features [32, 3, S, S] in [-1, 1] (or None), the :class:`dp360rt.crop.CropResult` and the
+    :class:`dp360rt.invert.Inversion` (or None)."""
+    portrait: Any
+    features: Any = None
+    crop: Any = None
+    inversion: Any = None
+
+    def save_extras(self, out_dir: str | Path) -> list[Path]:
+        """Write ``crop/`` and ``inversion/`` into ``out_dir`` as :meth:`GenerationResult.save` does;
+        returns the folders written."""
+        d, written = Path(out_dir), []
         if self.crop is not None:
-            self.crop.save(d / "crop")
+            written.append(self.crop.save(d / "crop"))
         if self.inversion is not None:
-            self.inversion.save(d / "inversion")
+            written.append(self.inversion.save(d / "inversion"))
+        return written
+

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .checkpoint import checked_state_dict, identical_tensors, load_checkpoint, load_state
 from .config import ModelConfig, load_config
-from .generation import GenerationResult
+from .generation import GenerationResult, Prepared
 from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, to_unit)
 from .model import (HALF_DTYPES, DiffPortrait360, autocast, build_model, cast_weights_at_call, cpu_half_is_native,
@@ -250,24 +250,39 @@ class Pipeline:
             cache[policy] = Runtime(self, policy=policy, max_memory=self.max_memory, **kw)
         return cache[policy]
 
+    def prepare(self, portrait: Any, *, crop: str | None = "default", noise3d: bool = True, features: Any = None,
+                progress: Callable[[str, int, int], None] | None = None) -> Prepared:
+        """The stages before the diffusion models: ``crop="auto"`` crops the raw photo to PanoHead's
+        framing, and with an ``inverter`` and no ``features`` the (cropped) portrait is inverted into
+        PanoHead for 3D-aware noise. Returns a :class:`Prepared` (the portrait to generate from, the
+        features [32, 3, S, S] or None, and the crop and inversion results to save); ``progress``
+        gets ``(stage, i, n)`` as the inversion goes."""
+        portrait, cropped = self._crop_portrait(portrait, self.crop if crop == "default" else crop)
+        if cropped is not None and progress:
+            progress("crop", 1, 1)
+        features, inversion = self._noise3d(portrait, cropped, features, noise3d, progress)
+        return Prepared(portrait, features, cropped, inversion)
+
     def stream(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "latency", **kw: Any):
         """Yield :class:`~dp360rt.runtime.View` objects as views finish (C++ step loop).
 
         ``policy="latency"`` (default here) finishes and streams window 0 first; keyword arguments
         as for :meth:`submit`. Stopping the iteration early cancels the request.
         """
-        portrait, cropped = self._crop_portrait(portrait, kw.pop("crop", self.crop))
-        kw["features"], _ = self._noise3d(portrait, cropped, kw.get("features"), kw.pop("noise3d", True),
-                                          kw.pop("progress", None))
-        return self.runtime(policy).stream(portrait, conditions, **kw)
+        return self.runtime(policy).stream(*self._prepared(portrait, kw), conditions, **kw)
 
     def submit(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "throughput", **kw: Any):
         """Queue a generation on the C++ step loop; returns a handle with ``cancel()``, ``result()``,
-        ``progress`` and view iteration. Keywords: steps, seed, features, cameras (as for ``__call__``)."""
-        portrait, cropped = self._crop_portrait(portrait, kw.pop("crop", self.crop))
-        kw["features"], _ = self._noise3d(portrait, cropped, kw.get("features"), kw.pop("noise3d", True),
-                                          kw.pop("progress", None))
-        return self.runtime(policy).submit(portrait, conditions, **kw)
+        ``progress`` and view iteration. Keywords: steps, seed, features, cameras (as for ``__call__``),
+        crop and noise3d (see :meth:`prepare`; pass a :class:`Prepared` portrait to skip them)."""
+        return self.runtime(policy).submit(*self._prepared(portrait, kw), conditions, **kw)
+
+    def _prepared(self, portrait: Any, kw: dict[str, Any]) -> tuple[Any]:
+        crop, noise3d, progress = kw.pop("crop", self.crop), kw.pop("noise3d", True), kw.pop("progress", None)
+        if not isinstance(portrait, Prepared):
+            portrait = self.prepare(portrait, crop=crop, noise3d=noise3d, features=kw.get("features"), progress=progress)
+        kw["features"] = portrait.features
+        return (portrait.portrait,)
 
     def close(self) -> None:
         """Stop the runtimes' loop threads (also done at interpreter exit) and remove edge mode's

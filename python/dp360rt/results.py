@@ -109,7 +109,7 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     return d
 
 
-def _sha256(p: Path) -> str:
+def sha256_file(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -145,7 +145,7 @@ class ResultDir:
     def commit(self, **info: Any) -> Path:
         """Write ``manifest.json`` (run id, kind, ``info``, every file's size and sha256) and move
         the folder into place; returns the final path."""
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                  for f in sorted(self.path.iterdir()) if f.is_file() and f.name != MANIFEST}
         manifest = {"run_id": self.run_id, "kind": self.kind, "complete": True, **info, "files": files}
         write_text_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1))
@@ -192,7 +192,7 @@ def check_run_folder(folder: str | Path, files: list[str]) -> dict | None:
         p = d / name
         if entry is None:
             raise IncompleteRunError(f"{p} is not part of the run {manifest.get('run_id')} that {mp} describes. {fix}")
-        if not p.exists() or p.stat().st_size != entry.get("bytes") or _sha256(p) != entry.get("sha256"):
+        if not p.exists() or p.stat().st_size != entry.get("bytes") or sha256_file(p) != entry.get("sha256"):
             raise IncompleteRunError(f"{p} differs from the run {manifest.get('run_id')} that {mp} describes "
                                      f"(another run's file, or changed). {fix}")
     return manifest

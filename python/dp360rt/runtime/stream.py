@@ -132,6 +132,20 @@ class Handle:
             taken += r.steps
         return min(1.0, taken / total) if r.status != "done" else 1.0
 
+    @property
+    def stage(self) -> tuple[str, float]:
+        """(stage, fraction of its steps taken): ``back_view``, then ``window k`` for the lowest
+        window still denoising (windows may share steps), then ``decode`` for the last decodes."""
+        r = self._req
+        if r.back_view is None:
+            t = r.bv_task
+            return "back_view", (t.step / r.steps if t is not None else 0.0)
+        live = sorted(r.window_tasks.items())
+        if not live:
+            return "decode", 1.0
+        w, t = live[0]
+        return f"window {w}", min(1.0, t.step / r.steps)
+
     def cancel(self) -> None:
         """Stop the request now: its tasks leave the loop, its queue closes, its memory is freed."""
         self._rt._cancel(self._req, RequestCancelled(f"request {self._req.id} was cancelled"))

@@ -27,7 +27,9 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .backend import BadInput, decode_portrait
+from .backend import CHOICES, BadInput, decode_portrait
+
+CROP_MODES, NOISE_MODES = CHOICES["crop"], CHOICES["noise"]
 from .errors import ServeError, error_response
 from .events import notify
 from .metrics import Metrics
@@ -36,6 +38,7 @@ from .store import ResultStore
 log = logging.getLogger("dp360rt.serve")
 
 MAX_SEED = 2**63 - 1
+NERF_MODES = ("none", "on_view", "always")
 PUBLIC_PATHS = ("/healthz", "/readyz")
 
 
@@ -98,7 +101,7 @@ class TokenAuth:
 
 def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int = 16, max_upload_mb: float = 20,
                token: str | None = None, listeners: Sequence[Any] = (), extra_routes: Sequence[BaseRoute] = (),
-               stall_timeout: float = 120.0, close_backend: bool = True) -> Starlette:
+               stall_timeout: float = 120.0, close_backend: bool = True, nerf: str = "on_view") -> Starlette:
     """The service app over ``backend`` (see :mod:`dp360rt.serve.backend` for its two calls).
 
     ``store``: where views go (default: a temporary folder removed at shutdown); ``max_queue``:
@@ -106,7 +109,9 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
     ``token``: required on every route but health, the page and its assets; ``listeners``:
     :class:`~dp360rt.serve.events.GenerationListener` objects told about every generation;
     ``extra_routes``: more routes (the viewer's), matched after the service's; ``stall_timeout``:
-    seconds without any event from the backend after which a stream fails instead of hanging.
+    seconds without any event from the backend after which a stream fails instead of hanging;
+    ``nerf``: a request's NeRF fit when it does not say (``none``, ``on_view``: when the page or a
+    download first asks, ``always``: while the views arrive).
     The backend is loaded in a thread at startup (``/readyz`` says when) if it has ``load()``.
     """
     store = store or ResultStore()
@@ -114,6 +119,8 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
     listeners = list(listeners)
     active: dict[str, _Generation] = {}
     max_upload = int(max_upload_mb * 2**20)
+    if nerf not in NERF_MODES:
+        raise ValueError(f"nerf={nerf!r} is not a NeRF mode. Fix: use one of {', '.join(NERF_MODES)}")
     if max_queue < 1:
         raise ValueError(f"max_queue={max_queue}: at least 1 generation must be admitted. Fix: pass --max-queue 1 or more")
 
@@ -132,7 +139,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
             metrics.queued += -1 if not queued else 1
 
     # -- POST /v1/generations --------------------------------------------------------------------------
-    async def read_form(request: Request) -> tuple[bytes, int, int]:
+    async def read_form(request: Request) -> tuple[bytes, dict[str, Any]]:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise ServeError(400, f"expected a multipart/form-data request, got {ctype or 'no content type'!r}",
@@ -168,11 +175,15 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
                 raise ServeError(400, "missing field 'portrait' (an image file)",
                                  "send the portrait as a file field: curl -F portrait=@face.png ...")
             data = await portrait.read()
-            steps = _int_field(form.get("steps"), "steps", 50, 1, 10**6)
-            seed = _int_field(form.get("seed"), "seed", 0, 0, MAX_SEED)
+            options = {"steps": _int_field(form.get("steps"), "steps", 50, 1, 10**6),
+                       "seed": _int_field(form.get("seed"), "seed", 0, 0, MAX_SEED),
+                       "crop": _choice_field(form.get("crop"), "crop", CROP_MODES),
+                       "noise": _choice_field(form.get("noise"), "noise", NOISE_MODES),
+                       "orbit": _text_field(form.get("orbit"), "orbit", "default"),
+                       "nerf": _choice_field(form.get("nerf"), "nerf", NERF_MODES, nerf)}
         finally:
             await form.close()
-        return data, steps, seed
+        return data, options
 
     async def create_generation(request: Request) -> Response:
         if not getattr(backend, "ready", True):
@@ -184,7 +195,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
         if len(active) >= max_queue:
             return reject(full)
         try:
-            data, steps, seed = await read_form(request)
+            data, options = await read_form(request)
             await asyncio.to_thread(decode_portrait, data)           # refuse non-images before any work
         except ServeError as e:
             return reject(e)
@@ -197,7 +208,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
         metrics.active += 1
         metrics.queued += 1
         try:
-            g.job = backend.start(data, steps, seed)
+            g.job = backend.start(data, {k: v for k, v in options.items() if k != "nerf"})
             first = await asyncio.wait_for(g.job.next(), stall_timeout)
         except Exception:  # noqa: BLE001
             log.exception("starting generation %s failed", g.id)
@@ -210,7 +221,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
             return error_response(503, (first or {}).get("message") or "the generation could not start",
                                   "retry the request; if it keeps failing, see the server log",
                                   {"Retry-After": "5"})
-        notify(listeners, "on_start", g.id)
+        notify(listeners, "on_start", g.id, options)
         headers = {"X-Replica": first["replica"], "X-Generation-Id": g.id, "Cache-Control": "no-cache",
                    "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(g, request.scope.get("root_path", "")), media_type="text/event-stream",
@@ -232,9 +243,10 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
     async def stream(g: _Generation, root: str) -> AsyncIterator[bytes]:
         status = None
         job = g.job
-        sent = (0.0, "queued", time.monotonic())       # the last progress event sent
+        sent = (0.0, "queued", None, 0.0, time.monotonic())       # the last progress event sent
         try:
-            yield sse("progress", {"id": g.id, "progress": 0.0, "status": "queued", "t": _since(g)})
+            yield sse("progress", {"id": g.id, "progress": 0.0, "status": "queued", "stage": None, "fraction": 0.0,
+                                   "t": _since(g)})
             while status is None:
                 if g.cancel_requested:
                     job.cancel()
@@ -250,11 +262,16 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
                 kind = ev["type"]
                 if kind == "progress":
                     set_queued(g, ev.get("status") == "queued")
-                    # now and then: on a change of 1 % or of status, else every 10 s (keeps proxies awake)
-                    now = (ev["progress"], ev["status"])
-                    if abs(now[0] - sent[0]) >= 0.01 or now[1] != sent[1] or time.monotonic() - sent[2] > 10:
+                    # now and then: on a change of 1 % (overall or of the stage) or of status or stage, else
+                    # every 10 s (keeps proxies awake)
+                    now = (ev["progress"], ev["status"], ev.get("stage"), ev.get("fraction", 0.0))
+                    if (abs(now[0] - sent[0]) >= 0.01 or abs(now[3] - sent[3]) >= 0.01 or now[1:3] != sent[1:3]
+                            or time.monotonic() - sent[4] > 10):
                         sent = (*now, time.monotonic())
-                        yield sse("progress", {"id": g.id, "progress": now[0], "status": now[1], "t": _since(g)})
+                        yield sse("progress", {"id": g.id, "progress": now[0], "status": now[1], "stage": now[2],
+                                               "fraction": now[3], "t": _since(g)})
+                elif kind == "files":
+                    await asyncio.to_thread(store.write_extra, g.id, ev["files"])
                 elif kind == "view":
                     set_queued(g, False)
                     idx, image = ev["index"], ev["image"]
@@ -315,6 +332,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
             return JSONResponse({"id": gen_id, "status": "cancelling"}, status_code=202)
         if store.folder(gen_id) is not None:
             store.discard(gen_id)
+            notify(listeners, "on_delete", gen_id)
             return JSONResponse({"id": gen_id, "status": "deleted"})
         return error_response(404, f"no generation {gen_id!r}", "use the id of a running or stored generation")
 
@@ -326,8 +344,14 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
         if err:
             return JSONResponse({"status": "failed", "error": err}, status_code=503)
         if not getattr(backend, "ready", True):
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ready", "active": len(active)})
+            loading = dict(getattr(backend, "loading", {}))
+            since = loading.pop("since", None)
+            if since is not None:
+                loading["elapsed"] = round(time.monotonic() - since, 1)
+            return JSONResponse({"status": "loading", "reason": "the models are still loading",
+                                 "progress": loading}, status_code=503, headers={"Retry-After": "5"})
+        caps = backend.capabilities() if hasattr(backend, "capabilities") else {}
+        return JSONResponse({"status": "ready", "active": len(active), **caps})
 
     async def metrics_route(request: Request) -> Response:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -394,3 +418,22 @@ def _int_field(value: Any, name: str, default: int, lo: int, hi: int) -> int:
     if not lo <= n <= hi:
         raise ServeError(400, f"{name}={n} is out of range [{lo}, {hi}]", f"send {name} between {lo} and {hi}")
     return n
+
+
+def _text_field(value: Any, name: str, default: str) -> str:
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise ServeError(400, f"field {name!r} must be a plain form value, not a file", f"send {name}=NAME")
+    if len(value) > 64 or not value.replace("_", "").replace("-", "").isalnum():
+        raise ServeError(400, f"field {name!r} = {value[:40]!r} is not a name", f"send {name}=NAME (letters, digits, - and _)")
+    return value
+
+
+def _choice_field(value: Any, name: str, choices: Sequence[str], default: str | None = None) -> str:
+    v = _text_field(value, name, default or choices[0])
+    if v not in choices:
+        raise ServeError(400, f"field {name!r} = {v!r} is not one of {', '.join(choices)}",
+                         f"send {name}={' or '.join(choices)}")
+    return v
+

@@ -35,6 +35,12 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--store", help="folder for the generated views (default: a temporary folder removed on exit)")
     s.add_argument("--store-max-gb", type=float, default=2.0, help="store size cap; oldest generations go first")
     s.add_argument("--no-viewer", action="store_true", help="do not mount the browser viewer (dp360rt.viewer)")
+    s.add_argument("--nerf", default="on_view", choices=["none", "on_view", "always"],
+                   help="a request's NeRF fit when it does not say: on_view (default) when the page or a download "
+                        "first asks for it, always while the views arrive, none never")
+    s.add_argument("--orbit", action="append", default=[], metavar="NAME=DIR",
+                   help="another condition folder a request may choose with orbit=NAME (repeatable; the "
+                        "--conditions folder is orbit 'default')")
     s.add_argument("--nerf-seconds", type=float, default=None,
                    help="viewer: NeRF training time per generation (default 30 s)")
     s.add_argument("--nerf-steps", type=int, default=None,
@@ -46,6 +52,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--replica-cpus", type=float, default=None,
                    help="CPUs reserved per replica on a CPU machine (default: the machine's CPUs / (replicas + 1))")
     add_backend_args(s)
+    from ..invert.cli import add_noise3d_args
+    add_noise3d_args(s)           # --panohead/--vgg (or --random ... --3d-noise): requests may ask noise=3d
     s.set_defaults(fn=cmd_serve)
 
 
@@ -68,6 +76,10 @@ def check_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--max-upload {a.max_upload}: must be positive. Fix: pass a size in MB, e.g. 20")
     if not 0 < a.port < 65536:
         raise ValueError(f"--port {a.port} is not a TCP port. Fix: pass 1..65535")
+    from .parts import parse_orbits
+    parse_orbits(a.orbit)
+    from ..invert.cli import check_noise3d_files
+    check_noise3d_files(a)
 
 
 def _imports() -> None:
@@ -76,39 +88,11 @@ def _imports() -> None:
             raise ImportError(f"dp360rt serve needs {mod!r}, which is not installed. {INSTALL_FIX}")
 
 
-def pipeline_spec(a: argparse.Namespace) -> dict[str, Any]:
-    """Everything a process needs to build the pipeline (plain values: it travels to Ray replicas)."""
-    import torch
-    cuda = torch.cuda.is_available()
-    return {"nvs": a.nvs, "backview": a.backview, "random": a.random, "config": a.config, "conditions": a.conditions,
-            "device": a.device or ("cuda" if cuda else "cpu"), "dtype": a.dtype or ("fp16" if cuda else "fp32"),
-            "compute_dtype": a.compute_dtype, "engine": a.engine, "max_memory": a.max_memory, "backend": a.backend, "export_dir": a.export_dir,
-            "policy": a.policy}
-
-
-def backend_from_spec(spec: dict[str, Any], replica: str | None = None):
-    """A :class:`~dp360rt.serve.backend.LocalBackend` for a :func:`pipeline_spec` (not loaded yet)."""
-    from ..cli_pipeline import pipeline_from_args
-    from .backend import LocalBackend
-    ns = argparse.Namespace(**spec)
-    return LocalBackend(lambda: pipeline_from_args(ns), conditions=spec["conditions"], policy=spec["policy"], replica=replica)
-
-
-def viewer_parts(enabled: bool = True, nerf_seconds: float | None = None,
-                 nerf_steps: int | None = None) -> tuple[list[Any], list[Any]]:
-    """The viewer's listener and routes when ``dp360rt.viewer`` is present (else nothing); the
-    NeRF budget per generation is ``nerf_seconds`` / ``nerf_steps`` (default: the viewer's 30 s)."""
-    if not enabled or importlib.util.find_spec("dp360rt.viewer") is None:
-        return [], []
-    from dp360rt.viewer import NerfSessions, viewer_routes
-    sessions = NerfSessions(seconds=nerf_seconds, steps=nerf_steps)
-    return [sessions], list(viewer_routes(sessions, upload=True))
-
-
 def cmd_serve(a: argparse.Namespace) -> int:
     check_args(a)
     _imports()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .parts import WS_MAX_BYTES, backend_from_spec, pipeline_spec, viewer_parts
     spec = pipeline_spec(a)
     if a.ray:
         from .ray_app import run_ray
@@ -116,13 +100,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
     from .app import create_app
     from .store import ResultStore
-    listeners, routes = viewer_parts(not a.no_viewer, a.nerf_seconds, a.nerf_steps)
-    app = create_app(backend_from_spec(spec), store=ResultStore(a.store, int(a.store_max_gb * 2**30)),
-                     max_queue=a.max_queue, max_upload_mb=a.max_upload, token=a.token, listeners=listeners,
-                     extra_routes=routes)
+    store = ResultStore(a.store, int(a.store_max_gb * 2**30))
+    if store.removed_at_start:
+        print(f"dp360rt serve: removed {store.removed_at_start} unfinished generation folder(s) left in {store.root} "
+              "by a server that stopped mid-run", file=sys.stderr, flush=True)
+    listeners, routes = viewer_parts(not a.no_viewer, a.nerf_seconds, a.nerf_steps, store=store, mode=a.nerf)
+    app = create_app(backend_from_spec(spec), store=store, max_queue=a.max_queue, max_upload_mb=a.max_upload,
+                     token=a.token, listeners=listeners, extra_routes=routes, nerf=a.nerf)
     print(f"dp360rt serve: http://{a.host}:{a.port}  (POST /v1/generations; models load in the background, "
-          "GET /readyz says when they are ready)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info", timeout_graceful_shutdown=5)
+          "GET /readyz says when they are ready; the log says how long loading took)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info", timeout_graceful_shutdown=5, ws_max_size=WS_MAX_BYTES)
     for listener in listeners:
         close = getattr(listener, "close", None)
         if close:

@@ -20,16 +20,21 @@ class GenerationListener:
 
     ``on_view`` gets ``index`` -1 for the back view and 0..31 for the orbit's views, ``camera`` the
     25 PanoHead numbers (list of float), ``image`` a numpy uint8 array [H, W, 3]. ``on_end``'s
-    ``status`` is ``done``, ``failed`` or ``cancelled``.
+    ``status`` is ``done``, ``failed`` or ``cancelled``. ``on_start``'s ``options`` are the
+    request's (steps, seed, crop, noise, orbit, nerf); ``on_delete`` follows a DELETE of a
+    finished generation (its files are gone).
     """
 
-    def on_start(self, gen_id: str) -> None:
+    def on_start(self, gen_id: str, options: dict[str, Any]) -> None:
         pass
 
     def on_view(self, gen_id: str, index: int, camera: list[float], image: np.ndarray) -> None:
         pass
 
     def on_end(self, gen_id: str, status: str) -> None:
+        pass
+
+    def on_delete(self, gen_id: str) -> None:
         pass
 
 

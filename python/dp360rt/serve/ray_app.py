@@ -33,14 +33,14 @@ class GenerationReplica:
     """A generation replica: one pipeline, its step loop batching every request routed here."""
 
     def __init__(self, spec: dict[str, Any]):
-        from .cli import backend_from_spec
+        from .parts import backend_from_spec
         ctx = serve.get_replica_context()
         self.backend = backend_from_spec(spec, replica=f"{ctx.deployment}#{ctx.replica_tag}")
         self.backend.load()
 
-    async def generate(self, portrait: bytes, steps: int, seed: int):
+    async def generate(self, portrait: bytes, options: dict[str, Any]):
         """Stream one generation's events (see :mod:`dp360rt.serve.backend`); cancelled with the stream."""
-        job = self.backend.start(portrait, steps, seed)
+        job = self.backend.start(portrait, options)
         try:
             while (ev := await job.next()) is not None:
                 yield ev
@@ -113,8 +113,8 @@ class RayBackend:
     def __init__(self, handle: Any):
         self.handle = handle
 
-    def start(self, portrait: bytes, steps: int, seed: int) -> RayJob:
-        return RayJob(self.handle, (portrait, steps, seed))
+    def start(self, portrait: bytes, options: dict[str, Any]) -> RayJob:
+        return RayJob(self.handle, (portrait, options))
 
 
 @serve.deployment(max_ongoing_requests=1024)
@@ -127,18 +127,20 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
-        from .cli import viewer_parts
+        from .parts import viewer_parts
         from .store import ResultStore
         o = self.options
-        self.listeners, routes = viewer_parts(o["viewer"])
-        return create_app(RayBackend(self.generator), store=ResultStore(o["store"], o["store_max_bytes"]),
-                          max_queue=o["max_queue"], max_upload_mb=o["max_upload_mb"], token=o["token"],
-                          listeners=self.listeners, extra_routes=routes)
+        store = ResultStore(o["store"], o["store_max_bytes"])
+        self.listeners, routes = viewer_parts(o["viewer"], store=store, mode=o.get("nerf", "on_view"))
+        return create_app(RayBackend(self.generator), store=store, max_queue=o["max_queue"],
+                          max_upload_mb=o["max_upload_mb"], token=o["token"], listeners=self.listeners,
+                          extra_routes=routes, nerf=o.get("nerf", "on_view"))
 
 
 def build_app(spec: dict[str, Any], *, replicas: int, max_queue: int = 16, max_upload_mb: float = 20,
               token: str | None = None, store: str | None = None, store_max_bytes: int = 2 << 30,
-              viewer: bool = True, replica_cpus: float | None = None, ingress_cpus: float = 0.1):
+              viewer: bool = True, replica_cpus: float | None = None, ingress_cpus: float = 0.1,
+              nerf: str = "on_view"):
     """The Ray Serve application: ingress + ``replicas`` generation replicas (``serve.run`` it).
 
     On CUDA each replica reserves one GPU; on CPU ``replica_cpus`` (default: the CPUs Ray sees,
@@ -151,7 +153,7 @@ def build_app(spec: dict[str, Any], *, replicas: int, max_queue: int = 16, max_u
     gen = GenerationReplica.options(num_replicas=replicas, ray_actor_options=actor,
                                     max_ongoing_requests=max(max_queue, 1)).bind(spec)
     options = {"viewer": viewer, "store": store, "store_max_bytes": store_max_bytes, "max_queue": max_queue,
-               "max_upload_mb": max_upload_mb, "token": token}
+               "max_upload_mb": max_upload_mb, "token": token, "nerf": nerf}
     return Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": ingress_cpus}).bind(gen, options)
 
 
@@ -171,7 +173,7 @@ def run_ray(a: Any, spec: dict[str, Any]) -> int:
     serve.start(http_options={"host": a.host, "port": a.port})
     app = build_app(spec, replicas=a.replicas, max_queue=a.max_queue, max_upload_mb=a.max_upload, token=a.token,
                     store=a.store, store_max_bytes=int(a.store_max_gb * 2**30), viewer=not a.no_viewer,
-                    replica_cpus=a.replica_cpus)
+                    replica_cpus=a.replica_cpus, nerf=a.nerf)
     serve.run(app, name="dp360rt", route_prefix="/", blocking=False)
     print(f"dp360rt serve --ray: http://{a.host}:{a.port} ready in {time.perf_counter() - t0:.0f} s "
           f"({a.replicas} generation replicas); Ctrl-C stops it", file=sys.stderr, flush=True)

@@ -1,10 +1,14 @@
 """The service's result store: one folder per generation in the result layout.
 
-``ROOT/{id}/back_view.png``, ``000.png`` ... ``031.png`` and, once every view is there,
-``cameras.json`` (``{"views": [{"file", "camera": [25 floats]}]}``). Every file is written under a
-temporary name and renamed into place, so a reader never sees a half-written file. A generation
-that fails or is cancelled has its folder removed: at rest a folder is complete or absent. The
-store is size-capped: when finished generations exceed ``max_bytes``, the oldest go first.
+While a generation runs its files go into ``ROOT/.partial-{id}/`` (served from there to this
+process's clients only); ``finish`` writes ``cameras.json`` (``{"views": [{"file", "camera"}]}``)
+and ``manifest.json`` last (every file with its size and sha256, as :mod:`dp360rt.results`
+writes it) and renames the folder to ``ROOT/{id}/``. So a folder named by an id is complete, and
+only a complete folder carries ``manifest.json``. Every file is written under a temporary name and
+renamed into place, so a reader never sees a half-written file. A generation that fails or is
+cancelled has its folder removed; partial folders left by a killed server are never served and
+are removed when a store opens the root. The store is size-capped: when finished generations
+exceed ``max_bytes``, the oldest go first.
 """
 from __future__ import annotations
 
@@ -22,8 +26,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..results import MANIFEST, sha256_file
+
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 NAME_PATTERN = re.compile(r"^(back_view|\d{3})$")
+# relative paths a backend may add to a generation (crop/..., inversion/...): plain names, no "..", no dotfiles
+EXTRA_PATTERN = re.compile(r"^(crop|inversion)(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}){1,2}$")
+PARTIAL = ".partial-"
 
 
 def view_name(index: int) -> str:
@@ -52,62 +61,89 @@ class ResultStore:
         self._lock = threading.Lock()
         self._finished: OrderedDict[str, int] = OrderedDict()    # id -> bytes, oldest first
         self._active: set[str] = set()
+        self.removed_at_start = 0
         for d in sorted((p for p in self.root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime):
-            if (d / "cameras.json").is_file() and ID_PATTERN.match(d.name):
+            if ID_PATTERN.match(d.name) and (d / MANIFEST).is_file():
                 self._finished[d.name] = _folder_bytes(d)
-            elif ID_PATTERN.match(d.name):          # left half-written by a server that was killed
+            elif d.name.startswith(PARTIAL) or ID_PATTERN.match(d.name):   # left by a server that was killed
                 shutil.rmtree(d, ignore_errors=True)
+                self.removed_at_start += 1
 
     def new(self) -> str:
-        """A fresh URL-safe generation id, its folder created."""
+        """A fresh URL-safe generation id, its (partial) folder created."""
         with self._lock:
             while True:
                 gen_id = secrets.token_urlsafe(12)
-                if not (self.root / gen_id).exists():
+                if not (self.root / gen_id).exists() and not self._partial(gen_id).exists():
                     break
-            (self.root / gen_id).mkdir()
+            self._partial(gen_id).mkdir()
             self._active.add(gen_id)
         return gen_id
 
     def write_view(self, gen_id: str, index: int, image: np.ndarray) -> str:
         """Store one view's PNG atomically; returns its file name."""
         name = view_name(index) + ".png"
-        _write_atomic(self.root / gen_id / name, encode_png(image))
+        _write_atomic(self._partial(gen_id) / name, encode_png(image))
         return name
 
+    def write_extra(self, gen_id: str, files: dict[str, bytes]) -> None:
+        """Store a generation's other results (``crop/...``, ``inversion/...``: relative path -> bytes)."""
+        for rel, data in files.items():
+            if not EXTRA_PATTERN.match(rel):
+                raise ValueError(f"{rel!r} is not a result file the store keeps (crop/..., inversion/...)")
+            p = self._partial(gen_id) / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(p, data)
+
     def finish(self, gen_id: str, cameras: dict[int, list[float]]) -> None:
-        """Write ``cameras.json`` (orbit views in index order), mark the folder complete, evict."""
+        """Write ``cameras.json`` (orbit views in index order) and ``manifest.json``, move the
+        folder into place (complete), evict the oldest past the cap."""
+        d = self._partial(gen_id)
         views = [{"file": view_name(i) + ".png", "camera": cameras[i]} for i in sorted(cameras) if i >= 0]
-        _write_atomic(self.root / gen_id / "cameras.json", json.dumps({"views": views}, indent=1).encode())
+        _write_atomic(d / "cameras.json", json.dumps({"views": views}, indent=1).encode())
+        files = {f.relative_to(d).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                 for f in sorted(d.rglob("*")) if f.is_file()}
+        manifest = {"run_id": gen_id, "kind": "views", "complete": True, "views": len(views), "files": files}
+        _write_atomic(d / MANIFEST, json.dumps(manifest, indent=1).encode())
+        os.replace(d, self.root / gen_id)
         with self._lock:
             self._active.discard(gen_id)
             self._finished[gen_id] = _folder_bytes(self.root / gen_id)
             self._evict()
 
     def discard(self, gen_id: str) -> None:
-        """Remove a generation that did not finish (failed or cancelled)."""
+        """Remove a generation (failed, cancelled or deleted), complete or not."""
+        if not ID_PATTERN.match(gen_id):
+            return
         with self._lock:
             self._active.discard(gen_id)
             self._finished.pop(gen_id, None)
+        shutil.rmtree(self._partial(gen_id), ignore_errors=True)
         shutil.rmtree(self.root / gen_id, ignore_errors=True)
 
     def file(self, gen_id: str, name: str) -> Path | None:
-        """The stored PNG ``name`` (``back_view`` or ``000``..) of a generation, or None."""
+        """The stored PNG ``name`` (``back_view`` or ``000``..) of a complete generation, or of one
+        running in this process; None otherwise."""
         if not ID_PATTERN.match(gen_id) or not NAME_PATTERN.match(name):
             return None
-        p = self.root / gen_id / f"{name}.png"
-        return p if p.is_file() else None
+        for d in (self.root / gen_id, self._partial(gen_id) if gen_id in self._active else None):
+            if d is not None and (d / f"{name}.png").is_file():
+                return d / f"{name}.png"
+        return None
 
     def folder(self, gen_id: str) -> Path | None:
-        """A generation's folder (complete or still filling), or None."""
+        """A complete generation's folder, or None."""
         if not ID_PATTERN.match(gen_id):
             return None
         p = self.root / gen_id
-        return p if p.is_dir() else None
+        return p if (p / MANIFEST).is_file() else None
 
     def close(self) -> None:
         if self.temporary:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _partial(self, gen_id: str) -> Path:
+        return self.root / f"{PARTIAL}{gen_id}"
 
     def _evict(self) -> None:
         total = sum(self._finished.values())
@@ -118,7 +154,7 @@ class ResultStore:
 
 
 def _folder_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

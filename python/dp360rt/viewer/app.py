@@ -21,10 +21,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "result"
 
 
-def load_path(sessions: NerfSessions, path: str | Path, gen_id: str | None = None) -> NerfSession:
+def load_path(sessions: NerfSessions, path: str | Path, gen_id: str | None = None, mode: str = "always") -> NerfSession:
     """Preload a views folder (``result.save`` layout: PNGs + ``cameras.json``, optionally
     ``back_view.png`` and a fitted ``nerf/``) or a fitted NeRF folder (``nerf.save``; the views
-    of its parent folder are shown when there). A views folder without ``nerf/`` is fitted now."""
+    of its parent folder are shown when there). A views folder without ``nerf/`` is fitted now
+    (``mode="on_view"``: when the page first shows it)."""
     d = Path(path)
     if not d.is_dir():
         raise ValueError(f"{d} is not a folder. Fix: pass a views folder (PNGs + cameras.json, as `dp360rt generate "
@@ -48,16 +49,17 @@ def load_path(sessions: NerfSessions, path: str | Path, gen_id: str | None = Non
     if nerf_dir is not None:
         return sessions.add_nerf(gen_id, Nerf.load(nerf_dir), label=label, images=images, cameras=cams,
                                  back_view=back)
-    return sessions.add_views(gen_id, images, cams, label=label, back_view=back)
+    return sessions.add_views(gen_id, images, cams, label=label, back_view=back, mode=mode)
 
 
-def load_synthetic(sessions: NerfSessions, scene: str = "head", size: int = 64) -> NerfSession:
-    """Render a built-in synthetic scene on the sphere32 orbit and fit it in the background."""
+def load_synthetic(sessions: NerfSessions, scene: str = "head", size: int = 64, mode: str = "always") -> NerfSession:
+    """Render a built-in synthetic scene on the sphere32 orbit and fit it in the background
+    (``mode="on_view"``: when the page first shows it)."""
     from ..nerf.synthetic import SCENES, render_views
     if scene not in SCENES:
         raise ValueError(f"unknown synthetic scene {scene!r}. Fix: use one of {', '.join(SCENES)}")
     images, cams = render_views(scene, size=size)
-    return sessions.add_views(f"synthetic-{scene}", images, cams, label=SYNTHETIC_LABEL.format(scene=scene))
+    return sessions.add_views(f"synthetic-{scene}", images, cams, label=SYNTHETIC_LABEL.format(scene=scene), mode=mode)
 
 
 def build_app(sessions: NerfSessions):

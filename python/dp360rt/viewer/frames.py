@@ -15,6 +15,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..nerf.cameras import DEFAULT_FOCAL, DEFAULT_RADIUS, orbit_cameras
 
 MAX_SIDE = 1024
 MIN_SIDE = 16
+MAX_MESSAGE = 64 * 1024        # bytes of one request: a camera is a few hundred
 
 
 class FrameRequestError(ValueError):
@@ -65,6 +67,9 @@ def _number(msg: dict[str, Any], key: str, default: float | None, lo: float, hi:
 def parse_frame_request(text: str) -> FrameRequest:
     """Parse and check one WebSocket message (see the module doc) -> :class:`FrameRequest`.
     Raises :class:`FrameRequestError` naming the bad field and the fix."""
+    if len(text) > MAX_MESSAGE:
+        raise FrameRequestError(f"a frame request of {len(text)} characters is too long (at most {MAX_MESSAGE}). "
+                                'Fix: send one small JSON object, e.g. {"azimuth": 30, "width": 256}')
     try:
         msg = json.loads(text)
     except (json.JSONDecodeError, TypeError):
@@ -105,3 +110,10 @@ def encode_frame(rgb: np.ndarray, fmt: str = "jpeg", quality: int = 85) -> bytes
     else:
         img.save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue()
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """A stored view's PNG -> uint8 [H, W, 3]."""
+    from PIL import Image
+    with Image.open(path) as img:
+        return np.ascontiguousarray(np.asarray(img.convert("RGB")))

@@ -4,6 +4,8 @@ service's routes, or alone by ``dp360rt view``.
 * ``GET /`` the page, ``/static/*`` its assets (no CDN: the page works on an offline LAN);
 * ``GET /v1/viewer/config``: ``{"upload": bool, "generations": [{"id", "label"}]}`` (preloaded ones);
 * ``GET /v1/generations/{id}/nerf/status``: see :meth:`NerfSession.status`;
+* ``POST /v1/generations/{id}/nerf/fit``: start fitting a ``nerf=on_view`` generation (the page
+  does when it shows one; the WebSocket and the field's downloads do too); 409 for ``nerf=none``;
 * ``WS /v1/generations/{id}/nerf``: the client sends frame requests (:mod:`.frames`), the server
   answers each rendered frame with a JSON text message ``{"type": "frame", "id", "width", "height",
   "format", "render_ms", "dropped", "step", "psnr", "version"}`` followed by the binary image.
@@ -45,6 +47,15 @@ def error_response(status: int, message: str, fix: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "fix": fix}}, status_code=status)
 
 
+NERF_NONE = ("generation {gen_id!r} was made with nerf=none, so it has no NeRF. Fix: generate with nerf=on_view "
+             "(the default: fitted when the page or a download asks) or nerf=always")
+
+
+def _not_fitted(gen_id: str) -> JSONResponse:
+    msg, fix = NERF_NONE.format(gen_id=gen_id).split(". Fix: ")
+    return error_response(409, msg, fix)
+
+
 def _unknown(gen_id: str) -> JSONResponse:
     return error_response(404, f"no generation {gen_id!r} is known to the viewer",
                           "use the id of a generation of this server (POST /v1/generations) or a preloaded one "
@@ -74,7 +85,7 @@ def _views_zip(s: NerfSession) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         for r in sorted(s.views.values(), key=lambda r: r.index):
             png = io.BytesIO()
-            Image.fromarray(r.image).save(png, format="PNG")
+            Image.fromarray(r.pixels()).save(png, format="PNG")
             z.writestr(f"{r.name}.png", png.getvalue())
             if r.index >= 0:
                 entries.append({"file": f"{r.name}.png", "camera": r.camera})
@@ -143,7 +154,7 @@ def viewer_routes(sessions: NerfSessions, upload: bool = True, standalone: bool 
 
     async def status(request: Request) -> Response:
         gen_id = request.path_params["gen_id"]
-        s = sessions.get(gen_id)
+        s = await asyncio.to_thread(sessions.open, gen_id)
         return _unknown(gen_id) if s is None else JSONResponse(s.status())
 
     async def view_png(request: Request) -> Response:
@@ -155,32 +166,50 @@ def viewer_routes(sessions: NerfSessions, upload: bool = True, standalone: bool 
         if rec is None:
             return error_response(404, f"generation {gen_id!r} has no view {name!r}",
                                   "use a name from nerf/status view_list (back_view, 000 ... 031)")
-        data = await asyncio.get_running_loop().run_in_executor(pool, encode_frame, rec.image, "png")
+        data = await asyncio.get_running_loop().run_in_executor(pool, lambda: encode_frame(rec.pixels(), "png"))
         return Response(data, media_type="image/png")
 
     async def download(request: Request) -> Response:
         gen_id, name = request.path_params["gen_id"], request.path_params["file"]
-        s = sessions.get(gen_id)
+        s = await asyncio.to_thread(sessions.open, gen_id)
         if s is None:
             return _unknown(gen_id)
         maker, media, needs_field = DOWNLOADS[name]
+        if needs_field and not sessions.activate(s):
+            return _not_fitted(gen_id)
         if needs_field and s.snapshot is None:
-            return error_response(409, f"the NeRF of generation {gen_id!r} is not fitted yet (state {s.state})",
-                                  "wait until nerf/status says renderable, then download again")
+            r = error_response(202, f"the NeRF of generation {gen_id!r} is being fitted (state {s.state}); "
+                               f"{name} is made from it", "download again after the Retry-After seconds, or when "
+                               "nerf/status says renderable")
+            r.headers["Retry-After"] = str(int(max(1, min(30, (s.seconds or 10) / 3))))
+            return r
         if not s.views and not needs_field:
             return error_response(409, f"generation {gen_id!r} has no views yet", "wait for the first view")
         data = await asyncio.get_running_loop().run_in_executor(pool, downloads.get, s, name, maker)
         return Response(data, media_type=media,
                         headers={"Content-Disposition": f'attachment; filename="{gen_id}-{name}"'})
 
+    async def fit(request: Request) -> Response:
+        gen_id = request.path_params["gen_id"]
+        s = await asyncio.to_thread(sessions.open, gen_id)
+        if s is None:
+            return _unknown(gen_id)
+        if not sessions.activate(s):
+            return _not_fitted(gen_id)
+        return JSONResponse(s.status(), status_code=202)
+
     async def nerf_socket(ws: WebSocket) -> None:
         gen_id = ws.path_params["gen_id"]
         await ws.accept()
-        s = sessions.get(gen_id)
+        s = await asyncio.to_thread(sessions.open, gen_id)
         if s is None:
             await ws.send_json({"type": "error", "message": f"no generation {gen_id!r} is known to the viewer. "
                                 "Fix: use an id from POST /v1/generations or GET /v1/viewer/config"})
             await ws.close(code=4404)
+            return
+        if not sessions.activate(s):           # the page looks: an on_view generation starts fitting now
+            await ws.send_json({"type": "error", "message": NERF_NONE.format(gen_id=gen_id)})
+            await ws.close(code=4409)
             return
         await _serve_frames(ws, s, pool)
 
@@ -195,6 +224,7 @@ def viewer_routes(sessions: NerfSessions, upload: bool = True, standalone: bool 
         Mount("/static", app=StaticFiles(directory=str(STATIC_DIR)), name="static"),
         Route("/v1/viewer/config", config, methods=["GET"]),
         Route("/v1/generations/{gen_id}/nerf/status", status, methods=["GET"]),
+        Route("/v1/generations/{gen_id}/nerf/fit", fit, methods=["POST"]),
         WebSocketRoute("/v1/generations/{gen_id}/nerf", nerf_socket),
         *[download_route(n) for n in DOWNLOADS],
     ]

@@ -7,9 +7,16 @@ has work, in chunks of ``chunk_seconds``, round robin. After each chunk it publi
 of the field (:meth:`dp360rt.nerf.Nerf.snapshot`) that renders read without any lock, so a render
 never waits for a training step and a training step never waits for a render.
 
-States (``status()["state"]``): ``waiting`` (no view yet), ``fitting`` (training; ``renderable``
-once the first snapshot exists), ``ready`` (budget used and the generation ended: the final field),
-``failed`` (the generation failed or was cancelled, or fitting raised; ``error`` says why).
+A session's ``mode`` says when it fits (the request's ``nerf`` field): ``always`` from the first
+view, ``on_view`` only once the page or a download asks for it (:meth:`NerfSessions.activate`;
+until then a view is kept as a way to read its PNG from the result store, not as pixels), ``none``
+never. A finished generation the sessions no longer hold (evicted, or stored by an earlier
+server) is opened again from the store's folder (:meth:`NerfSessions.open`).
+
+States (``status()["state"]``): ``idle`` (``on_view``: nobody asked yet), ``off`` (``none``),
+``waiting`` (no view yet), ``fitting`` (training; ``renderable`` once the first snapshot exists),
+``ready`` (budget used and the generation ended: the final field), ``failed`` (the generation
+failed or was cancelled, or fitting raised; ``error`` says why).
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,18 +37,32 @@ from .frames import FrameRequest
 BACK_VIEW_INDEX = -1
 DEFAULT_SECONDS = 30.0         # NeRF training time per generation when no budget is given
 BACK_VIEW_HINT = 18            # the back view is generated at the camera of condition image 18
+NERF_MODES = ("none", "on_view", "always")
 
 
 @dataclass
 class ViewRecord:
-    """One view of a generation: orbit index (-1: back view), 25-number camera, uint8 [H, W, 3]."""
+    """One view of a generation: orbit index (-1: back view), 25-number camera, and either the
+    image uint8 [H, W, 3] or ``path``, a function giving its stored PNG's path (read when needed)."""
     index: int
     camera: list[float]
-    image: np.ndarray
+    image: np.ndarray | None = None
+    path: Callable[[], Path | None] | None = None
 
     @property
     def name(self) -> str:
         return "back_view" if self.index == BACK_VIEW_INDEX else f"{self.index:03d}"
+
+    def pixels(self) -> np.ndarray:
+        """The image uint8 [H, W, 3] (read from the store when only its path is kept)."""
+        if self.image is not None:
+            return self.image
+        p = self.path() if self.path is not None else None
+        if p is None:
+            raise LookupError(f"view {self.name} is no longer in the result store (evicted or deleted). Fix: "
+                              "generate again (the store keeps the newest generations up to --store-max-gb)")
+        from .frames import read_png
+        return read_png(p)
 
     def angles(self) -> tuple[float, float]:
         """(azimuth, elevation) in degrees of the camera position (azimuth 0 = front, +90 = +x)."""
@@ -67,15 +89,20 @@ class NerfSession:
     """One generation's views, its fitter and the latest published snapshot (see the module doc)."""
 
     def __init__(self, gen_id: str, seconds: float | None, steps: int | None, nerf_options: dict[str, Any],
-                 label: str | None = None, preloaded: bool = False):
+                 label: str | None = None, preloaded: bool = False, mode: str = "always"):
+        if mode not in NERF_MODES:
+            raise ValueError(f"nerf={mode!r} is not a NeRF mode. Fix: use one of {', '.join(NERF_MODES)}")
         self.id = gen_id
+        self.mode = mode
+        self.active = mode == "always"           # fitting may start (on_view: once someone asked)
+        self.fit_times: dict[str, float] = {}    # monotonic clock: "started", "ready"
         self.label = label
         self.preloaded = preloaded
         self.seconds, self.steps = seconds, steps
         self.nerf_options = dict(nerf_options)
         self.views: dict[int, ViewRecord] = {}
         self.generation = "running"              # running | done | failed | cancelled
-        self.state = "waiting"
+        self.state = "waiting" if self.active else "off" if mode == "none" else "idle"
         self.error: str | None = None
         self.created = time.monotonic()
         self.version = 0                         # bumped at every published snapshot
@@ -88,20 +115,37 @@ class NerfSession:
         self._trained_views = 0                  # views in the fitter when its budget last ran out
 
     # -- what the listener and the routes call (any thread) -------------------------------------------
-    def add_view(self, index: int, camera: Sequence[float], image: Any) -> None:
+    def add_view(self, index: int, camera: Sequence[float], image: Any = None,
+                 path: Callable[[], Path | None] | None = None) -> None:
+        """Record a view: its image, or (``path``) where its stored PNG is read from when needed."""
         cam = [float(x) for x in camera]
         if len(cam) != 25:
             raise ValueError(f"view {index} has a camera of {len(cam)} numbers, expected 25. Fix: pass the PanoHead camera")
-        rec = ViewRecord(int(index), cam, to_uint8_image(image))
+        if image is None and path is None:
+            raise ValueError(f"view {index} has neither an image nor a stored file. Fix: pass one")
+        rec = ViewRecord(int(index), cam, to_uint8_image(image) if image is not None else None, path)
         with self._lock:
             self.views[rec.index] = rec
-            if rec.index != BACK_VIEW_INDEX:       # the back view is another model's image: shown, not fitted
+            if rec.index != BACK_VIEW_INDEX and self.active:   # the back view is another model's image: shown, not fitted
                 self._pending.append(rec)
+
+    def activate(self) -> bool:
+        """Someone wants to look: start fitting (from the views so far) unless the mode is ``none``.
+        Returns whether the session fits (now or already)."""
+        with self._lock:
+            if self.mode == "none":
+                return False
+            if not self.active and self.state != "failed":
+                self.active = True
+                self.fit_times["started"] = time.monotonic()
+                self._pending = [r for i, r in sorted(self.views.items()) if i != BACK_VIEW_INDEX]
+                self.state = "waiting"
+            return True
 
     def end(self, status: str) -> None:
         with self._lock:
             self.generation = status
-            if status in ("failed", "cancelled") and self.state != "ready":
+            if status in ("failed", "cancelled") and self.state not in ("ready", "off"):
                 self.state = "failed"
                 self.error = f"the generation was {status}, so its NeRF was not fitted"
                 self._pending.clear()
@@ -118,6 +162,7 @@ class NerfSession:
             self._snapshot_stats = dict(nerf.stats)
             self.generation = "done"
             self.state = "ready"
+            self.mode, self.active = "always", True
             self.version += 1
 
     def view_list(self) -> list[dict[str, Any]]:
@@ -136,7 +181,12 @@ class NerfSession:
         snap = self._snapshot
         with self._lock:
             n_views = len(self.views)
-        return {"id": self.id, "state": self.state, "generation": self.generation, "views": n_views,
+        fit = {"started": "started" in self.fit_times,
+               "train_seconds": st.get("seconds", 0.0),
+               "wall_seconds": (round(self.fit_times["ready"] - self.fit_times["started"], 3)
+                                if {"ready", "started"} <= self.fit_times.keys() else None)}
+        return {"id": self.id, "state": self.state, "nerf": self.mode, "fit": fit, "generation": self.generation,
+                "views": n_views,
                 "steps": st.get("steps", 0), "psnr": st.get("train_psnr"), "seconds": st.get("seconds", 0.0),
                 "budget": {"seconds": self.seconds, "steps": self.steps}, "renderable": self._snapshot is not None,
                 "version": self.version, "error": self.error, "label": self.label, "view_list": self.view_list(),
@@ -160,7 +210,7 @@ class NerfSession:
 
     # -- what the worker thread calls ------------------------------------------------------------------
     def has_work(self) -> bool:
-        if self.state in ("ready", "failed"):
+        if not self.active or self.state in ("ready", "failed"):
             return False
         if self._pending:
             return True
@@ -174,11 +224,12 @@ class NerfSession:
         with self._lock:
             pending, self._pending = self._pending, []
         if self._fitter is None and pending:
+            self.fit_times.setdefault("started", time.monotonic())
             self._nerf = Nerf(**self.nerf_options)
             self._fitter = self._nerf.fitter(seconds=self.seconds, steps=self.steps, progress=False)
         f = self._fitter
         for rec in pending:
-            f.add_view(rec.image, rec.camera)
+            f.add_view(rec.pixels(), rec.camera)
         if f is None or f.num_views == 0:
             return
         if f.done and f.num_views > self._trained_views:
@@ -196,6 +247,7 @@ class NerfSession:
             if self.generation != "running" and self.state != "failed":
                 self._publish(f)
                 self.state = "ready"
+                self.fit_times["ready"] = time.monotonic()
                 # no view can come any more: free the training state (ray pool, optimizer), keep the snapshot
                 self._fitter = self._nerf = None
 
@@ -224,12 +276,19 @@ class NerfSessions:
     ``DEFAULT_SECONDS`` of training; see :meth:`dp360rt.nerf.Nerf.fitter`);
     ``max_sessions``: how many generations are kept (the oldest finished ones are dropped first,
     preloaded ones never); ``nerf_options``: :class:`dp360rt.nerf.NerfConfig` overrides;
-    ``chunk_seconds``: training time between two published snapshots."""
+    ``chunk_seconds``: training time between two published snapshots; ``mode``: when a
+    generation's NeRF is fitted if its request does not say (see the module doc); ``store``: the
+    service's :class:`~dp360rt.serve.store.ResultStore`, where views are read from (``on_view``)
+    and finished generations are opened again."""
 
     def __init__(self, seconds: float | None = None, steps: int | None = None, max_sessions: int = 16,
-                 nerf_options: dict[str, Any] | None = None, chunk_seconds: float = 0.5):
+                 nerf_options: dict[str, Any] | None = None, chunk_seconds: float = 0.5, mode: str = "on_view",
+                 store: Any = None):
         if seconds is None and steps is None:
             seconds = DEFAULT_SECONDS
+        if mode not in NERF_MODES:
+            raise ValueError(f"nerf={mode!r} is not a NeRF mode. Fix: use one of {', '.join(NERF_MODES)}")
+        self.mode, self.store = mode, store
         self.seconds, self.steps = seconds, steps
         self.max_sessions = int(max_sessions)
         self.nerf_options = dict(nerf_options or {})
@@ -241,13 +300,51 @@ class NerfSessions:
         self._thread.start()
 
     # -- GenerationListener ------------------------------------------------------------------------------
-    def on_start(self, gen_id: str) -> None:
-        self._create(gen_id)
+    def on_start(self, gen_id: str, options: dict[str, Any] | None = None) -> None:
+        self._create(gen_id, mode=(options or {}).get("nerf", self.mode))
 
     def on_view(self, gen_id: str, index: int, camera: Sequence[float], image: Any) -> None:
-        s = self._sessions.get(gen_id) or self._create(gen_id)
-        s.add_view(index, camera, image)
+        s = self._sessions.get(gen_id) or self._create(gen_id, mode=self.mode)
+        if s.active or self.store is None:
+            s.add_view(index, camera, image)
+        else:               # kept as the store's file: nobody may ever look at it
+            name = "back_view" if index == BACK_VIEW_INDEX else f"{index:03d}"
+            s.add_view(index, camera, path=lambda: self.store.file(gen_id, name))
         self._wake()
+
+    def on_delete(self, gen_id: str) -> None:
+        with self._cond:
+            self._sessions.pop(gen_id, None)
+
+    def open(self, gen_id: str) -> NerfSession | None:
+        """The session of ``gen_id``, or one opened from the store's complete folder (``on_view``,
+        not fitting yet), or None."""
+        s = self._sessions.get(gen_id)
+        if s is not None or self.store is None:
+            return s
+        folder = self.store.folder(gen_id)
+        if folder is None:
+            return None
+        import json
+        try:
+            views = json.loads((folder / "cameras.json").read_text())["views"]
+        except (OSError, ValueError, KeyError):
+            return None
+        s = self._create(gen_id, mode="on_view")
+        for v in views:
+            name = Path(v["file"]).stem
+            s.add_view(int(name), v["camera"], path=lambda n=name: self.store.file(gen_id, n))
+        if self.store.file(gen_id, "back_view") is not None:
+            s.add_view(BACK_VIEW_INDEX, sphere32_cameras()[BACK_VIEW_HINT].tolist(),
+                       path=lambda: self.store.file(gen_id, "back_view"))
+        s.end("done")
+        return s
+
+    def activate(self, s: NerfSession) -> bool:
+        """Start fitting ``s`` if its mode allows (see :meth:`NerfSession.activate`)."""
+        fits = s.activate()
+        self._wake()
+        return fits
 
     def on_end(self, gen_id: str, status: str) -> None:
         s = self._sessions.get(gen_id)
@@ -257,9 +354,10 @@ class NerfSessions:
 
     # -- preloading (dp360rt view) -------------------------------------------------------------------------
     def add_views(self, gen_id: str, images: Sequence[Any], cameras: Any, indices: Sequence[int] | None = None,
-                  label: str | None = None, back_view: Any = None) -> NerfSession:
-        """A finished generation from files: views (images, [N, 25] cameras) fitted in the background."""
-        s = self._create(gen_id, label=label, preloaded=True)
+                  label: str | None = None, back_view: Any = None, mode: str = "always") -> NerfSession:
+        """A finished generation from files: views (images, [N, 25] cameras) fitted in the background
+        (``mode="on_view"``: once the page asks)."""
+        s = self._create(gen_id, label=label, preloaded=True, mode=mode)
         cams = torch.as_tensor(cameras, dtype=torch.float64)
         idx = list(indices) if indices is not None else list(range(len(images)))
         if back_view is not None:
@@ -308,9 +406,10 @@ class NerfSessions:
         self._thread.join(timeout=10)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _create(self, gen_id: str, label: str | None = None, preloaded: bool = False) -> NerfSession:
+    def _create(self, gen_id: str, label: str | None = None, preloaded: bool = False,
+                mode: str = "always") -> NerfSession:
         with self._cond:
-            s = NerfSession(gen_id, self.seconds, self.steps, self.nerf_options, label, preloaded)
+            s = NerfSession(gen_id, self.seconds, self.steps, self.nerf_options, label, preloaded, mode)
             self._sessions[gen_id] = s
             self._evict()
             return s
@@ -336,7 +435,7 @@ class NerfSessions:
                     return
                 work = [s for s in self._sessions.values() if s.has_work()]
                 if not work:
-                    self._cond.wait(timeout=0.5)
+                    self._cond.wait(timeout=5.0)      # woken by every view, end and activation
                     continue
             for s in work:
                 if self._closed:

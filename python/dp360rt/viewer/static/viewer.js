@@ -67,6 +67,8 @@ function describe(st) {
   const psnr = st.psnr == null ? "" : `, PSNR ${st.psnr.toFixed(1)} dB`;
   if (st.state === "failed") return `failed: ${st.error}`;
   if (st.state === "ready") return `ready: NeRF fitted (${st.steps} steps${psnr}); drag to orbit`;
+  if (st.state === "off") return "views only: this generation was made with nerf=none (no NeRF)";
+  if (st.state === "idle") return "starting the NeRF fit";
   if (st.state === "fitting") {
     const gen = st.generation === "running" ? "generating and " : "";
     return `${gen}fitting the NeRF: step ${st.steps}${psnr}, ${st.views} views`;
@@ -94,10 +96,15 @@ async function pollStatus() {
   if (st.label) { $("label").textContent = st.label; $("label").hidden = false; }
   setStatus(st.state, describe(st));
   setDownloads(st);
+  // this page looks at the generation: ask the server to fit its NeRF (nerf=on_view fits only then)
+  if (st.state === "idle" && viewer.fitAsked !== id) {
+    viewer.fitAsked = id;
+    fetch(withToken(`/v1/generations/${id}/nerf/fit`), { method: "POST", headers: authHeaders() });
+  }
   if (st.renderable && !viewer.ws) connect(st);
   // the field improved since the frame on screen: show it (unless the pointer is driving the view)
   else if (viewer.meta && st.version !== viewer.meta.version && !viewer.dragging && !viewer.rotating) requestFrame();
-  if (st.state === "ready" || st.state === "failed") stopPolling();
+  if (st.state === "ready" || st.state === "failed" || st.state === "off") stopPolling();
 }
 
 function startPolling() {
