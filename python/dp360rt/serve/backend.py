@@ -153,7 +153,11 @@ class LocalJob:
                                          cameras=cams, back_view=True)
             if self._cancelled:
                 self._handle.cancel()
+            frames = b.pipe.nvs.frames
             for v in self._handle:
+                # every stage is named at least once, however short: the one this view ends
+                self._put({**self._progress_event(), "stage": "back_view" if v.index < 0 else f"window {v.index // frames}",
+                           "fraction": 1.0})
                 image = to_uint8(v.image).permute(1, 2, 0).contiguous().numpy()
                 self._put({"type": "view", "index": int(v.index), "camera": [float(x) for x in v.camera],
                            "image": image})

@@ -83,7 +83,7 @@ class ResultStore:
     def write_view(self, gen_id: str, index: int, image: np.ndarray) -> str:
         """Store one view's PNG atomically; returns its file name."""
         name = view_name(index) + ".png"
-        _write_atomic(self._partial(gen_id) / name, encode_png(image))
+        self._write(gen_id, name, encode_png(image))
         return name
 
     def write_extra(self, gen_id: str, files: dict[str, bytes]) -> None:
@@ -91,6 +91,14 @@ class ResultStore:
         for rel, data in files.items():
             if not EXTRA_PATTERN.match(rel):
                 raise ValueError(f"{rel!r} is not a result file the store keeps (crop/..., inversion/...)")
+            self._write(gen_id, rel, data)
+
+    def _write(self, gen_id: str, rel: str, data: bytes) -> None:
+        # Under the lock: a write racing a discard (the client hung up while its view was being
+        # stored) must not recreate a file in a folder being removed, or the folder survives.
+        with self._lock:
+            if gen_id not in self._active:
+                return
             p = self._partial(gen_id) / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             _write_atomic(p, data)
@@ -100,13 +108,15 @@ class ResultStore:
         folder into place (complete), evict the oldest past the cap."""
         d = self._partial(gen_id)
         views = [{"file": view_name(i) + ".png", "camera": cameras[i]} for i in sorted(cameras) if i >= 0]
-        _write_atomic(d / "cameras.json", json.dumps({"views": views}, indent=1).encode())
-        files = {f.relative_to(d).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in sorted(d.rglob("*")) if f.is_file()}
-        manifest = {"run_id": gen_id, "kind": "views", "complete": True, "views": len(views), "files": files}
-        _write_atomic(d / MANIFEST, json.dumps(manifest, indent=1).encode())
-        os.replace(d, self.root / gen_id)
+        self._write(gen_id, "cameras.json", json.dumps({"views": views}, indent=1).encode())
         with self._lock:
+            if gen_id not in self._active:           # discarded meanwhile
+                return
+            files = {f.relative_to(d).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                     for f in sorted(d.rglob("*")) if f.is_file()}
+            manifest = {"run_id": gen_id, "kind": "views", "complete": True, "views": len(views), "files": files}
+            _write_atomic(d / MANIFEST, json.dumps(manifest, indent=1).encode())
+            os.replace(d, self.root / gen_id)
             self._active.discard(gen_id)
             self._finished[gen_id] = _folder_bytes(self.root / gen_id)
             self._evict()
@@ -118,8 +128,8 @@ class ResultStore:
         with self._lock:
             self._active.discard(gen_id)
             self._finished.pop(gen_id, None)
-        shutil.rmtree(self._partial(gen_id), ignore_errors=True)
-        shutil.rmtree(self.root / gen_id, ignore_errors=True)
+            shutil.rmtree(self._partial(gen_id), ignore_errors=True)
+            shutil.rmtree(self.root / gen_id, ignore_errors=True)
 
     def file(self, gen_id: str, name: str) -> Path | None:
         """The stored PNG ``name`` (``back_view`` or ``000``..) of a complete generation, or of one
