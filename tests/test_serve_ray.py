@@ -2,6 +2,7 @@
 Ray starts once for the module (about half a minute on 2 cores)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,7 +13,8 @@ import pytest
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
-from serve_helpers import free_port, generate, metric, portrait_png, sse_events  # noqa: E402
+from serve_helpers import cores_used, free_port, generate, metric, portrait_png, sse_events  # noqa: E402
+from benchmarks.proc_stats import find_processes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,8 @@ def ray_server():
     proxy_timeout, serve_api.HTTP_PROXY_TIMEOUT = serve_api.HTTP_PROXY_TIMEOUT, 300
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(spec, replicas=2, viewer=False, replica_cpus=0.5), name="dp360rt", route_prefix="/")
+        serve.run(build_app(spec, replicas=2, viewer=True, replica_cpus=0.5, nerf_steps=15), name="dp360rt",
+                  route_prefix="/")
         with httpx.Client(timeout=120) as client:
             yield f"http://127.0.0.1:{port}", client
     finally:
@@ -95,3 +98,52 @@ def test_killed_replica_costs_one_stream_not_the_service(ray_server):
     assert r.status_code == 200 and events[-1][0] == "done"
     assert metric(client.get(base + "/metrics").text, 'dp360rt_generations_total{status="failed"}') >= 1
     assert time.monotonic() - t0 < 120
+
+
+def test_viewer_lives_on_the_replica_that_made_the_run(ray_server):
+    """The NeRF session of a generation is on its replica: the ingress routes status, fit and the
+    frame socket there by generation id; an idle replica uses <= 0.05 cores; a killed replica's
+    sessions end with a message on the page's socket and a 503, not a hang."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+    base, client = ray_server
+    r, events = generate(client, base, steps=2, seed=11)
+    assert events[-1][0] == "done"
+    gen_id, pid = r.headers["x-generation-id"], int(r.headers["x-replica"].rsplit("/", 1)[1])
+    status_url = f"{base}/v1/generations/{gen_id}/nerf/status"
+    st = client.get(status_url).json()
+    assert st["state"] == "idle" and st["views"] == 33 and st["nerf"] == "on_view"
+    ws_url = base.replace("http://", "ws://") + f"/v1/generations/{gen_id}/nerf"
+    with connect(ws_url, open_timeout=30) as ws:            # the page looks: the replica fits now
+        deadline = time.monotonic() + 180
+        while True:
+            assert time.monotonic() < deadline, "no frame from the replica's NeRF"
+            ws.send(json.dumps({"azimuth": 30, "width": 32, "height": 32}))
+            msg = json.loads(ws.recv(timeout=60))
+            if msg["type"] == "frame":
+                assert len(ws.recv(timeout=30)) > 100              # the JPEG
+                break
+            assert msg["type"] == "waiting", msg
+            time.sleep(0.5)
+    deadline = time.monotonic() + 180
+    while (st := client.get(status_url).json())["state"] != "ready":
+        assert time.monotonic() < deadline and st["state"] != "failed", st
+        time.sleep(0.5)
+    assert client.get(f"{base}/v1/generations/{gen_id}/views.zip").headers["content-type"] == "application/zip"
+    assert client.get(f"{base}/v1/generations/nosuch/nerf/status").status_code == 404
+    replicas = [p for p in find_processes("GenerationReplica") if p != os.getpid()]
+    assert pid in replicas
+    idle = {p: cores_used(p, 10) for p in replicas}
+    print(f"\nidle Ray generation replicas: {idle} cores over 10 s")
+    assert all(c <= 0.05 for c in idle.values()), idle
+
+    os.kill(pid, signal.SIGKILL)                                   # the replica dies with its sessions
+    t0 = time.monotonic()
+    r = client.get(status_url)
+    assert r.status_code == 503 and "gone" in r.json()["error"]["message"] and r.json()["error"]["fix"]
+    with connect(ws_url, open_timeout=30) as ws:
+        msg = json.loads(ws.recv(timeout=30))
+        assert msg["type"] == "error" and "gone" in msg["message"]
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+    assert time.monotonic() - t0 < 30

@@ -208,7 +208,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
         metrics.active += 1
         metrics.queued += 1
         try:
-            g.job = backend.start(data, {k: v for k, v in options.items() if k != "nerf"})
+            g.job = backend.start(data, {**options, "id": g.id})
             first = await asyncio.wait_for(g.job.next(), stall_timeout)
         except Exception:  # noqa: BLE001
             log.exception("starting generation %s failed", g.id)
@@ -221,7 +221,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
             return error_response(503, (first or {}).get("message") or "the generation could not start",
                                   "retry the request; if it keeps failing, see the server log",
                                   {"Retry-After": "5"})
-        notify(listeners, "on_start", g.id, options)
+        notify(listeners, "on_start", g.id, {**options, "replica": first["replica"], "viewer": first.get("viewer")})
         headers = {"X-Replica": first["replica"], "X-Generation-Id": g.id, "Cache-Control": "no-cache",
                    "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(g, request.scope.get("root_path", "")), media_type="text/event-stream",

@@ -21,7 +21,8 @@ class GenerationListener:
     ``on_view`` gets ``index`` -1 for the back view and 0..31 for the orbit's views, ``camera`` the
     25 PanoHead numbers (list of float), ``image`` a numpy uint8 array [H, W, 3]. ``on_end``'s
     ``status`` is ``done``, ``failed`` or ``cancelled``. ``on_start``'s ``options`` are the
-    request's (steps, seed, crop, noise, orbit, nerf); ``on_delete`` follows a DELETE of a
+    request's (steps, seed, crop, noise, orbit, nerf) and the replica's (``replica``; ``viewer``:
+    where its viewer server is, under Ray); ``on_delete`` follows a DELETE of a
     finished generation (its files are gone).
     """
 

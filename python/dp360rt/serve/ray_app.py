@@ -37,24 +37,39 @@ class GenerationReplica:
         ctx = serve.get_replica_context()
         self.backend = backend_from_spec(spec, replica=f"{ctx.deployment}#{ctx.replica_tag}")
         self.backend.load()
+        self.viewer = None
+        if spec.get("viewer"):
+            from .ray_viewer import ReplicaViewer
+            self.viewer = ReplicaViewer(spec.get("nerf_seconds"), spec.get("nerf_steps"), spec.get("nerf", "on_view"))
 
     async def generate(self, portrait: bytes, options: dict[str, Any]):
-        """Stream one generation's events (see :mod:`dp360rt.serve.backend`); cancelled with the stream."""
+        """Stream one generation's events (see :mod:`dp360rt.serve.backend`); cancelled with the stream.
+        With the viewer, this replica's NeRF sessions hear them too, and the start event says
+        where its viewer server is (``viewer``: url and token)."""
         job = self.backend.start(portrait, options)
+        viewer, gen_id = self.viewer, options.get("id")
+        ended = False
         try:
             while (ev := await job.next()) is not None:
+                if viewer is not None and gen_id:
+                    if ev["type"] == "start":
+                        ev = {**ev, "viewer": viewer.address}
+                    viewer.on_event(gen_id, options, ev)
+                    ended = ended or ev["type"] in ("done", "failed", "cancelled")
                 yield ev
         finally:
             job.cancel()
+            if viewer is not None and gen_id and not ended:
+                viewer.on_event(gen_id, options, {"type": "cancelled"})
 
     def check_health(self) -> None:
         if not self.backend.ready:
             raise RuntimeError("the pipeline is not loaded")
 
     def __del__(self) -> None:
-        backend = getattr(self, "backend", None)       # absent when __init__ failed
-        if backend is not None:
-            backend.close()
+        for part in (getattr(self, "viewer", None), getattr(self, "backend", None)):   # absent when __init__ failed
+            if part is not None:
+                part.close()
 
 
 class RayJob:
@@ -127,11 +142,14 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
-        from .parts import viewer_parts
         from .store import ResultStore
         o = self.options
         store = ResultStore(o["store"], o["store_max_bytes"])
-        self.listeners, routes = viewer_parts(o["viewer"], store=store, mode=o.get("nerf", "on_view"))
+        self.listeners, routes = [], []
+        if o["viewer"]:
+            from .ray_viewer import ViewerProxy
+            proxy = ViewerProxy()
+            self.listeners, routes = [proxy], proxy.routes()
         return create_app(RayBackend(self.generator), store=store, max_queue=o["max_queue"],
                           max_upload_mb=o["max_upload_mb"], token=o["token"], listeners=self.listeners,
                           extra_routes=routes, nerf=o.get("nerf", "on_view"))
@@ -140,18 +158,20 @@ class Ingress:
 def build_app(spec: dict[str, Any], *, replicas: int, max_queue: int = 16, max_upload_mb: float = 20,
               token: str | None = None, store: str | None = None, store_max_bytes: int = 2 << 30,
               viewer: bool = True, replica_cpus: float | None = None, ingress_cpus: float = 0.1,
-              nerf: str = "on_view"):
+              nerf: str = "on_view", nerf_seconds: float | None = None, nerf_steps: int | None = None):
     """The Ray Serve application: ingress + ``replicas`` generation replicas (``serve.run`` it).
 
     On CUDA each replica reserves one GPU; on CPU ``replica_cpus`` (default: the CPUs Ray sees,
-    less the ingress's share, split over the replicas)."""
+    less the ingress's share, split over the replicas). ``viewer``: mount the browser viewer, its
+    NeRF sessions on the replicas (:mod:`.ray_viewer`); ``nerf*``: their fit mode and budget."""
     if spec["device"].startswith("cuda"):
         actor = {"num_gpus": 1}
     else:
         total = ray.cluster_resources().get("CPU", os.cpu_count() or 1) if ray.is_initialized() else (os.cpu_count() or 1)
         actor = {"num_cpus": replica_cpus or max(0.1, (total - ingress_cpus) / replicas)}
+    replica_spec = {**spec, "viewer": viewer, "nerf": nerf, "nerf_seconds": nerf_seconds, "nerf_steps": nerf_steps}
     gen = GenerationReplica.options(num_replicas=replicas, ray_actor_options=actor,
-                                    max_ongoing_requests=max(max_queue, 1)).bind(spec)
+                                    max_ongoing_requests=max(max_queue, 1)).bind(replica_spec)
     options = {"viewer": viewer, "store": store, "store_max_bytes": store_max_bytes, "max_queue": max_queue,
                "max_upload_mb": max_upload_mb, "token": token, "nerf": nerf}
     return Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": ingress_cpus}).bind(gen, options)
@@ -173,7 +193,7 @@ def run_ray(a: Any, spec: dict[str, Any]) -> int:
     serve.start(http_options={"host": a.host, "port": a.port})
     app = build_app(spec, replicas=a.replicas, max_queue=a.max_queue, max_upload_mb=a.max_upload, token=a.token,
                     store=a.store, store_max_bytes=int(a.store_max_gb * 2**30), viewer=not a.no_viewer,
-                    replica_cpus=a.replica_cpus, nerf=a.nerf)
+                    replica_cpus=a.replica_cpus, nerf=a.nerf, nerf_seconds=a.nerf_seconds, nerf_steps=a.nerf_steps)
     serve.run(app, name="dp360rt", route_prefix="/", blocking=False)
     print(f"dp360rt serve --ray: http://{a.host}:{a.port} ready in {time.perf_counter() - t0:.0f} s "
           f"({a.replicas} generation replicas); Ctrl-C stops it", file=sys.stderr, flush=True)

@@ -83,7 +83,11 @@ async function pollStatus() {
   try {
     const r = await fetch(withToken(`/v1/generations/${id}/nerf/status`), { headers: authHeaders() });
     if (r.status === 404) return;             // the listener has not seen this generation yet
-    if (!r.ok) throw new Error(`status ${r.status}`);
+    if (!r.ok) {
+      let why = `status ${r.status}`;
+      try { why = (await r.json()).error.message; } catch (_) { /* not our JSON */ }
+      throw new Error(why);
+    }
     st = await r.json();
   } catch (e) {
     setStatus("failed", `lost the server: ${e.message}`);
