@@ -177,6 +177,13 @@ def build_app(spec: dict[str, Any], *, replicas: int, max_queue: int = 16, max_u
     return Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": ingress_cpus}).bind(gen, options)
 
 
+def app_from_args(a: Any, spec: dict[str, Any]):
+    """:func:`build_app` for the options of ``dp360rt serve --ray`` (parsed ``a``, ``spec`` from them)."""
+    return build_app(spec, replicas=a.replicas, max_queue=a.max_queue, max_upload_mb=a.max_upload, token=a.token,
+                     store=a.store, store_max_bytes=int(a.store_max_gb * 2**30), viewer=not a.no_viewer,
+                     replica_cpus=a.replica_cpus, nerf=a.nerf, nerf_seconds=a.nerf_seconds, nerf_steps=a.nerf_steps)
+
+
 def patient_proxy_start(seconds: float = 60.0) -> None:
     """Give Ray Serve's HTTP proxy ``seconds`` to start before its first readiness check fails
     (Ray's default, 5 s, then kills and restarts it: on a busy 2-core machine the proxy's worker
@@ -191,9 +198,7 @@ def run_ray(a: Any, spec: dict[str, Any]) -> int:
     patient_proxy_start()
     ray.init(address=a.ray_address or None, include_dashboard=False)
     serve.start(http_options={"host": a.host, "port": a.port})
-    app = build_app(spec, replicas=a.replicas, max_queue=a.max_queue, max_upload_mb=a.max_upload, token=a.token,
-                    store=a.store, store_max_bytes=int(a.store_max_gb * 2**30), viewer=not a.no_viewer,
-                    replica_cpus=a.replica_cpus, nerf=a.nerf, nerf_seconds=a.nerf_seconds, nerf_steps=a.nerf_steps)
+    app = app_from_args(a, spec)
     serve.run(app, name="dp360rt", route_prefix="/", blocking=False)
     print(f"dp360rt serve --ray: http://{a.host}:{a.port} ready in {time.perf_counter() - t0:.0f} s "
           f"({a.replicas} generation replicas); Ctrl-C stops it", file=sys.stderr, flush=True)

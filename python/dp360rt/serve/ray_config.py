@@ -78,9 +78,6 @@ def serve_namespace(args: Mapping[str, Any] | None) -> argparse.Namespace:
 def app(args: dict[str, Any]):
     """The Ray Serve application of ``dp360rt serve --ray`` built from ``args`` (see the module doc)."""
     from .parts import pipeline_spec
-    from .ray_app import build_app
+    from .ray_app import app_from_args
     a = serve_namespace(args)
-    spec = pipeline_spec(a)
-    return build_app(spec, replicas=a.replicas, max_queue=a.max_queue, max_upload_mb=a.max_upload, token=a.token,
-                     store=a.store, store_max_bytes=int(a.store_max_gb * 2**30), viewer=not a.no_viewer,
-                     replica_cpus=a.replica_cpus, nerf=a.nerf)
+    return app_from_args(a, pipeline_spec(a))
