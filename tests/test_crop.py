@@ -115,7 +115,9 @@ def test_mirror_image_mirrors_the_crop(astronaut, astronaut_crop):
     assert abs(m.yaw_deg + r.yaw_deg) < 3 and abs(m.pitch_deg - r.pitch_deg) < 3
     assert m.yaw_deg * r.yaw_deg < 0
     diff = np.abs(np.asarray(m.image, float)[:, ::-1] - np.asarray(r.image, float)).mean()
-    assert diff < 10                                 # 8-bit levels; an unrelated crop differs by > 40
+    # 8-bit levels; an unrelated crop differs by > 40. Was < 10 with the head centre 60 mm deep:
+    # at 85 mm dlib's slightly asymmetric landmarks (yaw -2.5 vs +2.4 deg) move the quads apart more
+    assert diff < 14
 
 
 @pytest.mark.parametrize("angle", [25, -30])
