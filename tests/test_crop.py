@@ -115,7 +115,9 @@ def test_mirror_image_mirrors_the_crop(astronaut, astronaut_crop):
     assert abs(m.yaw_deg + r.yaw_deg) < 3 and abs(m.pitch_deg - r.pitch_deg) < 3
     assert m.yaw_deg * r.yaw_deg < 0
     diff = np.abs(np.asarray(m.image, float)[:, ::-1] - np.asarray(r.image, float)).mean()
-    assert diff < 10                                 # 8-bit levels; an unrelated crop differs by > 40
+    # 8-bit levels; an unrelated crop differs by > 40. Was < 10 with the head centre 60 mm deep:
+    # at 85 mm dlib's slightly asymmetric landmarks (yaw -2.5 vs +2.4 deg) move the quads apart more
+    assert diff < 14
 
 
 @pytest.mark.parametrize("angle", [25, -30])
@@ -212,3 +214,128 @@ def test_pipeline_crop_auto(tmp_path, astronaut, astronaut_crop, monkeypatch):
     res = GenerationResult(back_view=torch.rand(3, 8, 8), views=torch.rand(32, 3, 8, 8), crop=astronaut_crop)
     out = res.save(tmp_path / "gen")
     assert sorted(p.name for p in (out / "crop").iterdir()) == ["camera.json", "crop.png", "overlay.png"]
+
+
+# --- issue 29: synthetic turned heads with exact labels, robust fit, face choice, named errors ---
+
+from dp360rt.crop import (FaceCutByBorderError, FaceError, FaceIndexError, FaceTooSmallError,  # noqa: E402
+                          PoseBeyondFitWarning, SeveralFacesWarning)
+from dp360rt.crop.synth import SynthHead, render_turned, turn  # noqa: E402
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(a.T @ b) - 1) / 2))))
+
+
+@pytest.fixture(scope="module")
+def big_astronaut(astronaut):
+    """The astronaut's head at 2x (face about 185 px wide), its landmarks and its untouched crop."""
+    from dp360rt.crop import detect_faces
+    big = np.asarray(Image.fromarray(astronaut[0:300, 70:370]).resize((600, 600), Image.LANCZOS))
+    return big, detect_faces(big)[0].landmarks, _quiet_crop(big)
+
+
+def test_turn_matches_the_camera_convention():
+    """synth.turn(yaw, pitch) is the head rotation whose camera reads back as (yaw, pitch)."""
+    for yaw, pitch in [(30, 0), (-40, 0), (0, 20), (0, -25)]:
+        y, p = yaw_pitch(camera_from_rotation(turn(yaw, pitch)))
+        assert abs(y - yaw) < 1e-9 and abs(p - pitch) < 1e-9
+
+
+def test_robust_fit_ignores_a_few_bad_landmarks():
+    """Huber loss: five landmarks thrown 40 px off move the exact pose by < 1.5 deg (a plain
+    least-squares fit moves it more)."""
+    R = _rotation_from_vector(np.array([0.1, -0.5, 0.05]))
+    lm = 2.3 * GENERIC_FACE @ R.T @ _P.T + np.array([250.0, 270.0])
+    bad = lm.copy()
+    bad[[37, 38, 43, 50, 33]] += np.array([40.0, -30.0])
+    pose = fit_pose(bad)
+    assert _angle_deg(pose.rotation, R) < 1.5
+    assert np.isfinite(pose.rotation_sigma_deg) and pose.rotation_sigma_deg > 0
+
+
+@pytest.mark.parametrize("yaw,pitch", [(25, 0), (0, 15)])
+def test_synthetic_turned_head_camera_and_framing(big_astronaut, yaw, pitch):
+    """The astronaut rendered turned by a known yaw / pitch about its head centre (2.5D synthetic
+    head, dp360rt.crop.synth): the camera moves towards the label's and to the same side, and
+    the framing stays on the head centre. Tolerances are the measured errors of this fit plus a
+    margin (benchmarks/RESULTS.md, issue 29: the goals of 5 deg and 3 % are not met yet)."""
+    big, lm, r0 = big_astronaut
+    Rd = turn(yaw, pitch)
+    r = _quiet_crop(render_turned(big, lm, Rd, SynthHead(seed=5)))
+    R_true = Rd @ r0.pose.rotation
+    err = _angle_deg(r.pose.rotation, R_true)
+    assert err < 16
+    if yaw:
+        assert r.yaw_deg - r0.yaw_deg > 8                         # turned the right way
+        assert np.sign(r.yaw_deg) == np.sign(yaw)
+    side = _side(r0.quad)
+    assert np.hypot(*(r.quad.mean(0) - r0.quad.mean(0))) < 0.12 * side
+    assert abs(_side(r.quad) / side - 1) < 0.06
+    roll = [math.degrees(math.atan2(*(q.quad[3] - q.quad[0])[::-1])) for q in (r, r0)]
+    assert abs(roll[0] - roll[1]) < 3
+
+
+def test_synthetic_turned_head_mirrors(big_astronaut):
+    """A mirrored render gives the mirrored camera within 3 deg and the yaw on the other side."""
+    big, lm, _ = big_astronaut
+    img = render_turned(big, lm, turn(20, 0), SynthHead(seed=5))
+    a, b = _quiet_crop(img), _quiet_crop(img[:, ::-1].copy())
+    M = np.diag([-1.0, 1.0, 1.0])
+    assert _angle_deg(b.pose.rotation, M @ a.pose.rotation @ M) < 3
+    assert np.sign(a.yaw_deg) == -np.sign(b.yaw_deg)
+
+
+def _two_faces(astronaut) -> np.ndarray:
+    head = Image.fromarray(astronaut[30:230, 120:320])
+    canvas = Image.new("RGB", (760, 420), (128, 128, 128))
+    canvas.paste(head.resize((200, 200), Image.BICUBIC), (20, 110))   # smaller face, left
+    canvas.paste(head.resize((300, 300), Image.BICUBIC), (400, 60))   # larger face, right
+    return np.asarray(canvas)
+
+
+def test_face_k_picks_another_face(astronaut, tmp_path, capsys):
+    photo = _two_faces(astronaut)
+    with pytest.warns(SeveralFacesWarning, match="cropped the largest"):
+        big = crop_portrait(photo)
+    with pytest.warns(SeveralFacesWarning, match=r"cropped face 1 \(by size"):
+        small = crop_portrait(photo, face=1)
+    assert big.landmarks[:, 0].min() > 400 and small.landmarks[:, 0].max() < 220
+    assert small.face_index == 1 and big.face_index == 0
+    with pytest.raises(FaceIndexError, match=r"face=2 but .* has 2 face\(s\).*Fix: pass --face between 0 and 1"):
+        crop_portrait(photo, face=2)
+    path = tmp_path / "two.png"
+    Image.fromarray(photo).save(path)
+    assert main(["crop", str(path), "--face", "1", "--out", str(tmp_path / "o")]) == 0
+    assert "2 faces found, cropped face 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "camera.json").read_text())["face_index"] == 1
+    assert main(["crop", str(path), "--face", "5", "--out", str(tmp_path / "p")]) == 1
+    assert "Fix: pass --face" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_small_and_cut_faces_are_named_errors(astronaut, tmp_path, capsys):
+    head = Image.fromarray(astronaut[30:230, 120:320])
+    canvas = Image.new("RGB", (760, 420), (128, 128, 128))
+    canvas.paste(head.resize((140, 140), Image.BICUBIC), (40, 140))   # a face about 62 px wide
+    canvas.paste(head.resize((300, 300), Image.BICUBIC), (400, 60))
+    with pytest.raises(FaceTooSmallError, match=r"px wide \(< 64\).*Fix:"):
+        _quiet_crop(np.asarray(canvas), face=1)
+    cut = np.ascontiguousarray(astronaut[:, 195:])                      # the face's left edge is cut off
+    with pytest.raises(FaceCutByBorderError, match="cut by the photo's border.*Fix:") as e:
+        crop_portrait(cut)
+    assert isinstance(e.value, FaceError) and isinstance(e.value, ValueError)
+    path = tmp_path / "cut.png"
+    Image.fromarray(cut).save(path)
+    assert main(["crop", str(path), "--out", str(tmp_path / "o")]) == 1
+    assert "cut by the photo's border" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_pose_beyond_the_fit_warns_with_its_uncertainty(astronaut, monkeypatch):
+    """A pose outside the checked range is a named warning carrying the camera's 1-sigma
+    uncertainty, not a silent guess (the limit is lowered here to trigger it on a frontal photo)."""
+    import dp360rt.crop.portrait as portrait
+    monkeypatch.setattr(portrait, "MAX_YAW_DEG", 1.0)
+    with pytest.warns(PoseBeyondFitWarning, match=r"1-sigma \d+\.\d deg") as w:
+        r = crop_portrait(astronaut)
+    assert r.camera_sigma_deg > 0 and r.camera_json()["camera_sigma_deg"] == r.camera_sigma_deg
+    assert any(issubclass(x.category, PoseBeyondFitWarning) for x in w)

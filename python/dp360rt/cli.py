@@ -197,16 +197,17 @@ def _add_crop_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _crop_summary(r) -> str:
-    found = f"{r.faces_found} faces found, cropped the largest" if r.faces_found > 1 else "1 face found"
+    which = "the largest" if getattr(r, "face_index", 0) == 0 else f"face {r.face_index}"
+    found = f"{r.faces_found} faces found, cropped {which}" if r.faces_found > 1 else "1 face found"
     return (f"{found}: yaw {r.yaw_deg:+.1f} deg, pitch {r.pitch_deg:+.1f} deg, landmark fit rms "
             f"{r.pose.rms:.1f} px (of 512), {r.seconds:.2f} s")
 
 
 def cmd_crop(a: argparse.Namespace) -> int:
-    from .crop import FaceNotFoundError, crop_portrait
+    from .crop import FaceError, crop_portrait
     try:
-        r = crop_portrait(a.photo, min_score=a.min_score)
-    except FaceNotFoundError as e:           # nothing was written
+        r = crop_portrait(a.photo, min_score=a.min_score, face=a.face)
+    except FaceError as e:           # nothing was written
         print(f"dp360rt crop: error: {e}", file=sys.stderr)
         return 1
     out = r.save(a.out)
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--out", required=True)
     cr.add_argument("--min-score", type=float, default=0.25,
                     help="drop face detections scoring below this (dlib's detector score; default 0.25)")
+    cr.add_argument("--face", type=arg(positive_int, "--face", minimum=0), default=0,
+                    help="which face to crop when there are several, by size: 0 (default) is the largest")
     cr.set_defaults(fn=cmd_crop)
 
     d = sub.add_parser("demo", help="the whole pipeline on a tiny random-weight model (no checkpoints needed)")

@@ -7,8 +7,12 @@ canvas resized to 512². Needs the ``crop`` extra (dlib and its landmark model f
 """
 from .face3d import GENERIC_FACE, FacePose, fit_pose
 from .landmarks import CropDependencyError, Face, detect_faces
-from .portrait import CropResult, FaceNotFoundError, crop_portrait
+from .portrait import (CropResult, CropWarning, FaceCutByBorderError, FaceError, FaceIndexError, FaceNotFoundError,
+                       FaceTooSmallError, OddScaleWarning, PoseBeyondFitWarning, RecropWarning, SeveralFacesWarning,
+                       SmallFaceWarning, crop_portrait)
 from .recipe import camera_from_rotation, ffhq_quad, yaw_pitch
 
-__all__ = ["crop_portrait", "CropResult", "FaceNotFoundError", "CropDependencyError", "detect_faces", "Face",
+__all__ = ["crop_portrait", "CropResult", "FaceError", "FaceNotFoundError", "FaceTooSmallError", "FaceCutByBorderError",
+           "FaceIndexError", "CropWarning", "SeveralFacesWarning", "SmallFaceWarning", "OddScaleWarning", "RecropWarning",
+           "PoseBeyondFitWarning", "CropDependencyError", "detect_faces", "Face",
            "fit_pose", "FacePose", "GENERIC_FACE", "camera_from_rotation", "ffhq_quad", "yaw_pitch"]

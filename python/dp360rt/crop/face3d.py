@@ -54,6 +54,9 @@ def _build_face() -> np.ndarray:
 GENERIC_FACE = _build_face()                                   # [68, 3] mm
 FIT_INDICES = np.array([8, *range(17, 68)])                    # landmarks the pose is fitted to
 _P = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+DEPTH_GAIN = 1.0        # the generic face's depths are multiplied by this in the fit (see fit_pose)
+HUBER_PX = 10.0         # Huber threshold, px of a face at the fit frame's scale (step (b): 512² quad crop)
+_FIT_FRAME_SCALE = 2.3  # px per mm of the generic face in that frame (PanoHead's samples: 2.3)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class FacePose:
     rotation: np.ndarray        # [3, 3], head -> viewer frame (x right, y up, z towards the viewer)
     translation: np.ndarray     # [2], image position (column, row) of the model origin
     rms: float
+    rotation_sigma_deg: float = 0.0   # 1-sigma uncertainty of the rotation (largest axis), degrees
 
     def project(self, points: np.ndarray) -> np.ndarray:
         """Model points [N, 3] (mm) -> image points [N, 2] (column, row)."""
@@ -93,10 +97,13 @@ def fit_pose(landmarks: np.ndarray) -> FacePose:
     """Fit the generic face to 68 image landmarks [68, 2] (column, row) -> :class:`FacePose`.
 
     A closed-form affine fit, projected onto the nearest scaled rotation, starts a Gauss-Newton
-    refinement of (rotation vector, log scale, translation) by ``scipy.optimize.least_squares``."""
+    refinement of (rotation vector, log scale, translation) by ``scipy.optimize.least_squares``
+    with a Huber loss (``HUBER_PX``: landmarks off by more, e.g. on an occluded eye or a jaw point
+    that slid along the silhouette, count linearly, not squared). ``rotation_sigma_deg`` is the
+    1-sigma rotation uncertainty from the Jacobian at the solution and the robust residual scale."""
     from scipy.optimize import least_squares
     x = np.asarray(landmarks, float)[FIT_INDICES]
-    X = GENERIC_FACE[FIT_INDICES]
+    X = GENERIC_FACE[FIT_INDICES] * np.array([1.0, 1.0, DEPTH_GAIN])
     xm, Xm = x.mean(0), X.mean(0)
     A = np.linalg.lstsq(X - Xm, x - xm, rcond=None)[0].T        # [2, 3]: x - xm ~ A (X - Xm)
     A = _P.T[:2, :2] @ A                                         # undo the row flip: rows of s R
@@ -110,7 +117,20 @@ def fit_pose(landmarks: np.ndarray) -> FacePose:
         return (np.exp(p[3]) * (X @ R.T @ _P.T) + p[4:6] - x).ravel()
 
     t0 = xm - s0 * (Xm @ R0.T @ _P.T)
-    sol = least_squares(residual, np.concatenate([_vector_from_rotation(R0), [np.log(s0)], t0]), method="lm")
+    p0 = np.concatenate([_vector_from_rotation(R0), [np.log(s0)], t0])
+    f_scale = HUBER_PX * max(s0, 1e-9) / _FIT_FRAME_SCALE     # the same in mm of face at any image size
+    sol = least_squares(residual, p0, loss="huber", f_scale=f_scale, x_scale="jac")
     R = _rotation_from_vector(sol.x[:3])
-    rms = float(np.sqrt(np.mean(sol.fun.reshape(-1, 2) ** 2) * 2))
-    return FacePose(float(np.exp(sol.x[3])), R, sol.x[4:6].copy(), rms)
+    r = sol.fun.reshape(-1, 2)
+    rms = float(np.sqrt(np.mean(r ** 2) * 2))
+    # covariance of the parameters: (J^T J)^-1 times the residual variance (a robust one: 1.4826 MAD)
+    J = sol.jac
+    dof = max(J.shape[0] - J.shape[1], 1)
+    mad = 1.4826 * float(np.median(np.abs(sol.fun)))
+    var = max(mad, float(np.sqrt(np.sum(sol.fun ** 2) / dof)) * 0.5) ** 2
+    try:
+        cov = np.linalg.inv(J.T @ J) * var
+        sigma = float(np.degrees(np.sqrt(max(np.linalg.eigvalsh(cov[:3, :3]).max(), 0.0))))
+    except np.linalg.LinAlgError:
+        sigma = float("inf")
+    return FacePose(float(np.exp(sol.x[3])), R, sol.x[4:6].copy(), rms, sigma)

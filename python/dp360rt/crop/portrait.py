@@ -26,8 +26,56 @@ REDO_PX = 12            # landmark disagreement (px of the 512² crop) that make
 MIN_QUAD = 256          # the authors skip faces whose quad is smaller; we crop them and warn
 
 
-class FaceNotFoundError(ImageError):
-    """No face was found in the photo (a ``ValueError``); the message names the photo and the fix."""
+MIN_FACE_PX = 64        # a chosen face narrower than this (dlib's box) is an error: too few pixels for the recipe
+MAX_YAW_DEG = 45.0      # beyond this |yaw| (or pitch beyond MAX_PITCH_DEG) the fit is outside what was checked
+MAX_PITCH_DEG = 35.0
+MAX_EYE_RMS_PX = 25.0   # eye landmarks this far (px of 512) from the fitted face: an eye is probably hidden
+
+
+class FaceError(ImageError):
+    """The photo has no usable face (a ``ValueError``); the message names the photo and the fix."""
+
+
+class FaceNotFoundError(FaceError):
+    """No face was found in the photo; the message names the photo and the fix."""
+
+
+class FaceTooSmallError(FaceError):
+    """The chosen face is narrower than ``MIN_FACE_PX`` pixels."""
+
+
+class FaceCutByBorderError(FaceError):
+    """Part of the chosen face lies outside the photo (its landmarks fall beyond the border)."""
+
+
+class FaceIndexError(FaceError):
+    """``face=K`` names a face the photo does not have."""
+
+
+class CropWarning(UserWarning):
+    """Base of the crop's warnings: the crop was made, but check ``overlay.png``."""
+
+
+class SeveralFacesWarning(CropWarning):
+    """More than one face was found; the largest (or ``face=K``) was cropped."""
+
+
+class SmallFaceWarning(CropWarning):
+    """The face's quad is under 256 px (the authors skip such photos): the crop is upsampled."""
+
+
+class OddScaleWarning(CropWarning):
+    """Step (b) rescaled the quad outside 0.7-1.3 (the authors skip such photos)."""
+
+
+class RecropWarning(CropWarning):
+    """Step (a) was redone with the landmarks of the upright crop."""
+
+
+class PoseBeyondFitWarning(CropWarning):
+    """The head is turned or tilted beyond what the generic-face fit was checked for (|yaw| > 45 deg,
+    |pitch| > 35 deg), or an eye's landmarks do not fit (occluded, or a near profile): the camera
+    and framing are an estimate whose 1-sigma uncertainty the message (and ``camera_sigma_deg``) gives."""
 
 
 @dataclass
@@ -55,6 +103,8 @@ class CropResult:
     photo: np.ndarray
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    face_index: int = 0
+    camera_sigma_deg: float = 0.0
 
     def tensor(self) -> torch.Tensor:
         """The crop as [3, 512, 512] float32 in [0, 1]."""
@@ -63,6 +113,7 @@ class CropResult:
     def camera_json(self) -> dict[str, Any]:
         return {"camera": [float(v) for v in self.camera], "yaw_deg": self.yaw_deg, "pitch_deg": self.pitch_deg,
                 "landmarks": self.landmarks.tolist(), "quad": self.quad.tolist(), "faces_found": self.faces_found,
+                "face_index": self.face_index, "camera_sigma_deg": self.camera_sigma_deg,
                 "landmark_rms_px": self.pose.rms, "notes": self.notes}
 
     def overlay(self) -> Image.Image:
@@ -125,26 +176,52 @@ def _upright_landmarks(photo: np.ndarray, landmarks: np.ndarray, c: np.ndarray, 
     return best.landmarks
 
 
-def crop_portrait(source: Any, *, min_score: float = MIN_SCORE) -> CropResult:
+def _choose_face(faces: list, face: int | None, name: str, shape: tuple[int, ...]):
+    if not faces:
+        raise FaceNotFoundError(f"no face found in {name} ({shape[1]}x{shape[0]}). Fix: pass a photo "
+                                "with a face at least 80 px wide, upright (rolled less than about 40 degrees), seen from the "
+                                "front or partly turned (dlib's detector misses profiles)")
+    k = 0 if face is None else int(face)
+    if not 0 <= k < len(faces):
+        raise FaceIndexError(f"face={face} but {name} has {len(faces)} face(s) (0 = the largest). "
+                             f"Fix: pass --face between 0 and {len(faces) - 1}")
+    chosen = faces[k]
+    width = chosen.box[2] - chosen.box[0]
+    if width < MIN_FACE_PX:
+        raise FaceTooSmallError(f"the face in {name} is {width} px wide (< {MIN_FACE_PX}): too small to crop. "
+                                "Fix: pass a larger photo, or one where the face is closer to the camera")
+    H, W = shape[:2]
+    lm = chosen.landmarks
+    margin = 0.02 * width
+    out = (lm[:, 0] < -margin) | (lm[:, 0] > W - 1 + margin) | (lm[:, 1] < -margin) | (lm[:, 1] > H - 1 + margin)
+    if out.any():
+        raise FaceCutByBorderError(f"the face in {name} is cut by the photo's border ({int(out.sum())} of 68 landmarks "
+                                   "fall outside it). Fix: pass a photo with the whole face, chin and brows included, "
+                                   "inside the frame")
+    return chosen, k
+
+
+def crop_portrait(source: Any, *, min_score: float = MIN_SCORE, face: int | None = None) -> CropResult:
     """Crop a raw photo to PanoHead's framing and estimate its camera (PanoHead's recipe, steps
     (a)-(c) in :mod:`dp360rt.crop.recipe`).
 
-    ``source``: an image path, a PIL image or an RGB array [H, W, 3] uint8. With several faces the
-    largest is cropped (``faces_found`` says how many there were). Raises
-    :class:`FaceNotFoundError` when there is none, :class:`CropDependencyError` without dlib.
-    Returns a :class:`CropResult` (crop 512² RGB, camera [25], yaw/pitch, landmarks [68, 2])."""
+    ``source``: an image path, a PIL image or an RGB array [H, W, 3] uint8. ``face``: which face
+    to crop, by size (0, the default, is the largest; ``faces_found`` says how many there were, and
+    a :class:`SeveralFacesWarning` says which was taken). Raises :class:`FaceNotFoundError` (no
+    face), :class:`FaceTooSmallError` (under 64 px), :class:`FaceCutByBorderError` (part of the face
+    outside the photo), :class:`FaceIndexError` (bad ``face``), all :class:`FaceError`;
+    :class:`CropDependencyError` without dlib. Warns :class:`PoseBeyondFitWarning` when the head is
+    turned or tilted beyond what the fit was checked for. Returns a :class:`CropResult`."""
     t0 = time.perf_counter()
     photo, name = _photo(source)
     faces = detect_faces(photo, min_score=min_score)
-    if not faces:
-        raise FaceNotFoundError(f"no face found in {name} ({photo.shape[1]}x{photo.shape[0]}). Fix: pass a photo "
-                                "with a face at least 80 px wide, upright (rolled less than about 40 degrees), seen from the "
-                                "front or partly turned (dlib's detector misses profiles)")
-    face = faces[0]
-    notes = []
+    chosen, k = _choose_face(faces, face, name, photo.shape)
+    notes: list[tuple[type, str]] = []
     if len(faces) > 1:
-        notes.append(f"{len(faces)} faces found: cropped the largest ({face.box[2] - face.box[0]} px wide)")
-    landmarks = face.landmarks
+        which = "the largest" if k == 0 else f"face {k} (by size; 0 is the largest)"
+        notes.append((SeveralFacesWarning, f"{len(faces)} faces found: cropped {which} "
+                      f"({chosen.box[2] - chosen.box[0]} px wide); --face K / face=K picks another"))
+    landmarks = chosen.landmarks
     c, x, y = ffhq_quad(landmarks)
     upright = _upright_landmarks(photo, landmarks, c, x, y, min_score)
     moved = float(np.sqrt(((upright - to_quad_frame(landmarks, c, x, y)) ** 2).sum(1).mean()))
@@ -154,20 +231,34 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE) -> CropResult:
         landmarks = from_quad_frame(upright, c, x, y)
         c, x, y = ffhq_quad(landmarks)
         upright = _upright_landmarks(photo, landmarks, c, x, y, min_score)
-        notes.append(f"step (a) redone with the landmarks of the upright crop (they moved {moved:.0f} px of 512)")
+        notes.append((RecropWarning, f"step (a) redone with the landmarks of the upright crop (they moved {moved:.0f} px of 512)"))
     first = quad_corners(c, x, y)
     c, x, y, pose, scale = refine_quad(upright, c, x, y)
     if not 0.7 <= scale <= 1.3:     # the authors drop such photos: the landmarks do not fit a head
-        notes.append(f"step (b) rescaled the quad by {scale:.2f} (the authors' recipe keeps 0.7 to 1.3 only): "
-                     "check overlay.png")
+        notes.append((OddScaleWarning, f"step (b) rescaled the quad by {scale:.2f} (the authors' recipe keeps 0.7 "
+                      "to 1.3 only): check overlay.png"))
     side = 2 * float(np.hypot(*x))
     if side < MIN_QUAD:
-        notes.append(f"the face is small (quad {side:.0f} px < {MIN_QUAD}): the crop is upsampled and blurry")
-    for n in notes:
-        warnings.warn(n)
-    canvas = warp_canvas(photo, c, x, y)
-    image = Image.fromarray(canvas).resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.LANCZOS)
+        notes.append((SmallFaceWarning, f"the face is small (quad {side:.0f} px < {MIN_QUAD}): the crop is upsampled and blurry"))
     camera = camera_from_rotation(pose.rotation)
     yaw, pitch = yaw_pitch(camera)
+    eye_rms = _eye_rms(pose, upright)
+    if abs(yaw) > MAX_YAW_DEG or abs(pitch) > MAX_PITCH_DEG or eye_rms > MAX_EYE_RMS_PX:
+        why = (f"yaw {yaw:+.0f} deg, pitch {pitch:+.0f} deg" if eye_rms <= MAX_EYE_RMS_PX else
+               f"the eye landmarks are {eye_rms:.0f} px (of 512) off the fitted face (an eye hidden?)")
+        notes.append((PoseBeyondFitWarning, f"head pose beyond what the fit was checked for ({why}; checked: |yaw| <= "
+                      f"{MAX_YAW_DEG:.0f}, |pitch| <= {MAX_PITCH_DEG:.0f} deg): the camera is an estimate, 1-sigma "
+                      f"{pose.rotation_sigma_deg:.1f} deg from the landmarks alone, expect 8 deg or more; check overlay.png"))
+    for cls, n in notes:
+        warnings.warn(cls(n), stacklevel=2)
+    canvas = warp_canvas(photo, c, x, y)
+    image = Image.fromarray(canvas).resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.LANCZOS)
     return CropResult(image, canvas, camera, yaw, pitch, landmarks, quad_corners(c, x, y), first, len(faces),
-                      pose, photo, time.perf_counter() - t0, notes)
+                      pose, photo, time.perf_counter() - t0, [n for _, n in notes], k, pose.rotation_sigma_deg)
+
+
+def _eye_rms(pose: FacePose, landmarks: np.ndarray) -> float:
+    """RMS distance (px) between the 12 eye landmarks and the fitted face's projection of them."""
+    from . import face3d
+    d = pose.project(face3d.GENERIC_FACE[36:48] * (1.0, 1.0, face3d.DEPTH_GAIN)) - np.asarray(landmarks, float)[36:48]
+    return float(np.sqrt((d ** 2).sum(1).mean()))

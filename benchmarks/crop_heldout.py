@@ -1,0 +1,178 @@
+"""Held-out check of the face crop and camera on turned and tilted heads with exact labels.
+
+Sources: PanoHead's two published crops (``3DDFA_V2_cropping/crop_samples/img``, their camera
+labels in ``dataset.json``; pass the folder) and scikit-image's ``astronaut`` (its head at 2x; its label: our fit
+of the untouched photo). Each is rendered turned about its head centre by a known yaw (0 to 60 deg)
+and pitch (-30 to +30 deg) on a 2.5D synthetic head (:mod:`dp360rt.crop.synth`; each source its
+own skull, face depth and centre), then mirrored, and rescaled. Per render: framing shift (quad
+centre vs the reference quad, % of its side), scale error %, roll (quad angle) deg, camera error
+(angle between our rotation and the label), relative error (between our rotation and the
+applied turn times our fit of the untouched source: what the fit adds on top of its frontal
+error), yaw / pitch ours and label. The reference quad is the
+source's own (rotating about the head centre keeps its projection): PanoHead's for its crops, our
+crop of the untouched photo for the astronaut.
+
+Usage: ``python benchmarks/crop_heldout.py [CROP_SAMPLES_IMG_DIR] [--json OUT] [--quick]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dp360rt.crop import crop_portrait, detect_faces, yaw_pitch
+from dp360rt.crop.recipe import camera_from_rotation, canvas_geometry
+from dp360rt.crop.synth import SynthHead, render_turned, turn
+
+POSES = [(0, 0), (15, 0), (30, 0), (40, 0), (60, 0), (-30, 0), (0, 20), (0, -20), (0, 30), (0, -30),
+         (25, 15), (-25, -15), (40, 20), (40, -20)]
+HEADS = {"man.jpg": SynthHead(centre_back=90, relief=1.2, seed=1, half_width=95),
+         "woman.jpg": SynthHead(centre_back=80, relief=1.0, seed=2, half_width=90),
+         "astronaut": SynthHead(centre_back=85, relief=1.1, seed=3, half_width=88, half_height=118)}
+
+
+def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    c = (np.trace(a.T @ b) - 1) / 2
+    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
+
+
+def head_rotation(label: torch.Tensor) -> np.ndarray:
+    """PanoHead's label -> the head rotation (viewer frame) that camera_from_rotation maps to it."""
+    c2w = label[:16].reshape(4, 4)[:3, :3].double().numpy()
+    return (c2w @ np.diag([1.0, -1.0, -1.0])).T
+
+
+def quad_stats(q: np.ndarray) -> tuple[np.ndarray, float, float]:
+    return q.mean(0), float(np.linalg.norm(q[3] - q[0])), math.degrees(math.atan2(q[3][1] - q[0][1], q[3][0] - q[0][0]))
+
+
+def mirror_rotation(R: np.ndarray) -> np.ndarray:
+    M = np.diag([-1.0, 1.0, 1.0])
+    return M @ R @ M
+
+
+def sources(folder: Path | None) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(name, photo, head rotation label, reference quad [4, 2])."""
+    out = []
+    if folder is not None:
+        labels = dict(json.loads((folder / "dataset.json").read_text())["labels"])
+        _, _, left, top = canvas_geometry()
+        ref = np.array([[left, top], [left, top + 511], [left + 511, top + 511], [left + 511, top]], float)
+        for name, lab in sorted(labels.items()):
+            photo = np.asarray(Image.open(folder / name).convert("RGB"))
+            out.append((name, photo, head_rotation(torch.tensor([float(v) for v in lab])), ref))
+    from skimage import data
+    # the astronaut's head at 2x (its face is 90 px wide in the 512² photo; 185 px here)
+    a = np.asarray(Image.fromarray(data.astronaut()[0:300, 70:370]).resize((600, 600), Image.LANCZOS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = crop_portrait(a)
+    out.append(("astronaut", a, r.pose.rotation, r.quad))
+    return out
+
+
+def one(photo, R_true, ref_quad, label_src, R_rel=None):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        try:
+            r = crop_portrait(photo)
+        except ValueError as e:
+            return {"error": type(e).__name__}
+    c, side, angle = quad_stats(r.quad)
+    rc, rside, rangle = quad_stats(ref_quad)
+    label = camera_from_rotation(R_true)
+    ly, lp = yaw_pitch(label)
+    return {"shift_pct": float(np.hypot(*(c - rc)) / rside * 100), "shift_xy_pct": [float(v) for v in (c - rc) / rside * 100],
+            "scale_pct": (side / rside - 1) * 100, "roll_deg": angle - rangle,
+            "camera_err_deg": rotation_angle_deg(r.pose.rotation, R_true), "yaw": [r.yaw_deg, ly], "pitch": [r.pitch_deg, lp],
+            "rel_err_deg": rotation_angle_deg(r.pose.rotation, R_rel) if R_rel is not None else None,
+            "sigma_deg": r.camera_sigma_deg, "label": label_src, "R": r.pose.rotation.tolist(),
+            "warnings": sorted({type(x.message).__name__ for x in w if issubclass(x.category, UserWarning)})}
+
+
+def measure(folder: Path | None, poses=POSES, mirror=True, rescale=True) -> list[dict]:
+    rows = []
+    for name, photo, R0, ref in sources(folder):
+        lm = detect_faces(photo)[0].landmarks
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            R_src = crop_portrait(photo).pose.rotation      # our fit of the untouched source
+        label_src = "PanoHead label" if name != "astronaut" else "fit of the photo"
+        for yaw, pitch in poses:
+            Rd = turn(yaw, pitch)
+            img = render_turned(photo, lm, Rd, HEADS[name])
+            R_true = Rd @ R0
+            row = {"image": name, "turn": [yaw, pitch], "variant": "render", **one(img, R_true, ref, label_src, Rd @ R_src)}
+            rows.append(row)
+            if mirror and yaw != 0 and "error" not in row:
+                W = img.shape[1]
+                mref = ref.copy()
+                mref[:, 0] = W - 1 - mref[:, 0]
+                mref = mref[[3, 2, 1, 0]]
+                m = {"image": name, "turn": [yaw, pitch], "variant": "mirror",
+                     **one(img[:, ::-1].copy(), mirror_rotation(R_true), mref, label_src, mirror_rotation(Rd @ R_src))}
+                if "R" in m:
+                    m["mirror_consistency_deg"] = rotation_angle_deg(np.array(m["R"]), mirror_rotation(np.array(row["R"])))
+                rows.append(m)
+            if rescale and (yaw, pitch) in ((30, 0), (0, 20)):
+                s = 0.6
+                small = np.asarray(Image.fromarray(img).resize((round(img.shape[1] * s), round(img.shape[0] * s)), Image.LANCZOS))
+                scale_ref = (ref + 0.5) * s - 0.5
+                rows.append({"image": name, "turn": [yaw, pitch], "variant": "x0.6",
+                             **one(small, R_true, scale_ref, label_src, Rd @ R_src)})
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    ok = [r for r in rows if "error" not in r]
+    def band(lo, hi):
+        b = [r for r in ok if lo <= max(abs(r["turn"][0]), 0) <= hi]
+        if not b:
+            return {}
+        med = lambda k: float(np.median([abs(r[k]) for r in b]))  # noqa: E731
+        return {"n": len(b), "median_shift_pct": med("shift_pct"), "median_abs_scale_pct": med("scale_pct"),
+                "median_abs_roll_deg": med("roll_deg"), "median_camera_err_deg": med("camera_err_deg"),
+                "median_rel_err_deg": med("rel_err_deg"), "max_rel_err_deg": max(r["rel_err_deg"] for r in b),
+                "max_shift_pct": max(r["shift_pct"] for r in b), "max_abs_scale_pct": max(abs(r["scale_pct"]) for r in b),
+                "max_abs_roll_deg": max(abs(r["roll_deg"]) for r in b), "max_camera_err_deg": max(r["camera_err_deg"] for r in b)}
+    side = [r for r in ok if abs(r["yaw"][1]) >= 15]
+    return {"yaw<=40": band(0, 40), "yaw 60": band(41, 90), "failed": [f"{r['image']} {r['turn']} {r['variant']}: {r['error']}" for r in rows if "error" in r],
+            "wrong_side": [f"{r['image']} {r['turn']} {r['variant']}" for r in side if np.sign(r["yaw"][0]) != np.sign(r["yaw"][1])],
+            "median_mirror_deg": float(np.median([r["mirror_consistency_deg"] for r in ok if "mirror_consistency_deg" in r])),
+            "max_mirror_deg": max([r["mirror_consistency_deg"] for r in ok if "mirror_consistency_deg" in r], default=None)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", type=Path, nargs="?")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--quick", action="store_true", help="yaw 0/30/60 only, no mirror or rescale")
+    a = p.parse_args(argv)
+    poses = [(0, 0), (30, 0), (60, 0)] if a.quick else POSES
+    rows = measure(a.folder, poses, mirror=not a.quick, rescale=not a.quick)
+    print(f"{'image':<10} {'turn':>9} {'variant':<7} {'shift %':>7} {'scale %':>7} {'roll':>6} {'cam err':>7} {'rel err':>7} {'yaw ours/label':>15} "
+          f"{'pitch ours/label':>16} {'sigma':>5} warnings")
+    for r in rows:
+        t = f"{r['turn'][0]:+d}/{r['turn'][1]:+d}"
+        if "error" in r:
+            print(f"{r['image']:<10} {t:>9} {r['variant']:<7} {r['error']}")
+            continue
+        print(f"{r['image']:<10} {t:>9} {r['variant']:<7} {r['shift_pct']:>7.2f} {r['scale_pct']:>7.2f} {r['roll_deg']:>6.2f} "
+              f"{r['camera_err_deg']:>7.2f} {r['rel_err_deg']:>7.2f} {r['yaw'][0]:>7.1f}/{r['yaw'][1]:<7.1f} {r['pitch'][0]:>7.1f}/{r['pitch'][1]:<7.1f} "
+              f"{r['sigma_deg']:>5.1f} {','.join(r['warnings'])}")
+    s = summary(rows)
+    print(json.dumps(s, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps({"rows": rows, "summary": s}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
