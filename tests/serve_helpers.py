@@ -86,10 +86,12 @@ from benchmarks.proc_stats import cores_used, cpu_seconds, open_fds, process_tre
 
 
 class ServerProcess:
-    """``python -m dp360rt serve ARGS --port P`` in its own process (one compute thread); waits for
-    ``/readyz``. ``base``: its URL; ``pid``; ``log``: its stderr so far."""
+    """``python -m dp360rt VERB ARGS --port P`` (``serve`` or ``view``) in its own process (one
+    compute thread); waits until ``ready_path`` answers 200. ``base``: its URL; ``pid``; ``log``:
+    its output so far."""
 
-    def __init__(self, args: list[str], log_path: Path, ready_timeout: float = 240.0):
+    def __init__(self, args: list[str], log_path: Path, ready_timeout: float = 240.0, verb: str = "serve",
+                 ready_path: str = "/readyz"):
         import subprocess
         import sys
         import httpx
@@ -98,7 +100,7 @@ class ServerProcess:
         self.log_path = log_path
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dp360rt", "serve", *args, "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "dp360rt", verb, *args, "--port", str(self.port)],
                                      stdout=self._log, stderr=self._log, env=env)
         self.pid = self.proc.pid
         deadline = time.monotonic() + ready_timeout
@@ -106,7 +108,7 @@ class ServerProcess:
             assert self.proc.poll() is None, f"the server exited ({self.proc.returncode}):\n{self.log}"
             assert time.monotonic() < deadline, f"the server was not ready after {ready_timeout:.0f} s:\n{self.log}"
             try:
-                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.base + ready_path, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -84,6 +84,26 @@ def test_idle_server_and_fit_only_when_asked(server):
     assert idle <= IDLE_CORES
 
 
+def test_view_idles_until_the_page_asks(tmp_path):
+    """`dp360rt view --synthetic head`: nothing fits before the page asks; idle again after the fit."""
+    srv = ServerProcess(["--synthetic", "head", "--size", "32", "--seconds", "3"], tmp_path / "view.log", verb="view",
+                        ready_path="/")
+    try:
+        url = f"{srv.base}/v1/generations/synthetic-head/nerf"
+        assert httpx.get(url + "/status").json()["state"] == "idle"
+        assert cores_used(srv.pid, 3) <= IDLE_CORES
+        assert httpx.post(url + "/fit").status_code == 202
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/status").json()["state"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        idle = cores_used(srv.pid, 10)
+        print(f"\ndp360rt view idle after its fit: {idle:.3f} cores over 10 s")
+        assert idle <= IDLE_CORES
+    finally:
+        srv.stop()
+
+
 def _slow_oversized_upload(base: str, total: int, chunk: int = 64 * 1024) -> tuple[int, int]:
     """Send a chunked multipart upload of ``total`` bytes slowly; returns (HTTP status, bytes sent
     when the answer came)."""
