@@ -49,14 +49,32 @@ def _healthy_within_1s(base: str) -> None:
     assert r.status_code == 200 and time.monotonic() - t < 1.0
 
 
+def _orbit_folder(d: Path, size: int = 64) -> np.ndarray:
+    """32 condition images and a cameras.json of an orbit 20 degrees above the default one."""
+    from dp360rt.demo import synthetic_conditions
+    from dp360rt.images import save_png
+    from dp360rt.nerf.cameras import orbit_cameras, write_cameras_json
+    d.mkdir()
+    for i, c in enumerate(synthetic_conditions(32, size)):
+        save_png((c + 1) / 2, d / f"{i:07d}.png")
+    cams = orbit_cameras(32, elevation_deg=20.0)
+    write_cameras_json(d / "cameras.json", cams, [f"{i:07d}.png" for i in range(32)])
+    return cams.numpy()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """One server for the module: token, queue of 2, 1 MB uploads, 3D-aware noise on random tiny
+    PanoHead weights, and a second orbit ``high`` (its cameras: ``server[3]``)."""
     d = tmp_path_factory.mktemp("srv")
+    cams = _orbit_folder(d / "high")
     srv = ServerProcess(["--random", "tiny", "--store", str(d / "store"), "--token", TOKEN, "--max-queue", "2",
-                         "--max-upload", str(MAX_UPLOAD_MB), "--nerf-steps", "15"], d / "server.log")
+                         "--max-upload", str(MAX_UPLOAD_MB), "--nerf-steps", "15", "--3d-noise", "--w-steps", "2",
+                         "--pti-steps", "1", "--orbit", f"high={d / 'high'}"], d / "server.log")
     try:
+        assert "models loaded in" in srv.log                  # startup says how long loading took
         with httpx.Client(headers=AUTH, timeout=120) as client:
-            yield srv, client, d / "store"
+            yield srv, client, d / "store", cams
     finally:
         srv.stop()
 
@@ -64,7 +82,7 @@ def server(tmp_path_factory):
 def test_idle_server_and_fit_only_when_asked(server):
     """An API generation (nerf=on_view, the default) fits nothing; nerf=always does, and the server
     is back to idle (<= 0.05 cores over 10 s) once the fit is done."""
-    srv, client, _ = server
+    srv, client, _, _ = server
     gen_id, events = _generate(client, srv.base)
     assert events[-1][0] == "done"
     status = client.get(f"{srv.base}/v1/generations/{gen_id}/nerf/status").json()
@@ -143,7 +161,7 @@ def _png_declaring(width: int, height: int) -> bytes:
 
 
 def test_what_hostile_clients_send(server):
-    srv, client, store = server
+    srv, client, store, _ = server
     _generate(client, srv.base)                          # warm: the first generation allocates the pools
     rss0 = rss_bytes(srv.pid)
 
@@ -239,7 +257,7 @@ def test_what_hostile_clients_send(server):
 
 
 def test_token_covers_every_route_with_user_data(server):
-    srv, client, _ = server
+    srv, client, _, _ = server
     gen_id, _ = _generate(client, srv.base)
     with httpx.Client(timeout=30) as anon:
         for method, path in [("POST", "/v1/generations"), ("GET", f"/v1/generations/{gen_id}/000.png"),
@@ -282,64 +300,42 @@ def test_kill9_mid_run_then_restart(tmp_path):
         srv.stop()
 
 
-def _orbit_folder(d: Path, size: int = 64) -> np.ndarray:
-    """32 condition images and a cameras.json of an orbit 20 degrees above the default one."""
-    from dp360rt.demo import synthetic_conditions
-    from dp360rt.images import save_png
-    from dp360rt.nerf.cameras import orbit_cameras, write_cameras_json
-    d.mkdir()
-    for i, c in enumerate(synthetic_conditions(32, size)):
-        save_png((c + 1) / 2, d / f"{i:07d}.png")
-    cams = orbit_cameras(32, elevation_deg=20.0)
-    write_cameras_json(d / "cameras.json", cams, [f"{i:07d}.png" for i in range(32)])
-    return cams.numpy()
-
-
-def test_raw_photo_crop_3d_noise_and_orbit(tmp_path):
+def test_raw_photo_crop_3d_noise_and_orbit(server):
     """crop=auto, noise=3d (random tiny PanoHead), orbit=high: staged progress, crop/ and
     inversion/ saved beside the views, the views carry the chosen orbit's cameras."""
     pytest.importorskip("dlib", reason="the crop extra (dlib-bin) is not installed")
     from skimage import data
-    cams = _orbit_folder(tmp_path / "high")
-    store = tmp_path / "store"
-    srv = ServerProcess(["--random", "tiny", "--3d-noise", "--w-steps", "2", "--pti-steps", "1", "--store", str(store),
-                         "--orbit", f"high={tmp_path / 'high'}"], tmp_path / "s.log")
-    try:
-        buf = io.BytesIO()
-        Image.fromarray(data.astronaut()).save(buf, "PNG")
-        with httpx.Client(timeout=300) as client:
-            ready = client.get(srv.base + "/readyz").json()
-            assert ready["orbits"] == ["default", "high"] and "3d" in ready["noise"] and "auto" in ready["crop"]
-            gen_id, events = _generate(client, srv.base, {"steps": "2", "crop": "auto", "noise": "3d", "orbit": "high"},
-                                       png=buf.getvalue())
-            assert events[-1][0] == "done", events[-1]
-            stages = [d["stage"] for e, d in events if e == "progress" and d["stage"]]
-            order = ["crop", "invert", "back_view", "window 0", "window 3"]
-            assert all(s in stages for s in order), stages
-            assert [stages.index(s) for s in order] == sorted(stages.index(s) for s in order)
-            fractions = [d["fraction"] for e, d in events if e == "progress" and d["stage"] == "invert"]
-            assert fractions == sorted(fractions) and 0 <= fractions[0] < 1
-            assert "backend_prepare" in events[-1][1]["timings"]
-            r = client.post(f"{srv.base}/v1/generations", files={"portrait": ("f.png", portrait_png())},
-                            data={"orbit": "nosuch"})
-            assert r.status_code == 400 and "high" in r.json()["error"]["fix"]
-            r = client.post(f"{srv.base}/v1/generations", files={"portrait": ("f.png", portrait_png())},
-                            data={"noise": "sideways"})
-            assert r.status_code == 400 and "noise=random or 3d" in r.json()["error"]["fix"]
-        d = store / gen_id
-        for f in ("crop/crop.png", "crop/camera.json", "inversion/features/000.png", "inversion/features/031.png",
-                  "inversion/w.safetensors", "manifest.json"):
-            assert (d / f).is_file(), f
-        assert "crop/camera.json" in json.loads((d / "manifest.json").read_text())["files"]
-        got = np.array([v["camera"] for v in json.loads((d / "cameras.json").read_text())["views"]])
-        assert np.allclose(got, cams)
-    finally:
-        srv.stop()
+    srv, client, store, cams = server
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, "PNG")
+    ready = client.get(srv.base + "/readyz").json()
+    assert ready["orbits"] == ["default", "high"] and "3d" in ready["noise"] and "auto" in ready["crop"]
+    gen_id, events = _generate(client, srv.base, {"steps": "2", "crop": "auto", "noise": "3d", "orbit": "high"},
+                               png=buf.getvalue())
+    assert events[-1][0] == "done", events[-1]
+    stages = [d["stage"] for e, d in events if e == "progress" and d["stage"]]
+    order = ["crop", "invert", "back_view", "window 0", "window 3"]
+    assert all(s in stages for s in order), stages
+    assert [stages.index(s) for s in order] == sorted(stages.index(s) for s in order)
+    fractions = [d["fraction"] for e, d in events if e == "progress" and d["stage"] == "invert"]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] < 1
+    assert "backend_prepare" in events[-1][1]["timings"]
+    r = client.post(f"{srv.base}/v1/generations", files={"portrait": ("f.png", portrait_png())}, data={"orbit": "nosuch"})
+    assert r.status_code == 400 and "high" in r.json()["error"]["fix"]
+    r = client.post(f"{srv.base}/v1/generations", files={"portrait": ("f.png", portrait_png())}, data={"noise": "sideways"})
+    assert r.status_code == 400 and "noise=random or 3d" in r.json()["error"]["fix"]
+    d = store / gen_id
+    for f in ("crop/crop.png", "crop/camera.json", "inversion/features/000.png", "inversion/features/031.png",
+              "inversion/w.safetensors", "manifest.json"):
+        assert (d / f).is_file(), f
+    assert "crop/camera.json" in json.loads((d / "manifest.json").read_text())["files"]
+    got = np.array([v["camera"] for v in json.loads((d / "cameras.json").read_text())["views"]])
+    assert np.allclose(got, cams)
 
 
 def test_no_face_is_a_named_error_event(server):
     pytest.importorskip("dlib", reason="the crop extra (dlib-bin) is not installed")
-    srv, client, store = server
+    srv, client, store, _ = server
     with _post(client, srv.base, {"steps": "2", "crop": "auto"}) as r:
         gen_id = r.headers["x-generation-id"]
         events = list(sse_events(r.iter_lines()))

@@ -263,9 +263,9 @@ class LocalBackend:
                 self.valid_steps = [n for n in range(1, T + 1) if len(range(0, T, T // n)) == n
                                     and (n - 1) * (T // n) + 1 < T]      # what ddim_tables accepts
                 self.orbits = orbits
-                self.pipe = pipe
                 self.loading = {**self.loading, "stage": "ready", "step": 3, "seconds": round(time.monotonic() - t0, 2)}
-                log.info("models loaded in %.1f s", time.monotonic() - t0)
+                log.info("models loaded in %.1f s", time.monotonic() - t0)      # before /readyz says so
+                self.pipe = pipe
             except Exception as e:
                 self.error = str(e)
                 raise
