@@ -145,6 +145,37 @@ def cmd_mesh(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .assets import check_output_file, find_nerf, find_views
+    from .glb import check_texture_size, check_triangles
+
+    if not a.glb and not a.splat:
+        raise ValueError("nothing to export. Fix: pass --glb OUT.glb and/or --splat OUT.ply")
+    check_triangles(a.triangles)
+    check_texture_size(a.texture_size)
+    folder = find_nerf(a.run)                       # all checks before the NeRF loads
+    if a.glb:
+        check_output_file(a.glb, ".glb", a.overwrite)
+    if a.splat:
+        check_output_file(a.splat, ".ply", a.overwrite)
+    views = a.views or find_views(a.run)
+    from .model import Nerf
+    nerf = Nerf.load(folder, device=a.device)
+    if a.glb:
+        r = nerf.export_glb(a.glb, triangles=a.triangles, texture_size=a.texture_size, resolution=a.resolution,
+                            level=a.level, overwrite=a.overwrite)
+        print(f"wrote {r['path']}: {r['triangles']} triangles, {r['texture_size']}^2 texture, "
+              f"{r['bytes'] / 1e6:.2f} MB in {r['seconds']:.1f} s")
+    if a.splat:
+        if views is None and a.splat_steps:
+            print("no views folder (cameras.json) found: writing the unrefined splat. Fix: pass --views DIR")
+        r = nerf.export_splat(a.splat, views=views, steps=a.splat_steps, resolution=a.splat_resolution,
+                              level=a.level, overwrite=a.overwrite)
+        print(f"wrote {r['path']}: {r['splats']} Gaussians, {r['bytes'] / 1e6:.2f} MB in {r['seconds']:.1f} s "
+              f"({r['refine_seconds']:.1f} s refining {len(r['losses'])} steps against {views})")
+    return 0
+
+
 def cmd_scene(a: argparse.Namespace) -> int:
     from .synthetic import write_scene
 
@@ -157,7 +188,7 @@ def cmd_scene(a: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``nerf`` (verbs fit, render, video, mesh, scene) on ``subparsers``."""
+    """Register ``nerf`` (verbs fit, render, video, mesh, export, scene) on ``subparsers``."""
     p = subparsers.add_parser("nerf", help="instant NeRF: fit a views folder, render cameras, videos, meshes",
                               description="Fit a radiance field to a views folder (PNG images + cameras.json) "
                                           "and render it.")
@@ -212,6 +243,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--level", type=float, default=10.0, help="density iso-level (per world unit), default 10")
     m.add_argument("--device", type=_DEVICE)
     m.set_defaults(fn=cmd_mesh)
+
+    e = sub.add_parser("export", help="portable assets: textured GLB and/or 3D Gaussian splat .ply")
+    e.add_argument("run", metavar="RUN_DIR", help="a run folder (views + nerf/) or the --out folder of `nerf fit`")
+    e.add_argument("--glb", metavar="OUT.glb", help="write a textured glTF 2.0 binary")
+    e.add_argument("--splat", metavar="OUT.ply", help="write a standard 3DGS .ply")
+    e.add_argument("--triangles", type=int, default=100_000, help="GLB triangle budget (default 100000)")
+    e.add_argument("--texture-size", type=int, default=1024, help="GLB texture side, a power of two up to 8192")
+    e.add_argument("--resolution", type=arg(positive_int, "--resolution", MAX_MESH_RES, minimum=2), default=128,
+                   help="marching-cubes cells per side (default 128)")
+    e.add_argument("--level", type=float, default=10.0, help="density iso-level (per world unit), default 10")
+    e.add_argument("--views", metavar="VIEWS_DIR", help="views to refine the splat against (default: the run's)")
+    e.add_argument("--splat-steps", type=arg(positive_int, "--splat-steps", minimum=0), default=300,
+                   help="refinement steps (one view each; default 300, 0: the field's initialisation)")
+    e.add_argument("--splat-resolution", type=arg(positive_int, "--splat-resolution", 1024, minimum=4), default=64,
+                   help="seed grid cells per side (default 64)")
+    e.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    e.add_argument("--device", type=_DEVICE)
+    e.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("scene", help="write a built-in synthetic scene (exact renders) as a views folder to fit")
     s.add_argument("out", metavar="DIR", help="the views folder to write (PNG images + cameras.json)")

@@ -290,6 +290,21 @@ class Nerf:
         snap.stats = dict(self.stats)
         return snap
 
+    # -- portable assets -----------------------------------------------------------------------------
+    def export_glb(self, path: str | Path, triangles: int = 100_000, texture_size: int = 1024,
+                   resolution: int = 128, level: float = 10.0, overwrite: bool = False) -> dict[str, Any]:
+        """Textured glTF 2.0 binary of the surface; see :func:`dp360rt.nerf.assets.export_glb`."""
+        from .assets import export_glb
+        return export_glb(self, path, triangles=triangles, texture_size=texture_size, resolution=resolution,
+                          level=level, overwrite=overwrite)
+
+    def export_splat(self, path: str | Path, views: Any = None, steps: int = 300, resolution: int = 64,
+                     level: float = 10.0, max_splats: int = 200_000, overwrite: bool = False) -> dict[str, Any]:
+        """Standard 3DGS ``.ply`` refined against ``views``; see :func:`dp360rt.nerf.assets.export_splat`."""
+        from .assets import export_splat
+        return export_splat(self, path, views=views, steps=steps, resolution=resolution, level=level,
+                            max_splats=max_splats, overwrite=overwrite)
+
     # -- persistence ---------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
         """Write ``model.safetensors`` (field, occupancy, background) and ``config.json``."""

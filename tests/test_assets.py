@@ -1,0 +1,207 @@
+"""Portable assets (dp360rt.nerf.assets / glb / splat / splat_render): the GLB validates and keeps
+its budgets, the splat .ply has the standard layout, the rasterizer matches its brute-force
+twin, refinement helps, and bad input fails with named errors before any work."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dp360rt.nerf.assets import NoNerfError, export_glb, export_splat, find_nerf
+from dp360rt.nerf.glb import read_glb
+from dp360rt.nerf.mesh_render import render_textured_mesh
+from dp360rt.nerf.model import Nerf, psnr
+from dp360rt.nerf.splat import PLY_PROPERTIES, EmptyFieldError, init_splat, read_splat_ply
+from dp360rt.nerf.splat_render import refine_splat, render_splat, render_splat_reference
+from dp360rt.nerf.synthetic import render_views
+from dp360rt.results import OutputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = list(range(0, 32, 2))
+HOLD = [5, 13, 21, 29]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder: 64^2 head views + cameras.json, and a short CPU fit in nerf/."""
+    from dp360rt.nerf.cameras import write_views
+    imgs, cams = render_views("head", size=64)
+    d = tmp_path_factory.mktemp("run")
+    write_views(d, [imgs[i] for i in TRAIN], cams[TRAIN])
+    nerf = Nerf(device="cpu", grid_res=64)
+    nerf.fit([imgs[i] for i in TRAIN], cams[TRAIN], steps=200, progress=False)
+    nerf.save(d / "nerf")
+    return d, nerf, imgs, cams
+
+
+@pytest.fixture(scope="module")
+def glb(run, tmp_path_factory):
+    d, nerf, _, _ = run
+    out = tmp_path_factory.mktemp("glb") / "head.glb"
+    info = nerf.export_glb(out, triangles=3000, texture_size=128, resolution=64)
+    return out, info
+
+
+@pytest.fixture(scope="module")
+def splat(run, tmp_path_factory):
+    d, nerf, _, _ = run
+    out = tmp_path_factory.mktemp("splat") / "head.ply"
+    info = nerf.export_splat(out, views=d, steps=40, resolution=40)
+    return out, info
+
+
+def _node_validator():
+    node = shutil.which("node")
+    if node is None or not (ROOT / ".ci" / "node" / "node_modules" / "gltf-validator").is_dir():
+        return None
+    return node
+
+
+def test_glb_validates_and_keeps_budgets(glb):
+    path, info = glb
+    assert info["triangles"] <= 3000 and path.stat().st_size == info["bytes"]
+    m = read_glb(path)
+    assert m["faces"].shape[0] <= 3000 and m["faces"].shape[0] > 100
+    assert m["texture"].shape == (128, 128, 3)
+    assert m["uv"].min() >= 0.0 and m["uv"].max() <= 1.0
+    assert m["texture"].std() > 5             # a baked texture, not a flat fill
+    node = _node_validator()
+    if node is None:
+        pytest.skip("node or .ci/node/node_modules/gltf-validator missing (bash .ci/run installs it): "
+                    "the structural checks above ran, the Khronos validator did not")
+    out = subprocess.run([node, str(ROOT / ".ci" / "validate_gltf.mjs"), str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["numErrors"] == 0, report["messages"]
+
+
+def test_glb_renders_close_to_the_nerf(run, glb):
+    _, nerf, imgs, cams = run
+    m = read_glb(glb[0])
+    bg = nerf.background.tolist()
+    i = HOLD[0]
+    g = render_textured_mesh(m, cams[i], 64, 64, bg)
+    n = nerf.render(cams[i], 64, 64)["rgb"]
+    assert psnr(g, imgs[i]) > psnr(n, imgs[i]) - 8.0
+    assert psnr(g, imgs[i]) > psnr(torch.tensor(bg).expand(64, 64, 3), imgs[i]) + 3.0   # the head is there
+
+
+def test_splat_ply_layout_and_round_trip(splat):
+    path, info = splat
+    head = path.read_bytes()[:4000].split(b"end_header\n")[0].decode().splitlines()
+    assert head[:2] == ["ply", "format binary_little_endian 1.0"]
+    assert [ln.split()[2] for ln in head if ln.startswith("property")] == PLY_PROPERTIES
+    assert PLY_PROPERTIES[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    assert PLY_PROPERTIES[-8:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    s = read_splat_ply(path)
+    assert s["count"] == info["splats"] > 0 and s["data"].shape == (info["splats"], 62)
+    p = info["params"]
+    for k in ("means", "f_dc", "logit_opacity", "log_scales"):
+        assert torch.allclose(s[k], p[k].float(), atol=1e-6), k
+    assert torch.allclose(s["quats"].norm(dim=-1), torch.ones(s["count"]), atol=1e-5)
+    assert np.all(s["data"][:, 9:54] == 0)
+
+
+def test_refined_splat_beats_its_init_and_loss_falls(run, splat):
+    _, nerf, imgs, cams = run
+    path, info = splat
+    losses = info["losses"]
+    assert np.mean(losses[-10:]) < np.mean(losses[:5])
+    init = init_splat(nerf, 40)
+    s = read_splat_ply(path)
+    i = TRAIN[3]
+    bg = nerf.background
+    with torch.no_grad():
+        p_init = psnr(render_splat(init, cams[i], 64, 64, bg), imgs[i])
+        p_ref = psnr(render_splat(s, cams[i], 64, 64, bg), imgs[i])
+    assert p_ref > p_init + 1.0
+
+
+def test_rasterizer_matches_brute_force_twin():
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    params = {"means": (torch.rand(n, 3, generator=g) - 0.5) * 0.4,
+              "log_scales": torch.log(0.02 + 0.06 * torch.rand(n, 3, generator=g)),
+              "quats": torch.randn(n, 4, generator=g),
+              "logit_opacity": torch.randn(n, generator=g),
+              "f_dc": torch.randn(n, 3, generator=g)}
+    params = {k: v.double() for k, v in params.items()}
+    _, cams = render_views("sphere", size=8)
+    cam = cams[3]
+    fast = render_splat(params, cam, 20, 18, torch.tensor([0.2, 0.4, 0.9]))
+    ref = render_splat_reference(params, cam, 20, 18, torch.tensor([0.2, 0.4, 0.9]))
+    assert (fast - ref).abs().max() < 1e-9
+    assert (ref - torch.tensor([0.2, 0.4, 0.9])).abs().max() > 0.1     # something was drawn
+
+
+def test_refinement_gradients_reach_every_parameter():
+    g = torch.Generator().manual_seed(1)
+    n = 6
+    params = {"means": (torch.rand(n, 3, generator=g) - 0.5) * 0.3, "log_scales": torch.full((n, 3), -3.0),
+              "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1), "logit_opacity": torch.zeros(n),
+              "f_dc": torch.zeros(n, 3)}
+    imgs, cams = render_views("sphere", size=16)
+    losses = refine_splat(params, [imgs[0]], cams[:1], steps=15, lr=0.02)
+    assert losses[-1] < losses[0]
+
+
+def test_bad_input_named_errors_before_work(run, tmp_path, monkeypatch):
+    d, nerf, _, _ = run
+    import dp360rt.nerf.glb as glbmod
+    import dp360rt.nerf.splat as splatmod
+
+    def boom(*a, **k):
+        raise AssertionError("work started before the checks")
+    monkeypatch.setattr(glbmod, "build_textured_mesh", boom)
+    monkeypatch.setattr(splatmod, "init_splat", boom)
+    with pytest.raises(NoNerfError, match="Fix"):
+        find_nerf(tmp_path)
+    assert find_nerf(d) == d / "nerf" and find_nerf(d / "nerf") == d / "nerf"
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="triangle budget"):
+            export_glb(nerf, tmp_path / "a.glb", triangles=bad)
+    for bad in (1000, 16384, 0, 3):
+        with pytest.raises(ValueError, match="power of two"):
+            export_glb(nerf, tmp_path / "a.glb", texture_size=bad)
+    (tmp_path / "x.glb").write_bytes(b"old")
+    with pytest.raises(OutputError, match="already exists"):
+        export_glb(nerf, tmp_path / "x.glb")
+    with pytest.raises(OutputError, match="already exists"):
+        (tmp_path / "x.ply").write_bytes(b"old")
+        export_splat(nerf, tmp_path / "x.ply")
+    with pytest.raises(OutputError, match="does not exist"):
+        export_splat(nerf, tmp_path / "nope" / "x.ply")
+    with pytest.raises(ValueError, match=r"\.glb"):
+        export_glb(nerf, tmp_path / "a.obj")
+    assert (tmp_path / "x.glb").read_bytes() == b"old"
+
+
+def test_empty_field_is_named(run, tmp_path):
+    _, nerf, _, _ = run
+    empty = nerf.snapshot()
+    empty.occ.set_mask(torch.zeros_like(empty.occ.mask))
+    with pytest.raises(EmptyFieldError, match="no surface"):
+        empty.export_splat(tmp_path / "e.ply", steps=0)
+    with pytest.raises(EmptyFieldError, match="no surface"):
+        empty.export_glb(tmp_path / "e.glb", triangles=100, texture_size=64, resolution=32)
+    assert not list(tmp_path.iterdir())                  # nothing half-written
+
+
+def test_cli_export(run, tmp_path, capsys):
+    from dp360rt.nerf.cli import main
+    d, _, _, _ = run
+    rc = main(["export", str(d), "--glb", str(tmp_path / "h.glb"), "--triangles", "800", "--texture-size", "64",
+               "--resolution", "48", "--splat", str(tmp_path / "h.ply"), "--splat-steps", "3",
+               "--splat-resolution", "24"])
+    assert rc == 0 and (tmp_path / "h.glb").is_file() and read_splat_ply(tmp_path / "h.ply")["count"] > 0
+    assert main(["export", str(tmp_path), "--glb", str(tmp_path / "z.glb")]) == 2
+    assert "no fitted NeRF" in capsys.readouterr().err
+    assert main(["export", str(d), "--glb", str(tmp_path / "h.glb")]) == 2          # exists, no --overwrite
+    assert main(["export", str(d), "--glb", str(tmp_path / "q.glb"), "--texture-size", "1000"]) == 2
+    assert not (tmp_path / "q.glb").exists()
