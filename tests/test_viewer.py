@@ -38,7 +38,8 @@ def head_views():
 def ready_sessions(head_views):
     """A session fed through the listener interface and fitted to the end of its budget."""
     images, cams = head_views
-    s = NerfSessions(steps=STEPS, chunk_seconds=0.2)
+    s = NerfSessions(steps=STEPS, chunk_seconds=0.2, export_options={"glb": {"texture_size": 64, "resolution": 32},
+                                                                     "splat": {"steps": 5, "resolution": 24}})
     s.on_start("g1", {"nerf": "always"})
     s.on_view("g1", -1, cams[18].tolist(), images[18])          # the back view: shown, not fitted
     for i, (im, cam) in enumerate(zip(images, cams)):
@@ -203,6 +204,14 @@ def test_downloads(ready_sessions, tmp_path):
         assert ply.status_code == 200 and ply.content.startswith(b"ply\n")
         mp4 = c.get("/v1/generations/g1/orbit.mp4")
         assert mp4.status_code == 200 and mp4.content[4:8] == b"ftyp"
+        glb = c.get("/v1/generations/g1/head.glb")
+        assert glb.status_code == 200 and glb.content[:4] == b"glTF" and glb.headers["content-type"] == "model/gltf-binary"
+        splat = c.get("/v1/generations/g1/head.ply")
+        assert splat.status_code == 200 and splat.content.startswith(b"ply\n")
+        from dp360rt.nerf.splat import read_splat_ply
+        (tmp_path / "head.ply").write_bytes(splat.content)
+        assert read_splat_ply(tmp_path / "head.ply")["count"] > 0
+        assert c.get("/v1/generations/g1/head.ply").content == splat.content          # cached per snapshot
 
 
 def test_download_before_fit_starts_it_or_names_nerf_none(head_views):

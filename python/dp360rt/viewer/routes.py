@@ -12,7 +12,8 @@ service's routes, or alone by ``dp360rt view``.
   Requests that arrive while a frame renders replace each other: only the newest is rendered
   (``dropped`` counts the others), so the view never lags behind the pointer. A bad request gets
   ``{"type": "error", "message"}``; a request before the field is renderable ``{"type": "waiting"}``;
-* downloads ``views.zip``, ``nerf.zip`` (the ``Nerf.save`` folder), ``orbit.mp4``, ``mesh.ply``
+* downloads ``views.zip``, ``nerf.zip`` (the ``Nerf.save`` folder), ``orbit.mp4``, ``mesh.ply``,
+  ``head.glb`` (textured glTF) and ``head.ply`` (3D Gaussian splat refined against the views)
   of the latest snapshot (made on demand, cached per snapshot);
 * ``standalone=True`` (``dp360rt view``) also serves the views at ``/v1/generations/{id}/{name}.png``
   (the service serves them from its store otherwise).
@@ -129,12 +130,32 @@ def _mesh_ply(s: NerfSession) -> bytes:
         return write_ply(extract_mesh(snap), Path(tmp) / "mesh.ply").read_bytes()
 
 
+def _head_glb(s: NerfSession) -> bytes:
+    snap = s.snapshot
+    assert snap is not None
+    with tempfile.TemporaryDirectory(prefix="dp360rt-glb-") as tmp:
+        snap.export_glb(Path(tmp) / "head.glb", **s.export_options.get("glb", {}))
+        return (Path(tmp) / "head.glb").read_bytes()
+
+
+def _head_splat(s: NerfSession) -> bytes:
+    snap = s.snapshot
+    assert snap is not None
+    recs = [r for i, r in sorted(s.views.items()) if i >= 0]
+    views = ([r.pixels() for r in recs], [r.camera for r in recs]) if recs else None
+    with tempfile.TemporaryDirectory(prefix="dp360rt-splat-") as tmp:
+        snap.export_splat(Path(tmp) / "head.ply", views=views, **s.export_options.get("splat", {}))
+        return (Path(tmp) / "head.ply").read_bytes()
+
+
 DOWNLOADS: dict[str, tuple[Callable[[NerfSession], bytes], str, bool]] = {
     # name: (maker, media type, needs a fitted field)
     "views.zip": (_views_zip, "application/zip", False),
     "nerf.zip": (_nerf_zip, "application/zip", True),
     "orbit.mp4": (_orbit_mp4, "video/mp4", True),
     "mesh.ply": (_mesh_ply, "application/octet-stream", True),
+    "head.glb": (_head_glb, "model/gltf-binary", True),            # textured mesh, any engine
+    "head.ply": (_head_splat, "application/octet-stream", True),   # 3D Gaussian splat (standard 3DGS layout)
 }
 
 

@@ -89,10 +89,12 @@ class NerfSession:
     """One generation's views, its fitter and the latest published snapshot (see the module doc)."""
 
     def __init__(self, gen_id: str, seconds: float | None, steps: int | None, nerf_options: dict[str, Any],
-                 label: str | None = None, preloaded: bool = False, mode: str = "always"):
+                 label: str | None = None, preloaded: bool = False, mode: str = "always",
+                 export_options: dict[str, dict[str, Any]] | None = None):
         if mode not in NERF_MODES:
             raise ValueError(f"nerf={mode!r} is not a NeRF mode. Fix: use one of {', '.join(NERF_MODES)}")
         self.id = gen_id
+        self.export_options = export_options or {}   # {"glb": {...}, "splat": {...}}: Nerf.export_* keywords
         self.mode = mode
         self.active = mode == "always"           # fitting may start (on_view: once someone asked)
         self.fit_times: dict[str, float] = {}    # monotonic clock: "started", "ready"
@@ -279,16 +281,18 @@ class NerfSessions:
     ``chunk_seconds``: training time between two published snapshots; ``mode``: when a
     generation's NeRF is fitted if its request does not say (see the module doc); ``store``: the
     service's :class:`~dp360rt.serve.store.ResultStore`, where views are read from (``on_view``)
-    and finished generations are opened again."""
+    and finished generations are opened again; ``export_options``: keywords of the ``head.glb`` /
+    ``head.ply`` downloads (``{"glb": {"texture_size": 512}, "splat": {"steps": 100}}``)."""
 
     def __init__(self, seconds: float | None = None, steps: int | None = None, max_sessions: int = 16,
                  nerf_options: dict[str, Any] | None = None, chunk_seconds: float = 0.5, mode: str = "on_view",
-                 store: Any = None):
+                 store: Any = None, export_options: dict[str, dict[str, Any]] | None = None):
         if seconds is None and steps is None:
             seconds = DEFAULT_SECONDS
         if mode not in NERF_MODES:
             raise ValueError(f"nerf={mode!r} is not a NeRF mode. Fix: use one of {', '.join(NERF_MODES)}")
         self.mode, self.store = mode, store
+        self.export_options = dict(export_options or {})
         self.seconds, self.steps = seconds, steps
         self.max_sessions = int(max_sessions)
         self.nerf_options = dict(nerf_options or {})
@@ -409,7 +413,8 @@ class NerfSessions:
     def _create(self, gen_id: str, label: str | None = None, preloaded: bool = False,
                 mode: str = "always") -> NerfSession:
         with self._cond:
-            s = NerfSession(gen_id, self.seconds, self.steps, self.nerf_options, label, preloaded, mode)
+            s = NerfSession(gen_id, self.seconds, self.steps, self.nerf_options, label, preloaded, mode,
+                            self.export_options)
             self._sessions[gen_id] = s
             self._evict()
             return s
