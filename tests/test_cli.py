@@ -180,10 +180,11 @@ def test_demo_subprocess(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "official checkpoints" in r.stdout
     for f in ("back_view.png", "000.png", "031.png", "contact_sheet.png", "timings.json", "timings.png", "cameras.json",
-              "orbit.mp4", "nerf/model.safetensors", "synthetic_head_views.png", "synthetic_head_orbit.mp4"):
+              "orbit.mp4", "nerf/model.safetensors", "head.glb", "head.ply", "synthetic_head_views.png",
+              "synthetic_head_orbit.mp4"):
         assert (out / f).is_file(), f
     assert "synthetic head scene (built in, NOT a generated portrait)" in r.stdout
     timings = json.loads((out / "timings.json").read_text())
-    assert {"back_view", "nerf_fit", "orbit_render", "synthetic_head", "total"} <= set(timings), timings
+    assert {"back_view", "nerf_fit", "orbit_render", "assets", "synthetic_head", "total"} <= set(timings), timings
     import imageio.v2 as imageio
     assert len(imageio.mimread(out / "orbit.mp4")) == 60

@@ -73,7 +73,8 @@ def synthetic_head(out: Path, seconds: float, seed: int = 0, progress: bool = Tr
 def run_demo(out: str | Path, steps: int = 10, seed: int = 0, nerf_seconds: float = 20.0,
              progress: bool = True, synthetic_seconds: float = 10.0, overwrite: bool = False) -> Path:
     """Tiny random-weight pipeline end to end: back view, 32 views, NeRF fit, orbit video, and
-    the files a user looks at (views, contact sheet, ``orbit.mp4``, ``timings.json/png``) in ``out``;
+    the files a user looks at (views, contact sheet, ``orbit.mp4``, ``head.glb`` and ``head.ply``
+    (the portable textured mesh and Gaussian splat), ``timings.json/png``) in ``out``;
     then the synthetic head scene fitted and orbited (``synthetic_head_*``, clearly named: the tiny
     model's views are noise, the head shows what a fitted NeRF looks like). ``out`` is built aside
     and moved into place when complete (an earlier one is replaced only with ``overwrite``)."""
@@ -81,7 +82,7 @@ def run_demo(out: str | Path, steps: int = 10, seed: int = 0, nerf_seconds: floa
     with ResultDir(out, kind="demo", overwrite=overwrite) as rd:   # checked before any work
         total = _demo_into(rd.path, steps, seed, nerf_seconds, progress, synthetic_seconds)
         out = rd.commit()
-    print(f"wrote back_view.png, 000.png ... 031.png, cameras.json, contact_sheet.png, orbit.mp4, nerf/, "
+    print(f"wrote back_view.png, 000.png ... 031.png, cameras.json, contact_sheet.png, orbit.mp4, nerf/, head.glb, head.ply, "
           f"synthetic_head_views.png, synthetic_head_orbit.mp4, timings.json, timings.png to {out} "
           f"({total:.1f} s in all); browse them: python -m dp360rt view {out}")
     return out
@@ -110,6 +111,10 @@ def _demo_into(out: Path, steps: int, seed: int, nerf_seconds: float, progress: 
     frames = 60
     orbit_video(nerf, out / "orbit.mp4", frames=frames, fps=30)
     res.timings["orbit_render"] = time.perf_counter() - tic
+    tic = time.perf_counter()       # the portable head: a textured GLB and a 3D Gaussian splat any engine loads
+    nerf.export_glb(out / "head.glb", texture_size=512)
+    nerf.export_splat(out / "head.ply", views=(list(res.views), res.cameras), steps=100)
+    res.timings["assets"] = time.perf_counter() - tic
     if synthetic_seconds > 0:
         res.timings["synthetic_head"] = synthetic_head(out, synthetic_seconds, seed, progress)
     res.timings["total"] = time.perf_counter() - t
