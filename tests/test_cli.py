@@ -180,9 +180,11 @@ def test_demo_subprocess(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "official checkpoints" in r.stdout
     for f in ("back_view.png", "000.png", "031.png", "contact_sheet.png", "timings.json", "timings.png", "cameras.json",
-              "orbit.mp4", "nerf/model.safetensors", "head.glb", "head.ply", "synthetic_head_views.png",
-              "synthetic_head_orbit.mp4"):
+              "orbit.mp4", "nerf/model.safetensors", "synthetic_head_views.png", "synthetic_head_orbit.mp4"):
         assert (out / f).is_file(), f
+    # the portable head, unless the 3 s fit (on a loaded machine) left no surface: then a named note
+    assert ((out / "head.glb").is_file() and (out / "head.ply").is_file()) or (
+        "skipped the portable head" in r.stdout and "no surface" in r.stdout), r.stdout[-2000:]
     assert "synthetic head scene (built in, NOT a generated portrait)" in r.stdout
     timings = json.loads((out / "timings.json").read_text())
     assert {"back_view", "nerf_fit", "orbit_render", "assets", "synthetic_head", "total"} <= set(timings), timings

@@ -112,8 +112,13 @@ def _demo_into(out: Path, steps: int, seed: int, nerf_seconds: float, progress: 
     orbit_video(nerf, out / "orbit.mp4", frames=frames, fps=30)
     res.timings["orbit_render"] = time.perf_counter() - tic
     tic = time.perf_counter()       # the portable head: a textured GLB and a 3D Gaussian splat any engine loads
-    nerf.export_glb(out / "head.glb", texture_size=512)
-    nerf.export_splat(out / "head.ply", views=(list(res.views), res.cameras), steps=100)
+    from .nerf.splat import EmptyFieldError
+    try:
+        nerf.export_glb(out / "head.glb", texture_size=512)
+        nerf.export_splat(out / "head.ply", views=(list(res.views), res.cameras), steps=100)
+    except EmptyFieldError as e:    # a very short fit of the noise views can leave no surface: say so, keep the rest
+        (out / "head.glb").unlink(missing_ok=True)
+        print(f"skipped the portable head (head.glb, head.ply): {e}", flush=True)
     res.timings["assets"] = time.perf_counter() - tic
     if synthetic_seconds > 0:
         res.timings["synthetic_head"] = synthetic_head(out, synthetic_seconds, seed, progress)
