@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -315,12 +315,12 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
     # -- the other routes ------------------------------------------------------------------------------
     async def view_png(request: Request) -> Response:
         gen_id, name = request.path_params["gen_id"], request.path_params["name"]
-        path = store.file(gen_id, name)
-        if path is None:
+        data = await asyncio.to_thread(store.read, gen_id, name)
+        if data is None:
             return error_response(404, f"generation {gen_id!r} has no view {name!r} (yet)",
                                   "use a url from the stream's view events; finished generations are kept "
                                   "until the store's size cap evicts them")
-        return FileResponse(path, media_type="image/png")
+        return Response(data, media_type="image/png")
 
     async def delete_generation(request: Request) -> Response:
         gen_id = request.path_params["gen_id"]

@@ -136,10 +136,23 @@ class ResultStore:
         running in this process; None otherwise."""
         if not ID_PATTERN.match(gen_id) or not NAME_PATTERN.match(name):
             return None
+        with self._lock:            # not between finish's rename and its bookkeeping
+            return self.file_unlocked(gen_id, name)
+
+    def file_unlocked(self, gen_id: str, name: str) -> Path | None:
+        if not ID_PATTERN.match(gen_id) or not NAME_PATTERN.match(name):
+            return None
         for d in (self.root / gen_id, self._partial(gen_id) if gen_id in self._active else None):
             if d is not None and (d / f"{name}.png").is_file():
                 return d / f"{name}.png"
         return None
+
+    def read(self, gen_id: str, name: str) -> bytes | None:
+        """The bytes of :meth:`file` (read under the lock: a finishing generation's folder is renamed
+        from ``.partial-ID`` to ``ID``, and a path looked up before would be gone when opened)."""
+        with self._lock:
+            p = self.file_unlocked(gen_id, name)
+            return p.read_bytes() if p is not None else None
 
     def folder(self, gen_id: str) -> Path | None:
         """A complete generation's folder, or None."""
