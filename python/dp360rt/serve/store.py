@@ -134,8 +134,6 @@ class ResultStore:
     def file(self, gen_id: str, name: str) -> Path | None:
         """The stored PNG ``name`` (``back_view`` or ``000``..) of a complete generation, or of one
         running in this process; None otherwise."""
-        if not ID_PATTERN.match(gen_id) or not NAME_PATTERN.match(name):
-            return None
         with self._lock:            # not between finish's rename and its bookkeeping
             return self.file_unlocked(gen_id, name)
 
