@@ -252,3 +252,5 @@ def test_serve_cli_argument_errors(capsys):
     assert "--conditions DIR" in capsys.readouterr().err
     assert main(["serve", "--random", "tiny", "--max-queue", "0"]) == 2
     assert "--max-queue 0: must be 1 or more" in capsys.readouterr().err
+    assert main(["serve", "--random", "tiny", "--splat-steps", "-1"]) == 2
+    assert "--splat-steps -1: must be 0 or more" in capsys.readouterr().err

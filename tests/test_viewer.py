@@ -286,3 +286,42 @@ def test_view_cli_errors(tmp_path, capsys):
     assert "nothing to show. Fix: pass a views or NeRF folder, or --synthetic head" in capsys.readouterr().err
     assert main(["view", str(tmp_path / "missing")]) == 2
     assert "is not a folder. Fix" in capsys.readouterr().err
+
+
+def test_heads_are_kept_in_the_store_and_served_after_a_restart(head_views, tmp_path):
+    """head.ply / head.glb of a finished fit go into the generation's store folder (atomically, once);
+    a restarted server serves them from there without fitting again. The store keeps only those
+    two names, and only for complete generations."""
+    from dp360rt.serve.store import ResultStore
+    images, cams = head_views
+    store = ResultStore(tmp_path / "store")
+    gen = store.new()
+    for i, (im, cam) in enumerate(zip(images, cams)):
+        store.write_view(gen, i, im)
+    store.finish(gen, {i: cam.tolist() for i, cam in enumerate(cams)})
+    opts = {"splat": {"steps": 3, "resolution": 24}}
+    s = NerfSessions(steps=STEPS, chunk_seconds=0.2, store=store, export_options=opts)
+    try:
+        with _client(s, standalone=False) as c:
+            assert c.get(f"/v1/generations/{gen}/head.ply").status_code == 202      # starts the fit
+            s.wait(gen, timeout=300)
+            r = c.get(f"/v1/generations/{gen}/head.ply")
+            assert r.status_code == 200 and r.content.startswith(b"ply\n")
+    finally:
+        s.close()
+    kept = store.root / gen / "assets" / "head.ply"
+    assert kept.read_bytes() == r.content
+    assert not [p for p in (store.root / gen).rglob("*") if p.name.startswith(".")]   # no temporary left
+    s2 = NerfSessions(steps=STEPS, store=ResultStore(tmp_path / "store"), export_options=opts)   # a restart
+    try:
+        with _client(s2, standalone=False) as c:
+            again = c.get(f"/v1/generations/{gen}/head.ply")
+            assert again.status_code == 200 and again.content == r.content
+            assert not s2.get(gen).status()["fit"]["started"]                # served from the store, no fit
+    finally:
+        s2.close()
+    with pytest.raises(ValueError, match="not an asset"):
+        store.write_asset(gen, "../cameras.json", b"x")
+    half = store.new()
+    assert store.write_asset(half, "head.ply", b"ply\n") is False             # not complete: not kept
+    assert store.read_asset(half, "head.ply") is None

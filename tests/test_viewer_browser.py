@@ -1,6 +1,8 @@
 """The viewer in a real browser: Debian's chromium driven by Playwright (the system browser, never a
 downloaded one). As a person would use it: the views load, the status becomes ready, a drag
-changes the rendered frame; no request leaves 127.0.0.1 and the console stays free of errors.
+changes the rendered frame (the server's NeRF frames with ``?render=server``; the splat drawn by
+the page itself in the default mode); no request leaves 127.0.0.1 and the console stays free of
+errors.
 Screenshots go to ``test-artifacts/viewer/`` (gitignored).
 
 Skips, saying why, only where no chromium (or no Playwright) can be found.
@@ -25,8 +27,10 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is miss
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("DP360RT_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "viewer"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Software WebGL (SwiftShader) for the in-browser splat: no GPU in CI, and figures say so
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]
 
 
 def _chromium() -> str | None:
@@ -148,7 +152,7 @@ def test_view_synthetic_head_in_browser(browser_page):
     sessions = NerfSessions(steps=60, chunk_seconds=0.3)
     load_synthetic(sessions, "head", size=48)
     with _Server(build_app(sessions)) as url:
-        page.goto(url + "/")
+        page.goto(url + "/?render=server")
         _ready_and_current(page, 240)
         assert page.locator("img[data-testid=view]").count() == 32
         _wait(page, "Array.from(document.querySelectorAll('img[data-testid=view]')).every(i => i.complete && "
@@ -203,7 +207,7 @@ def test_upload_generate_and_orbit_in_browser(browser_page, tmp_path):
                 pass
             assert time.monotonic() < t_end, "dp360rt serve did not become ready"
             time.sleep(0.5)
-        page.goto(url + "/")
+        page.goto(url + "/?render=server")
         page.set_input_files("[data-testid=portrait-input]", str(portrait))
         page.fill("[data-testid=steps]", "2")
         page.locator("[data-testid=generate]").click()
@@ -223,4 +227,96 @@ def test_upload_generate_and_orbit_in_browser(browser_page, tmp_path):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    _assert_clean(log)
+
+
+def _png_rgb(data: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.float32) / 255.0
+
+
+def _splat_shot(page):
+    """The splat canvas as shown, without the HUD that lies over it -> float RGB [H, W, 3]."""
+    page.evaluate("document.getElementById('hud').style.visibility = 'hidden'")
+    shot = _png_rgb(page.locator("[data-testid=splat-view]").screenshot())
+    page.evaluate("document.getElementById('hud').style.visibility = ''")
+    return shot
+
+
+def test_splat_drawn_in_browser(browser_page):
+    """The default page mode: once the fit is done the page downloads head.ply once and draws it
+    with the vendored gsplat.js (WebGL2, software GL here). The frame it draws matches dp360rt's
+    own splat renderer for the same camera, orbiting changes it, and the draw rate over >= 3 s of
+    requestAnimationFrame orbiting is written to test-artifacts/viewer/splat_fps.json."""
+    import json
+
+    import httpx
+    import numpy as np
+    import torch
+    from dp360rt.nerf.cameras import orbit_cameras
+    from dp360rt.nerf.splat import read_splat_ply
+    from dp360rt.nerf.splat_render import render_splat
+    from dp360rt.viewer import NerfSessions
+    from dp360rt.viewer.app import build_app, load_synthetic
+    page, log = browser_page
+    sessions = NerfSessions(steps=60, chunk_seconds=0.3, export_options={"splat": {"steps": 20}})
+    load_synthetic(sessions, "head", size=48)
+    with _Server(build_app(sessions)) as url:
+        page.goto(url + "/")
+        _wait(page, "document.querySelector('[data-testid=render-info]').dataset.mode === 'browser'", 300)
+        assert page.locator("[data-testid=splat-view]").is_visible()
+        assert not page.locator("[data-testid=nerf-view]").is_visible()
+        assert "Gaussians" in page.inner_text("[data-testid=render-info]")
+        gen = page.evaluate("window.dp360viewer.genId")
+        status = page.evaluate("window.dp360viewer.statusJson")
+        assert status["state"] == "ready"
+
+        # one fixed camera, drawn until the worker's depth order has caught up
+        page.evaluate("() => { const v = window.dp360viewer; v.azimuth = 30; v.elevation = 10; v.zoom = 1; "
+                      "requestFrame(); }")
+        _wait(page, "window.dp360viewer.splatPending <= 0", 60)
+        shot = _splat_shot(page)
+        ply = httpx.get(f"{url}/v1/generations/{gen}/head.ply", timeout=120)
+        assert ply.status_code == 200
+        path = ARTIFACTS / "head.ply"
+        path.write_bytes(ply.content)
+        splat = read_splat_ply(path)
+        assert splat["count"] == page.evaluate("window.dp360viewer.splatCount")
+        o = status["orbit"]
+        cam = orbit_cameras(1, o["radius"], 10.0, o["lookat"], o["fx"], start_azimuth_deg=30.0)[0]
+        with torch.no_grad():
+            ref = render_splat({k: splat[k] for k in ("means", "f_dc", "logit_opacity", "log_scales", "quats")},
+                               cam, shot.shape[1], shot.shape[0]).clamp(0, 1).numpy()
+        psnr = float(-10 * np.log10(np.mean((shot - ref) ** 2)))
+        print(f"browser splat vs dp360rt's splat renderer: PSNR {psnr:.1f} dB at {shot.shape[1]}x{shot.shape[0]}")
+        assert psnr > 30.0, f"the browser's splat differs from dp360rt's render of it: PSNR {psnr:.1f} dB"
+
+        # orbit >= 3 s: every animation frame draws the splat again
+        before = shot
+        page.locator("[data-testid=auto-rotate]").click()
+        f0, t0 = page.evaluate("[window.dp360viewer.splatFrames, performance.now()]")
+        time.sleep(3.5)
+        f1, t1 = page.evaluate("[window.dp360viewer.splatFrames, performance.now()]")
+        page.locator("[data-testid=auto-rotate]").click()
+        fps = (f1 - f0) / ((t1 - t0) / 1000.0)
+        _wait(page, "window.dp360viewer.splatPending <= 0", 60)
+        after = _splat_shot(page)
+        assert f1 - f0 >= 3, f"only {f1 - f0} frames drawn in {(t1 - t0) / 1000:.1f} s of orbiting"
+        assert np.abs(after - before).mean() > 0.005, "the splat did not change while orbiting"
+        assert page.inner_text("[data-testid=fps]").endswith("fps")
+        (ARTIFACTS / "splat_fps.json").write_text(json.dumps(
+            {"fps": fps, "frames": f1 - f0, "seconds": (t1 - t0) / 1000, "gaussians": splat["count"],
+             "canvas": list(shot.shape[:2]), "renderer": "chromium headless, SwiftShader (software GL, no GPU)"}))
+        print(f"splat drawn in the browser: {fps:.1f} fps over {(t1 - t0) / 1000:.1f} s, {splat['count']} Gaussians, "
+              f"{shot.shape[1]}x{shot.shape[0]}, software GL")
+        page.screenshot(path=str(ARTIFACTS / "view_splat_in_browser.png"))
+
+        # back to the server's frames, and to the splat again, by the page's own control
+        page.select_option("[data-testid=render-mode]", "server")
+        assert page.locator("[data-testid=nerf-view]").is_visible()
+        page.select_option("[data-testid=render-mode]", "auto")
+        assert page.locator("[data-testid=splat-view]").is_visible()
     _assert_clean(log)

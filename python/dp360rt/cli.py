@@ -233,7 +233,9 @@ def cmd_view(a: argparse.Namespace) -> int:
         from .viewer.sessions import NerfSessions
     except ImportError as e:
         raise ImportError(f"dp360rt view needs Starlette and uvicorn ({e}). Fix: pip install 'dp360rt[serve]'") from None
-    sessions = NerfSessions(seconds=a.seconds)
+    if a.splat_steps < 0:
+        raise ValueError(f"--splat-steps {a.splat_steps}: must be 0 or more. Fix: pass e.g. --splat-steps 300")
+    sessions = NerfSessions(seconds=a.seconds, export_options={"splat": {"steps": a.splat_steps}})
     try:
         if a.synthetic:
             load_synthetic(sessions, a.synthetic, a.size, mode=a.nerf)
@@ -344,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     vw.add_argument("--nerf", default="on_view", choices=["on_view", "always"],
                     help="fit an unfitted folder when the page first shows it (on_view, default) or all at start")
     vw.add_argument("--size", type=int, default=64, help="synthetic scene view size in pixels (default 64)")
+    vw.add_argument("--splat-steps", type=int, default=300,
+                    help="refinement steps of head.ply, the splat the page draws in the browser once the fit is "
+                         "done (default 300; 0: the field's initialisation, made at once)")
     vw.set_defaults(fn=cmd_view)
     from .panohead.cli import add_parsers as add_panohead_parsers
     add_panohead_parsers(sub)

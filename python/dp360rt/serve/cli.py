@@ -45,6 +45,9 @@ def add_parser(sub: Any) -> None:
                    help="viewer: NeRF training time per generation (default 30 s)")
     s.add_argument("--nerf-steps", type=int, default=None,
                    help="viewer: NeRF training steps per generation (with --nerf-seconds: whichever ends first)")
+    s.add_argument("--splat-steps", type=int, default=None,
+                   help="viewer: refinement steps of a generation's head.ply, the splat the page draws in the "
+                        "browser (default 300; 0: the field's initialisation, made at once)")
     s.add_argument("--ray", action="store_true", help="run on Ray Serve: one ingress, --replicas generation replicas")
     s.add_argument("--replicas", type=int, default=1, help="generation replicas with --ray (one per GPU)")
     s.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
@@ -72,6 +75,8 @@ def check_args(a: argparse.Namespace) -> None:
         v = getattr(a, name, None)
         if v is not None and v <= 0:
             raise ValueError(f"--{name.replace('_', '-')} {v}: must be positive. Fix: pass e.g. --nerf-seconds 30")
+    if a.splat_steps is not None and a.splat_steps < 0:
+        raise ValueError(f"--splat-steps {a.splat_steps}: must be 0 or more. Fix: pass e.g. --splat-steps 300")
     if a.max_upload <= 0:
         raise ValueError(f"--max-upload {a.max_upload}: must be positive. Fix: pass a size in MB, e.g. 20")
     if not 0 < a.port < 65536:
@@ -104,7 +109,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if store.removed_at_start:
         print(f"dp360rt serve: removed {store.removed_at_start} unfinished generation folder(s) left in {store.root} "
               "by a server that stopped mid-run", file=sys.stderr, flush=True)
-    listeners, routes = viewer_parts(not a.no_viewer, a.nerf_seconds, a.nerf_steps, store=store, mode=a.nerf)
+    listeners, routes = viewer_parts(not a.no_viewer, a.nerf_seconds, a.nerf_steps, store=store, mode=a.nerf,
+                                     splat_steps=a.splat_steps)
     app = create_app(backend_from_spec(spec), store=store, max_queue=a.max_queue, max_upload_mb=a.max_upload,
                      token=a.token, listeners=listeners, extra_routes=routes, nerf=a.nerf)
     print(f"dp360rt serve: http://{a.host}:{a.port}  (POST /v1/generations; models load in the background, "

@@ -49,14 +49,17 @@ def backend_from_spec(spec: dict[str, Any], replica: str | None = None):
 
 
 def viewer_parts(enabled: bool = True, nerf_seconds: float | None = None, nerf_steps: int | None = None,
-                 store: Any = None, mode: str = "on_view") -> tuple[list[Any], list[Any]]:
+                 store: Any = None, mode: str = "on_view", splat_steps: int | None = None
+                 ) -> tuple[list[Any], list[Any]]:
     """The viewer's listener and routes when ``dp360rt.viewer`` is present (else nothing); the
     NeRF budget per generation is ``nerf_seconds`` / ``nerf_steps`` (default: the viewer's 30 s),
-    fitted as ``mode`` says unless a request says otherwise; views are read back from ``store``."""
+    fitted as ``mode`` says unless a request says otherwise; views are read back from ``store``;
+    ``splat_steps``: refinement steps of ``head.ply`` (default: the exporter's)."""
     if not enabled or importlib.util.find_spec("dp360rt.viewer") is None:
         return [], []
     from dp360rt.viewer import NerfSessions, viewer_routes
-    sessions = NerfSessions(seconds=nerf_seconds, steps=nerf_steps, mode=mode, store=store)
+    export = {"splat": {"steps": splat_steps}} if splat_steps is not None else None
+    sessions = NerfSessions(seconds=nerf_seconds, steps=nerf_steps, mode=mode, store=store, export_options=export)
     return [sessions], list(viewer_routes(sessions, upload=True))
 
 

@@ -8,7 +8,9 @@ only a complete folder carries ``manifest.json``. Every file is written under a 
 renamed into place, so a reader never sees a half-written file. A generation that fails or is
 cancelled has its folder removed; partial folders left by a killed server are never served and
 are removed when a store opens the root. The store is size-capped: when finished generations
-exceed ``max_bytes``, the oldest go first.
+exceed ``max_bytes``, the oldest go first. The portable heads made later from a finished
+generation's NeRF (``assets/head.glb``, ``assets/head.ply``) are kept in its folder, beside the
+manifest that describes the views (they are not in it: they come from a fit, not from the run).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ NAME_PATTERN = re.compile(r"^(back_view|\d{3})$")
 # relative paths a backend may add to a generation (crop/..., inversion/...): plain names, no "..", no dotfiles
 EXTRA_PATTERN = re.compile(r"^(crop|inversion)(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}){1,2}$")
 PARTIAL = ".partial-"
+# portable heads made from a finished generation's fitted NeRF (GET .../head.glb, .../head.ply)
+ASSET_NAMES = ("head.glb", "head.ply")
+ASSETS = "assets"
 
 
 def view_name(index: int) -> str:
@@ -151,6 +156,29 @@ class ResultStore:
         with self._lock:
             p = self.file_unlocked(gen_id, name)
             return p.read_bytes() if p is not None else None
+
+    def write_asset(self, gen_id: str, name: str, data: bytes) -> bool:
+        """Keep an asset made from a complete generation (``assets/head.glb``, ``assets/head.ply``),
+        written atomically; False when the generation is not (or no longer) complete here."""
+        if name not in ASSET_NAMES or not ID_PATTERN.match(gen_id):
+            raise ValueError(f"{name!r} is not an asset the store keeps ({', '.join(ASSET_NAMES)})")
+        with self._lock:
+            d = self.root / gen_id
+            if gen_id not in self._finished or not (d / MANIFEST).is_file():
+                return False
+            (d / ASSETS).mkdir(exist_ok=True)
+            _write_atomic(d / ASSETS / name, data)
+            self._finished[gen_id] = _folder_bytes(d)
+            self._evict()
+            return True
+
+    def read_asset(self, gen_id: str, name: str) -> bytes | None:
+        """An asset kept by :meth:`write_asset`, or None."""
+        if name not in ASSET_NAMES or not ID_PATTERN.match(gen_id):
+            return None
+        with self._lock:
+            p = self.root / gen_id / ASSETS / name
+            return p.read_bytes() if p.is_file() else None
 
     def folder(self, gen_id: str) -> Path | None:
         """A complete generation's folder, or None."""

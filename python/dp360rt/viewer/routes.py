@@ -14,7 +14,8 @@ service's routes, or alone by ``dp360rt view``.
   ``{"type": "error", "message"}``; a request before the field is renderable ``{"type": "waiting"}``;
 * downloads ``views.zip``, ``nerf.zip`` (the ``Nerf.save`` folder), ``orbit.mp4``, ``mesh.ply``,
   ``head.glb`` (textured glTF) and ``head.ply`` (3D Gaussian splat refined against the views)
-  of the latest snapshot (made on demand, cached per snapshot);
+  of the latest snapshot (made on demand, cached per snapshot; the two heads of a finished fit are
+  also kept in the service's result store, so they are made once per generation);
 * ``standalone=True`` (``dp360rt view``) also serves the views at ``/v1/generations/{id}/{name}.png``
   (the service serves them from its store otherwise).
 """
@@ -24,6 +25,7 @@ import asyncio
 import io
 import json
 import tempfile
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -63,20 +65,39 @@ def _unknown(gen_id: str) -> JSONResponse:
                           "(GET /v1/viewer/config)")
 
 
-class _Downloads:
-    """Files made from a session's latest snapshot, cached per (generation, kind, snapshot version)."""
+# made from the final fit and kept in the service's result store (ResultStore.write_asset), so a
+# restarted server or a reopened generation serves them without fitting or exporting again
+STORED = ("head.glb", "head.ply")
 
-    def __init__(self) -> None:
+
+class _Downloads:
+    """Files made from a session's latest snapshot, cached per (generation, kind, snapshot version).
+    One request makes a file; others asking for it meanwhile wait for that one (a splat takes a
+    minute on a CPU). ``store``: where the :data:`STORED` files of a finished fit are kept."""
+
+    def __init__(self, store: Any = None) -> None:
+        self.store = store
         self._cache: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def kept(self, gen_id: str, kind: str) -> bytes | None:
+        """The stored copy of a :data:`STORED` file, or None."""
+        return self.store.read_asset(gen_id, kind) if self.store is not None and kind in STORED else None
 
     def get(self, s: NerfSession, kind: str, make: Callable[[NerfSession], bytes]) -> bytes:
-        hit = self._cache.get((s.id, kind))
-        if hit is not None and hit[0] == s.version:
-            return hit[1]
-        version = s.version
-        data = make(s)
-        self._cache[(s.id, kind)] = (version, data)
-        return data
+        with self._guard:
+            lock = self._locks.setdefault((s.id, kind), threading.Lock())
+        with lock:
+            hit = self._cache.get((s.id, kind))
+            if hit is not None and hit[0] == s.version:
+                return hit[1]
+            version, final = s.version, s.state == "ready"
+            data = make(s)
+            self._cache[(s.id, kind)] = (version, data)
+            if final and self.store is not None and kind in STORED:
+                self.store.write_asset(s.id, kind, data)
+            return data
 
 
 def _views_zip(s: NerfSession) -> bytes:
@@ -164,7 +185,7 @@ def viewer_routes(sessions: NerfSessions, upload: bool = True, standalone: bool 
     """The viewer's routes over ``sessions`` (see the module doc). ``upload``: the page offers the
     portrait upload (the service is there); ``standalone``: also serve the views' PNGs."""
     pool = ThreadPoolExecutor(max_workers=render_threads, thread_name_prefix="nerf-render")
-    downloads = _Downloads()
+    downloads = _Downloads(sessions.store)
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
@@ -196,6 +217,10 @@ def viewer_routes(sessions: NerfSessions, upload: bool = True, standalone: bool 
         if s is None:
             return _unknown(gen_id)
         maker, media, needs_field = DOWNLOADS[name]
+        headers = {"Content-Disposition": f'attachment; filename="{gen_id}-{name}"'}
+        kept = await asyncio.to_thread(downloads.kept, gen_id, name)
+        if kept is not None:
+            return Response(kept, media_type=media, headers=headers)
         if needs_field and not sessions.activate(s):
             return _not_fitted(gen_id)
         if needs_field and s.snapshot is None:
@@ -207,8 +232,7 @@ def viewer_routes(sessions: NerfSessions, upload: bool = True, standalone: bool 
         if not s.views and not needs_field:
             return error_response(409, f"generation {gen_id!r} has no views yet", "wait for the first view")
         data = await asyncio.get_running_loop().run_in_executor(pool, downloads.get, s, name, maker)
-        return Response(data, media_type=media,
-                        headers={"Content-Disposition": f'attachment; filename="{gen_id}-{name}"'})
+        return Response(data, media_type=media, headers=headers)
 
     async def fit(request: Request) -> Response:
         gen_id = request.path_params["gen_id"]

@@ -1,16 +1,23 @@
 // dp360rt viewer: views as they stream (SSE of POST /v1/generations) and the fitted NeRF,
-// rendered by the server for the camera this page sends over a WebSocket. Plain JS, no build step.
+// rendered by the server for the camera this page sends over a WebSocket; once the fit is done,
+// the head's 3D Gaussian splat drawn in this browser (splat_view.js). Plain JS, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const token = new URLSearchParams(location.search).get("token");
+const params = new URLSearchParams(location.search);
+const token = params.get("token");
 const DRAG_SIZE = 128;            // frames while the pointer moves: small, so they keep up with it
 const RING = { cx: 350, cy: 350, r: 310, thumb: 58 };
+// frames the splat is drawn again after the camera stops: gsplat.js sorts the Gaussians in a
+// worker, and the order for the last camera arrives a frame or two after it was asked for
+const SETTLE_FRAMES = 8;
 
 const viewer = {                  // page state (also read by the browser test)
   genId: null, views: new Map(), ws: null, wsOpen: false, reqId: 0, frames: 0, lastFrameId: null,
   azimuth: 0, elevation: 0, zoom: 1, radius: null, rotating: false, dragging: false, meta: null,
   frameTimes: [], polling: null, tStart: null, firstView: null, state: "idle", statusJson: null,
+  mode: "server", splat: null, splatModule: null, splatState: "none", splatCount: 0, splatFrames: 0,
+  splatPending: 0, splatLoadSeconds: null,
 };
 window.dp360viewer = viewer;
 
@@ -105,6 +112,7 @@ async function pollStatus() {
     viewer.fitAsked = id;
     fetch(withToken(`/v1/generations/${id}/nerf/fit`), { method: "POST", headers: authHeaders() });
   }
+  if (st.state === "ready") maybeLoadSplat();
   if (st.renderable && !viewer.ws) connect(st);
   // the field improved since the frame on screen: show it (unless the pointer is driving the view)
   else if (viewer.meta && st.version !== viewer.meta.version && !viewer.dragging && !viewer.rotating) requestFrame();
@@ -162,17 +170,25 @@ async function drawFrame(blob, meta) {
   bmp.close();
   viewer.frames += 1;
   viewer.lastFrameId = meta ? meta.id : null;
+  countFrame();
+  if (meta && viewer.mode === "server") {
+    $("frameinfo").textContent = `${meta.width}² in ${meta.render_ms.toFixed(0)} ms, step ${meta.step}`;
+  }
+  if (viewer.rotating && viewer.mode === "server") requestAnimationFrame(rotateStep);
+}
+
+// frames per second over the last 2 s, on the HUD (server frames or browser draws, whichever shows)
+function countFrame() {
   const now = performance.now();
   viewer.frameTimes.push(now);
   while (viewer.frameTimes.length && now - viewer.frameTimes[0] > 2000) viewer.frameTimes.shift();
   const span = (now - viewer.frameTimes[0]) / 1000;
   const fps = viewer.frameTimes.length > 1 && span > 0 ? (viewer.frameTimes.length - 1) / span : null;
   $("fps").textContent = fps == null ? "– fps" : `${fps.toFixed(1)} fps`;
-  if (meta) $("frameinfo").textContent = `${meta.width}² in ${meta.render_ms.toFixed(0)} ms, step ${meta.step}`;
-  if (viewer.rotating) requestAnimationFrame(rotateStep);
 }
 
 function requestFrame() {
+  if (viewer.mode === "browser") { redrawSplat(); return; }
   if (!viewer.ws || !viewer.wsOpen) return;
   const size = viewer.dragging ? DRAG_SIZE : Number($("size").value);
   const req = { id: ++viewer.reqId, azimuth: viewer.azimuth, elevation: viewer.elevation,
@@ -182,16 +198,109 @@ function requestFrame() {
 }
 
 let lastRotate = null;
-function rotateStep(t) {
-  if (!viewer.rotating) return;
+function advanceRotation(t) {
   const dt = lastRotate == null ? 1 / 30 : Math.min((t - lastRotate) / 1000, 0.5);
   lastRotate = t;
   viewer.azimuth = (viewer.azimuth + 40 * dt) % 360;      // 40 degrees per second of wall time
+}
+
+function rotateStep(t) {
+  if (!viewer.rotating) return;
+  advanceRotation(t);
   requestFrame();
 }
 
+// ---- the head drawn in this browser: its 3D Gaussian splat (head.ply) ----------------------------
+function setRenderInfo(mode, text) {
+  $("renderinfo").dataset.mode = mode;
+  $("renderinfo").textContent = text;
+}
+
+function wantBrowser() {
+  return $("mode").value !== "server";
+}
+
+function maybeLoadSplat() {
+  if (wantBrowser() && viewer.splatState === "none" && viewer.statusJson && viewer.statusJson.state === "ready") {
+    loadSplat(viewer.genId);
+  }
+}
+
+async function loadSplat(id) {
+  viewer.splatState = "loading";
+  setRenderInfo("server", "rendering on the server; the head's splat is being made (first time only) and downloaded");
+  try {
+    const mod = await import("/static/splat_view.js");
+    if (!mod.webgl2Available()) {
+      viewer.splatState = "unsupported";
+      setRenderInfo("server", "this browser has no WebGL2: frames stay rendered by the server");
+      return;
+    }
+    const t0 = performance.now();
+    const view = new mod.SplatView($("splat"));
+    const n = await view.load(withToken(`/v1/generations/${id}/head.ply`), authHeaders());
+    if (viewer.genId !== id) { view.dispose(); return; }         // the page moved on meanwhile
+    viewer.splat = view; viewer.splatModule = mod; viewer.splatCount = n;
+    viewer.splatLoadSeconds = (performance.now() - t0) / 1000;
+    viewer.splatState = "ready";
+    applyMode();
+  } catch (e) {
+    if (viewer.genId !== id) return;
+    viewer.splatState = "failed";
+    setRenderInfo("server", `the splat could not be shown (${e.message}); frames stay rendered by the server`);
+  }
+}
+
+// A new generation is shown: forget the last one's splat (and its status, which said "ready").
+function resetSplat() {
+  viewer.statusJson = null;
+  if (viewer.splat) viewer.splat.dispose();
+  viewer.splat = null; viewer.splatState = "none"; viewer.splatCount = 0;
+  const old = $("splat"), fresh = old.cloneNode(false);     // a fresh canvas: a new WebGL context
+  old.replaceWith(fresh);
+  applyMode();
+}
+
+// Show the splat when it is loaded and wanted, the server's frames otherwise.
+function applyMode() {
+  const browser = wantBrowser() && viewer.splat != null;
+  viewer.mode = browser ? "browser" : "server";
+  $("splat").hidden = !browser;
+  $("nerf").hidden = browser;
+  viewer.frameTimes = [];
+  if (browser) {
+    setRenderInfo("browser", `rendering in this browser: ${viewer.splatCount} Gaussians (head.ply, ` +
+                  `downloaded in ${viewer.splatLoadSeconds.toFixed(1)} s)`);
+    $("frameinfo").textContent = "splat, drawn here";
+    redrawSplat();
+  } else {
+    if (viewer.splatState === "none" || viewer.splatState === "ready") setRenderInfo("server", "rendering on the server from the NeRF");
+    maybeLoadSplat();
+    requestFrame();
+  }
+}
+
+let splatLoop = null;
+function redrawSplat() {
+  viewer.splatPending = SETTLE_FRAMES;
+  if (splatLoop == null) splatLoop = requestAnimationFrame(drawSplat);
+}
+
+function drawSplat(t) {
+  splatLoop = null;
+  if (viewer.mode !== "browser" || !viewer.splat) return;
+  if (viewer.rotating) advanceRotation(t);
+  const o = (viewer.statusJson && viewer.statusJson.orbit) || {};
+  const cam = viewer.splatModule.orbitCamera(viewer.azimuth, viewer.elevation, (o.radius || 2.7) * viewer.zoom, o.lookat);
+  viewer.splat.draw(cam, o.fx || 4.2647);
+  viewer.splatFrames += 1;
+  countFrame();
+  viewer.splatPending -= 1;
+  if (viewer.rotating || viewer.splatPending > 0) splatLoop = requestAnimationFrame(drawSplat);
+}
+
 function setupControls() {
-  const c = $("nerf");
+  const c = $("stage");
   let last = null;
   c.addEventListener("pointerdown", (e) => {
     viewer.dragging = true; last = [e.clientX, e.clientY];
@@ -223,6 +332,9 @@ function setupControls() {
     if (viewer.rotating) requestFrame();
   });
   $("size").addEventListener("change", requestFrame);
+  const mode = params.get("render");                       // ?render=server|browser|auto
+  if (mode === "server" || mode === "browser" || mode === "auto") $("mode").value = mode;
+  $("mode").addEventListener("change", applyMode);
 }
 
 // ---- one generation: open, or generate from an upload -------------------------------------------------
@@ -231,6 +343,7 @@ function openGeneration(id, label) {
   viewer.genId = id;
   viewer.tStart = null;
   clearViews();
+  resetSplat();
   $("label").hidden = !label;
   $("label").textContent = label || "";
   setStatus("waiting", "loading");
@@ -283,7 +396,9 @@ async function generate(ev) {
   if (viewer.ws) { viewer.ws.close(); viewer.ws = null; }
   stopPolling();
   clearViews();
-  viewer.genId = null; viewer.firstView = null; viewer.tStart = performance.now();
+  viewer.genId = null;
+  resetSplat();
+  viewer.firstView = null; viewer.tStart = performance.now();
   const form = new FormData();
   form.append("portrait", file);
   if ($("steps").value) form.append("steps", $("steps").value);
