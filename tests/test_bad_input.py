@@ -1,4 +1,4 @@
-"""One test per row of the README's bad-input table that is not covered in test_checkpoint.py:
+"""One test per row of docs/bad-input.md's table that is not covered in test_checkpoint.py:
 every bad input gets a named error with its fix, never a deep traceback or a silent result."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The HTTP service: a Starlette (ASGI) app over a generation backend.
 
-Routes (the README's "Serve" section is the contract): ``POST /v1/generations`` streams
+Routes (docs/service.md is the contract): ``POST /v1/generations`` streams
 server-sent events; ``GET /v1/generations/{id}/{name}.png`` serves stored views; ``DELETE
 /v1/generations/{id}`` cancels; ``/healthz``, ``/readyz``, ``/metrics``. The app owns no model
 logic: ``backend`` (:class:`~dp360rt.serve.backend.LocalBackend`, or the Ray one) runs the
@@ -359,7 +359,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
     async def not_found(request: Request, exc: Exception) -> Response:
         code = getattr(exc, "status_code", 404)
         return error_response(code, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}",
-                              "see the README's HTTP contract for the routes")
+                              "see docs/service.md for the routes")
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)

@@ -1,5 +1,5 @@
 // The fitted head rendered in the browser: the generation's 3D Gaussian splat (head.ply) drawn
-// with WebGL2 by the vendored gsplat.js (static/vendor/gsplat/, MIT; see README's licence table).
+// with WebGL2 by the vendored gsplat.js (static/vendor/gsplat/, MIT; see docs/licences.md).
 // An ES module, loaded by viewer.js with import() only when a splat is ready. No build step.
 import * as SPLAT from "./vendor/gsplat/gsplat.es.js";
 
