@@ -40,7 +40,7 @@ def generated_views(size: int, out: Path) -> tuple[list, torch.Tensor]:
     pipe = Pipeline.random("tiny", seed=0)
     s = pipe.image_size
     res = pipe(synthetic_portrait(s), synthetic_conditions(32, s), steps=2, seed=0)
-    res.write_into(out)
+    res.save(out)
     imgs, cams, _ = load_views(out)
     if imgs[0].shape[0] != size:
         imgs = [torch.nn.functional.interpolate(i.permute(2, 0, 1)[None], size=(size, size), mode="area")[0]
