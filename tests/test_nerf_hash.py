@@ -13,7 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from dp360rt.nerf.encoding import PRIMES, HashGrid, HashGridSpec, hash_encode_torch
+from dp360rt.nerf.encoding import HashGrid, hash_encode_torch
+from dp360rt.nerf.hashgrid_spec import PRIMES, HashGridSpec
 
 
 def test_instant_ngp_defaults():
@@ -82,7 +83,8 @@ SCRIPT = textwrap.dedent("""
     import json, os
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
-    from dp360rt.nerf.encoding import HashGrid, HashGridSpec, hash_encode_torch
+    from dp360rt.nerf.encoding import HashGrid, hash_encode_torch
+    from dp360rt.nerf.hashgrid_spec import HashGridSpec
     from dp360rt.nerf.hashgrid_triton import hash_encode_triton
     torch.manual_seed(0)
     out = {}

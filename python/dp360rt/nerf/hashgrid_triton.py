@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..kernels import triton_env
-from .encoding import PRIMES, HashGridSpec
+from .hashgrid_spec import PRIMES, HashGridSpec
 
 BLOCK = 128
 
