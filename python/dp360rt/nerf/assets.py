@@ -111,7 +111,7 @@ def export_splat(nerf: "Nerf", path: str | Path, views: Any = None, steps: int =
             from .cameras import load_views
             images, cams, _ = load_views(views)
         else:
-            from .model import to_image
+            from .cameras import to_image
             images = [to_image(v) for v in views[0]]
             cams = torch.as_tensor(views[1], dtype=torch.float64)
     t0 = time.perf_counter()

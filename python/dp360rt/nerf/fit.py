@@ -12,18 +12,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from ..checks import positive_float, positive_int
 from ._threads import ThreadTuner, tune_allocator
-from .cameras import CameraError, camera_rays, split_camera
+from .cameras import CameraError, camera_rays, split_camera, to_image
 from .field import GridField, HashField
-from .model import Nerf, to_image
 from .occupancy import ViewCarver
 from .render import render_rays_train
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import Nerf     # the model imports this module to fit itself: the arrow runs model -> fit
 
 
 def estimate_background(images: Sequence[Tensor]) -> tuple[Tensor, float]:

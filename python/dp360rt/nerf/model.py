@@ -17,7 +17,7 @@ from torch import Tensor
 from ..checks import positive_float, positive_int
 from ..checks import device as check_device
 from ._threads import threads
-from .cameras import CameraError, camera_rays
+from .cameras import CameraError, camera_rays, to_image
 from .field import GridField, HashField, build_field
 from .occupancy import OccupancyGrid, ViewCarver
 from .render import march
@@ -86,30 +86,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return check_device(name)
-
-
-def to_image(img: Any) -> Tensor:
-    """Accept [H, W, 3] / [3, H, W] tensors or arrays (float in [0, 1] or uint8), PIL images or
-    paths -> float32 [H, W, 3] in [0, 1] on CPU."""
-    if isinstance(img, (str, Path)):
-        from .cameras import load_image
-        return load_image(img)
-    if hasattr(img, "convert") and hasattr(img, "size"):         # PIL
-        img = np.asarray(img.convert("RGB"))
-    t = torch.as_tensor(np.asarray(img) if not isinstance(img, Tensor) else img).detach().cpu()
-    if t.ndim != 3:
-        raise ValueError(f"an image must be [H, W, 3] or [3, H, W], got shape {tuple(t.shape)}. Fix: pass one RGB image")
-    if t.shape[-1] not in (3, 4) and t.shape[0] in (3, 4):
-        t = t.permute(1, 2, 0)
-    if t.shape[-1] == 4:
-        a = t[..., 3:].float() / (255.0 if t.dtype == torch.uint8 else 1.0)
-        rgb = t[..., :3].float() / (255.0 if t.dtype == torch.uint8 else 1.0)
-        return (rgb * a + (1 - a)).contiguous()
-    if t.shape[-1] != 3:
-        raise ValueError(f"an image must have 3 colour channels, got shape {tuple(t.shape)}. Fix: pass RGB images")
-    if t.dtype == torch.uint8:
-        return t.float().div(255.0).contiguous()
-    return t.float().clamp(0, 1).contiguous()
 
 
 def psnr(a: Tensor, b: Tensor) -> float:
