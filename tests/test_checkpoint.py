@@ -227,7 +227,8 @@ def test_recipe_files_checked(tmp_path):
     import json
     import shutil
     from dp360rt.checkpoint import CheckpointError, materialize_recipe
-    from dp360rt.panohead.weights import PanoHeadCheckpointError, recipe_state_dicts
+    from dp360rt.panohead import PanoHeadCheckpointError
+    from dp360rt.panohead.weights import recipe_state_dicts
     src = SET_A
     d = tmp_path / "set"
     d.mkdir()

@@ -20,7 +20,8 @@ from dp360rt.invert import (Inverter, ProjectionLog, VGG16LPIPS, VGGFileError, U
 from dp360rt.invert.vgg import ZeroPerceptual
 from dp360rt.panohead.cameras import diffportrait_orbit
 from dp360rt.panohead.verify import compare
-from dp360rt.panohead.weights import (PanoHeadCheckpointError, fixture_spec, generator_from_state, load_generator,
+from dp360rt.panohead import PanoHeadCheckpointError
+from dp360rt.panohead.weights import (fixture_spec, generator_from_state, load_generator,
                                       recipe_state_dicts)
 
 PH = Path(__file__).parent / "fixtures" / "panohead"

@@ -17,7 +17,8 @@ from dp360rt.panohead.cameras import diffportrait_orbit, orbit
 from dp360rt.panohead.configs import load_spec
 from dp360rt.panohead.pickle_reader import UnsafePickleError, read_network_pickle
 from dp360rt.panohead.verify import compare, compute_case, materialize_pickle
-from dp360rt.panohead.weights import (PanoHeadCheckpointError, build_generator, fixture_spec, generator_from_state,
+from dp360rt.panohead import PanoHeadCheckpointError
+from dp360rt.panohead.weights import (build_generator, fixture_spec, generator_from_state,
                                       load_generator, read_safetensors, recipe_state_dicts)
 
 PH = Path(__file__).parent / "fixtures" / "panohead"

@@ -45,7 +45,7 @@ def check_noise3d_files(a: argparse.Namespace) -> None:
         missing = "--vgg" if a.panohead else "--panohead"
         raise ValueError(f"3D-aware noise needs both --panohead FILE and --vgg FILE; {missing} is missing. Fix: pass "
                          "both (the PanoHead generator and NVIDIA's vgg16.pt), or --no-3d-noise")
-    from ..panohead.weights import PanoHeadCheckpointError
+    from ..panohead.pickle_reader import PanoHeadCheckpointError
     from .vgg_file import FIX_GET, VGGFileError
     if not Path(a.panohead).is_file():
         raise PanoHeadCheckpointError(f"PanoHead file not found: {a.panohead}. Fix: pass the PanoHead generator "

@@ -11,9 +11,9 @@ from .cameras import diffportrait_orbit, lookat_label, orbit
 from .conditions import render_conditions
 from .draws import Draws
 from .generator import TriPlaneGenerator
-from .pickle_reader import UnsafePickleError, read_network_pickle
+from .pickle_reader import PanoHeadCheckpointError, UnsafePickleError, read_network_pickle
 from .verify import verify
-from .weights import PanoHeadCheckpointError, build_generator, load_generator
+from .weights import build_generator, load_generator
 
 __all__ = ["Draws", "TriPlaneGenerator", "PanoHeadCheckpointError", "UnsafePickleError", "build_generator",
            "load_generator", "read_network_pickle", "orbit", "diffportrait_orbit", "lookat_label",

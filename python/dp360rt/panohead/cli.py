@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import RELEASE_FILE
+from .pickle_reader import RELEASE_FILE
 
 
 def is_panohead_file(path: str | Path) -> bool:

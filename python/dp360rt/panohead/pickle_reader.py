@@ -30,7 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .weights import GENERATOR_CLASS, RELEASE_FILE, PanoHeadCheckpointError
+from ..checkpoint import CheckpointError
+
+GENERATOR_CLASS = "training.triplane.TriPlaneGenerator"
+RELEASE_FILE = "easy-khair-180-gpc0.8-trans10-025000.pkl"
+
+
+class PanoHeadCheckpointError(CheckpointError):
+    """A PanoHead file cannot be used; the message names the problem and the fix."""
+
 
 # class names of the persistent objects in PanoHead's G, G_ema and D (bare names, as pickled)
 PERSISTENT_CLASSES = {

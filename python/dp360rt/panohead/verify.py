@@ -27,8 +27,8 @@ from ..case_table import CaseResult, CaseTable
 from .cameras import diffportrait_orbit
 from .draws import Draws
 from .generator import TriPlaneGenerator
-from .weights import (PanoHeadCheckpointError, fixture_spec, generator_from_state, read_safetensors,
-                      recipe_state_dicts)
+from .pickle_reader import PanoHeadCheckpointError
+from .weights import fixture_spec, generator_from_state, read_safetensors, recipe_state_dicts
 
 DEFAULT_TOL = 3e-5
 

@@ -15,16 +15,11 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, read_recipe, recipe_tensor
+from ..checkpoint import read_recipe, recipe_tensor
 from .generator import TriPlaneGenerator
+from .pickle_reader import GENERATOR_CLASS, RELEASE_FILE, PanoHeadCheckpointError, read_network_pickle
 
-GENERATOR_CLASS = "training.triplane.TriPlaneGenerator"
-RELEASE_FILE = "easy-khair-180-gpc0.8-trans10-025000.pkl"
 UNREAD_KEYS = ("dataset_label_std",)        # the training loop's buffer: optional in a file
-
-
-class PanoHeadCheckpointError(CheckpointError):
-    """A PanoHead file cannot be used; the message names the problem and the fix."""
 
 
 def _short(keys, n: int = 5) -> str:
@@ -131,7 +126,6 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> TriP
     if path.suffix == ".safetensors":
         sd, spec = read_safetensors(path)
         return generator_from_state(spec, sd, str(path), device)
-    from .pickle_reader import read_network_pickle
     snap = read_network_pickle(path)
     return generator_from_state(snap.spec("G_ema"), snap.state_dict("G_ema"), str(path), device)
 
