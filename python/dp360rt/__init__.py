@@ -12,17 +12,9 @@ from .generation import GenerationResult
 from .pipeline import Pipeline
 from .capabilities import capabilities
 from .verify import verify
+from .version import __version__
 from . import nerf
 
-__version__ = "0.1.0"
 __all__ = ["capabilities", "build_model", "load_checkpoint", "read_state_dict", "convert", "load_config", "Pipeline",
            "GenerationResult", "DiffPortrait360", "verify", "nerf", "CheckpointError", "ConfigError", "ImageError"]
 
-
-def _C_status() -> str:
-    """Whether the compiled extension loads (it is optional for the Python paths)."""
-    try:
-        from . import _C
-        return f"loaded (version {_C.version()})"
-    except ImportError as e:
-        return f"not available ({e})"

@@ -17,14 +17,22 @@ def _version(module: str) -> str | None:
         return f"broken ({type(e).__name__}: {e})"
 
 
+def native_scheduler_status() -> str:
+    """Whether the compiled extension loads (it is optional for the Python paths)."""
+    try:
+        from . import _C
+        return f"loaded (version {_C.version()})"
+    except ImportError as e:
+        return f"not available ({e})"
+
+
 def capabilities() -> dict[str, Any]:
     """Devices and optional backends: CUDA, Triton, ONNX Runtime providers, TensorRT, tiny-cuda-nn,
     the native scheduler. Values are versions/names, or None when absent."""
-    from . import _C_status
     caps: dict[str, Any] = {
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "native_scheduler": _C_status(),
+        "native_scheduler": native_scheduler_status(),
         "triton": _version("triton"),
         "onnxruntime": _version("onnxruntime"),
         "onnx": _version("onnx"),

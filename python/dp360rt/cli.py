@@ -13,6 +13,7 @@ import torch
 from .checks import arg, device_name, gib_budget, positive_int
 from .cli_pipeline import add_backend_args, add_compute_dtype_arg, pipeline_from_args
 from .progress import progress_bar
+from .version import __version__
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def cmd_info(a: argparse.Namespace) -> int:
     from .config import load_config
     from .model import build_model, state_summary
-    print(f"dp360rt {__import__('dp360rt').__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"dp360rt {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     from .capabilities import capabilities
     caps = capabilities()
     for k, v in caps.items():

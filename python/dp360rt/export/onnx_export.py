@@ -441,8 +441,8 @@ def export_group(jobs: list[ExportJob], model: DiffPortrait360, out_dir: Path, o
 # -- a whole export ---------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
     import onnx
-    import dp360rt
-    return {"dp360rt": dp360rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+    from ..version import __version__
+    return {"dp360rt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "python": sys.version.split()[0]}
 
 
