@@ -192,6 +192,7 @@ def test_pipeline_on_ort_backend_equals_torch(models, exported):
     ref = Pipeline(models["nvs"], models["backview"])(por, cond, steps=2, seed=4)
     pipe = Pipeline(models["nvs"], models["backview"], backend="ort", threads=THREADS,
                     export_dir={"nvs": exported["nvs"], "backview": exported["backview"]})
+    assert all(isinstance(pipe.net(m), OrtBackend) for m in (pipe.nvs, pipe.backview))
     got = pipe(por, cond, steps=2, seed=4)
     err = rel_err(got.latents, ref.latents)
     print(f"\npipeline ort vs torch: latents max rel err {err:.2e}, views max abs "

@@ -29,6 +29,17 @@ def pipe():
     p.close()
 
 
+def test_pipeline_net_is_a_backend_for_every_model(pipe):
+    """Without an exported backend, each model's networks run through TorchBackend (one interface
+    for callers), and its text tower gives the module's own numbers."""
+    from dp360rt.backends.torch_backend import TorchBackend
+    for m in (pipe.nvs, pipe.backview):
+        net = pipe.net(m)
+        assert isinstance(net, TorchBackend) and net.model is m
+        ids = torch.zeros(1, m.cfg.text.max_position_embeddings, dtype=torch.long)
+        assert torch.equal(net.encode_text(ids), m.encode_text(ids))
+
+
 def test_stream_equals_reference_loop(pipe):
     ref = Pipeline.random("tiny", seed=0, engine="reference")(POR, COND, steps=4, seed=11)
     views = list(pipe.stream(POR, COND, steps=4, seed=11))

@@ -11,6 +11,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from .backends.base import Backend
+from .backends.torch_backend import TorchBackend
 from .checkpoint import checked_state_dict, identical_tensors, load_checkpoint, load_state
 from .config import ModelConfig, load_config
 from .generation import GenerationResult, Prepared
@@ -146,19 +148,23 @@ class Pipeline:
             self.nvs.to(self.device)
             self.backview.to(self.device)
         self.backend = backend
-        self.backends: dict[str, Any] = {}           # kind -> exported-network backend (none for torch)
-        if backend != "torch":
-            from .backends.base import get_backend
-            if engine != "fast":
-                raise ValueError(f"backend={backend!r} runs exported networks under the fast engine's schedule. "
-                                 "Fix: use engine='fast' (the same numbers as the reference)")
-            for m in (self.nvs, self.backview):
+        if backend != "torch" and engine != "fast":
+            raise ValueError(f"backend={backend!r} runs exported networks under the fast engine's schedule. "
+                             "Fix: use engine='fast' (the same numbers as the reference)")
+        self.backends: dict[str, Backend] = {}       # kind -> what runs that model's networks
+        for m in (self.nvs, self.backview):
+            if backend == "torch":
+                self.backends[m.kind] = TorchBackend(m)
+            else:
+                from .backends.base import get_backend
                 d = export_dir.get(m.kind) if isinstance(export_dir, Mapping) else export_dir
                 self.backends[m.kind] = get_backend(backend, m, export_dir=d, **backend_options)
 
-    def net(self, model: DiffPortrait360) -> Any:
-        """What runs ``model``'s text tower and VAE: its exported backend, or the module itself."""
-        return self.backends.get(model.kind, model)
+    def net(self, model: DiffPortrait360) -> Backend:
+        """The backend that runs ``model``'s networks (its text tower, VAE, appearance net, pose
+        net and UNet): the exported one chosen by ``backend=``, else the PyTorch modules wrapped in
+        :class:`~dp360rt.backends.torch_backend.TorchBackend`."""
+        return self.backends[model.kind]
 
     def use(self, model: DiffPortrait360) -> DiffPortrait360:
         """Make ``model`` resident (edge mode reloads it and offloads the other; otherwise a no-op)."""
@@ -175,7 +181,7 @@ class Pipeline:
     def _engine(self, model: DiffPortrait360, windows: list[Window], **kw: Any) -> tuple[list[Tensor], int]:
         if self.engine == "fast":
             plan = self.plan if model.kind == "nvs" else None
-            return sample_windows_fast(model, windows, plan=plan, backend=self.backends.get(model.kind), **kw)
+            return sample_windows_fast(model, windows, plan=plan, backend=self.net(model), **kw)
         return sample_windows_reference(model, windows, **kw)
     @classmethod
     def from_checkpoints(cls, nvs: str | Path | Mapping[str, Tensor], backview: str | Path | Mapping[str, Tensor], *,

@@ -5,7 +5,7 @@ instead of importing it, because the pipeline is the layer above (it creates run
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from typing import Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -28,14 +28,14 @@ class RuntimeHost(Protocol):
     image_size: int                     # S: portraits and conditions are [*, 3, S, S]
     plan: BatchPlan | None              # the fast engine's memory plan (None: one window per call)
     swap: ModelSwap | None              # set in edge mode: one diffusion model resident at a time
-    backends: Mapping[str, Backend]     # kind -> exported-network backend (absent: the PyTorch modules)
+    backends: Mapping[str, Backend]     # kind -> what runs that model's networks (TorchBackend by default)
 
     def use(self, model: DiffPortrait360) -> DiffPortrait360:
         """Make ``model`` resident (edge mode) and return it."""
         ...
 
-    def net(self, model: DiffPortrait360) -> Any:
-        """What runs ``model``'s text tower and VAE (``encode_text``, ``encode_image``, ``decode_latent``)."""
+    def net(self, model: DiffPortrait360) -> Backend:
+        """The backend that runs ``model``'s networks, whichever kind was chosen."""
         ...
 
     def text_context(self, model: DiffPortrait360) -> Tensor:

@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
-from ..backends.torch_backend import TorchBackend
 from ..generation import GenerationResult
 from ..model import autocast, dtype_bytes
 from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
@@ -215,8 +214,7 @@ class Runtime:
         self._waiting: list[Any] = []          # edge mode: admissions of requests waiting for the next wave
         self._admit_lock = threading.Lock()
         per_row = activation_bytes(cfg, 2 if self.batch_cfg else 1, lat, lat, abytes, fused_attention=True)
-        self._backends = {BACKVIEW: pipeline.backends.get("backview") or TorchBackend(pipeline.backview),
-                          NVS: pipeline.backends.get("nvs") or TorchBackend(pipeline.nvs)}
+        self._backends = {BACKVIEW: pipeline.net(pipeline.backview), NVS: pipeline.net(pipeline.nvs)}
         self._caches = {BACKVIEW: BankCache(), NVS: BankCache()}
         self._requests: dict[int, _Request] = {}
         self._tasks: dict[int, tuple[_Request, int]] = {}
