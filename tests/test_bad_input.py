@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dp360rt import Pipeline
-from dp360rt.cli import main
+from dp360rt.cli.main import main
 from dp360rt.config import get_model_config
 from dp360rt.demo import synthetic_conditions, synthetic_portrait
 from dp360rt.images import ImageError, load_conditions, load_portrait, save_png, to_unit

@@ -1,4 +1,4 @@
-"""Every CLI verb, run for real through ``dp360rt.cli.main`` (and once as a subprocess)."""
+"""Every CLI verb, run for real through ``dp360rt.cli.main.main`` (and once as a subprocess)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, SET_A
-from dp360rt.cli import main
+from dp360rt.cli.main import main
 
 
 def test_verify_passes_setA(capsys):

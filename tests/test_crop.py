@@ -17,7 +17,7 @@ pytest.importorskip("dlib", reason="the crop extra is not installed: pip install
 if importlib.util.find_spec("face_recognition_models") is None:
     pytest.skip("the crop extra is not installed: pip install 'dp360rt[crop]'", allow_module_level=True)
 
-from dp360rt.cli import main  # noqa: E402
+from dp360rt.cli.main import main  # noqa: E402
 from dp360rt.crop import (GENERIC_FACE, FaceNotFoundError, camera_from_rotation, crop_portrait, fit_pose,  # noqa: E402
                           yaw_pitch)
 from dp360rt.crop.face3d import FIT_INDICES, _P, _rotation_from_vector  # noqa: E402

@@ -420,7 +420,7 @@ def test_engine_key_tracks_the_onnx_file(exported, tmp_path):
 
 # -- optional dependencies stay optional -----------------------------------------------------------------
 def test_runtime_imports_without_onnx_or_tensorrt():
-    code = ("import sys, dp360rt, dp360rt.cli, dp360rt.backends.manifest, dp360rt.backends.exported, "
+    code = ("import sys, dp360rt, dp360rt.cli.main, dp360rt.backends.manifest, dp360rt.backends.exported, "
             "dp360rt.backends.ort_backend, dp360rt.backends.trt_backend, dp360rt.backends.engine_cache; "
             "bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt', 'dp360rt.export') if m in sys.modules]; "
             "assert not bad, bad")

@@ -1,6 +1,6 @@
 """Issue 16, items 5-8: portraits decoded by their real range and orientation, named errors (never a
 traceback) for bad option values and places, wrong-dtype weights, cameras.json paths that leave
-the views folder. Each test builds its inputs itself; CLI cases run through dp360rt.cli.main."""
+the views folder. Each test builds its inputs itself; CLI cases run through dp360rt.cli.main.main."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +15,7 @@ from conftest import SET_A
 from dp360rt import Pipeline
 from dp360rt.checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from dp360rt.checks import ArgumentError
-from dp360rt.cli import main
+from dp360rt.cli.main import main
 from dp360rt.demo import synthetic_conditions, synthetic_portrait
 from dp360rt.images import ImageError, load_portrait
 from dp360rt.model import build_model

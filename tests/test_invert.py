@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dp360rt.cli import main
+from dp360rt.cli.main import main
 from dp360rt.images import load_frames
 from dp360rt.invert import (Inverter, ProjectionLog, VGG16LPIPS, VGGFileError, UnsafeVGGFileError, load_vgg,
                             project_w, random_vgg, reference_draws, render_frames, w_statistics)

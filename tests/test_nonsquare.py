@@ -35,7 +35,7 @@ def test_cli_verify_backend_ort_exports_the_cases_sizes_and_passes(nonsquare_set
     cases), then every golden case runs through ONNX Runtime."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from dp360rt.cli import main
+    from dp360rt.cli.main import main
     cases = torch.load(nonsquare_set / "cases.pt", weights_only=True)
     assert case_image_sizes(cases) == [(128, 192)]
     threads = torch.get_num_threads()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dp360rt.checkpoint import CheckpointError, load_checkpoint, read_state_dict
-from dp360rt.cli import main
+from dp360rt.cli.main import main
 from dp360rt.model import build_model
 from dp360rt.panohead.cameras import diffportrait_orbit, orbit
 from dp360rt.panohead.configs import load_spec

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dp360rt.cli import main
+from dp360rt.cli.main import main
 from dp360rt.nerf.cameras import load_views, sphere32_cameras
 from dp360rt.generation import GenerationResult
 from dp360rt.pipeline import Pipeline

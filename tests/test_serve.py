@@ -245,7 +245,7 @@ def test_store_is_atomic_capped_and_evicts_oldest(tmp_path):
 
 
 def test_serve_cli_argument_errors(capsys):
-    from dp360rt.cli import main
+    from dp360rt.cli.main import main
     assert main(["serve"]) == 2
     assert "pass both --nvs and --backview" in capsys.readouterr().err
     assert main(["serve", "--nvs", "a.th", "--backview", "b.th"]) == 2

@@ -281,7 +281,7 @@ def test_view_preloads_result_folders(head_views, tmp_path, ready_sessions):
 
 
 def test_view_cli_errors(tmp_path, capsys):
-    from dp360rt.cli import main
+    from dp360rt.cli.main import main
     assert main(["view"]) == 2
     assert "nothing to show. Fix: pass a views or NeRF folder, or --synthetic head" in capsys.readouterr().err
     assert main(["view", str(tmp_path / "missing")]) == 2

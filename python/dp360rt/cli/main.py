@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .checks import arg, device_name, gib_budget, positive_int
-from .cli_pipeline import add_backend_args, add_compute_dtype_arg, pipeline_from_args
-from .progress import progress_bar
-from .version import __version__
+from ..checks import arg, device_name, gib_budget, positive_int
+from ..cli_pipeline import add_backend_args, add_compute_dtype_arg, pipeline_from_args
+from ..progress import progress_bar
+from ..version import __version__
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from .verify import TABLE, verify
+    from ..verify import TABLE, verify
     engine = "fast" if a.backend != "torch" else a.engine      # exported networks run the fast engine's schedule
     print(f"verifying {a.fixture_dir} (engine: {engine}, backend: {a.backend})")
     if a.backend != "torch" and not a.export_dir:
@@ -31,10 +31,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from .config import load_config
-    from .model import build_model, state_summary
+    from ..config import load_config
+    from ..model import build_model, state_summary
     print(f"dp360rt {__version__}  python {platform.python_version()}  torch {torch.__version__}")
-    from .capabilities import capabilities
+    from ..capabilities import capabilities
     caps = capabilities()
     for k, v in caps.items():
         if k != "torch":
@@ -50,7 +50,7 @@ def cmd_info(a: argparse.Namespace) -> int:
             print(f"  {p:<26} {s['keys_per_prefix'][p]:>6} {n:>15,}")
         print(f"  {'total':<26} {s['num_keys']:>6} {s['num_elements']:>15,}  ({s['num_parameters']:,} parameters)")
     if a.flops:
-        from .flops import format_flops, per_window, run_flops
+        from ..flops import format_flops, per_window, run_flops
         print(f"\nFLOPs (convolutions, matmuls, attention; 2 per multiply-add), config {a.config}, {a.steps} steps:")
         for engine in ("reference", "fast"):
             r = run_flops(a.config, engine, a.steps)
@@ -60,7 +60,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         ratio = summary["flops_fast"]["run"]["total"] / summary["flops_reference"]["run"]["total"]
         print(f"  fast / reference per run: {ratio:.3f}")
     if a.panohead:
-        from .panohead.cli import info_lines
+        from ..panohead.cli import info_lines
         lines, summary["panohead"] = info_lines("full")
         print("\n".join(lines))
     if a.json:
@@ -69,8 +69,8 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from .checkpoint import convert
-    from .panohead.cli import convert_pickle, is_panohead_file
+    from ..checkpoint import convert
+    from ..panohead.cli import convert_pickle, is_panohead_file
     t = time.perf_counter()
     if is_panohead_file(a.input):
         s = convert_pickle(a.input, a.output, fp16=a.fp16)
@@ -85,7 +85,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .results import check_output_dir, save_or_keep
+    from ..results import check_output_dir, save_or_keep
     check_output_dir(a.out, a.overwrite)            # before the models load, not after the generation
     pipe = pipeline_from_args(a)
     if pipe.shared["tensors"]:
@@ -95,7 +95,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print("plan: " + pipe.plan.describe(4, pipe.nvs.frames))
     features = None
     if a.features:
-        from .images import load_frames
+        from ..images import load_frames
         features = load_frames(a.features, pipe.image_size)
     res = pipe(a.portrait, _conditions(a, pipe.image_size), features=features, cameras=a.cameras, steps=a.steps,
                seed=a.seed, progress=progress_bar(), crop=a.crop)
@@ -111,14 +111,14 @@ def _conditions(a: argparse.Namespace, size: int):
     """--conditions, or synthetic condition images for random weights (see :func:`dp360rt.cli_pipeline.pipeline_from_args`)."""
     if a.conditions:
         return a.conditions
-    from .demo import synthetic_conditions
+    from ..demo import synthetic_conditions
     return synthetic_conditions(32, size)
 
 
 def cmd_stream(a: argparse.Namespace) -> int:
-    from .images import save_png
-    from .nerf.cameras import write_cameras_json
-    from .results import ResultDir
+    from ..images import save_png
+    from ..nerf.cameras import write_cameras_json
+    from ..results import ResultDir
     # Views go into a fresh folder beside --out, moved into place when all are there: an
     # interrupted stream (Ctrl-C) leaves an earlier result in --out as it was.
     with ResultDir(a.out, kind="views", overwrite=a.overwrite) as rd:
@@ -148,8 +148,8 @@ def cmd_stream(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import run_bench
-    from .results import check_output_dir
+    from ..bench import run_bench
+    from ..results import check_output_dir
     check_output_dir(a.out, a.overwrite)            # before the models load
     pipe = pipeline_from_args(a)
     try:
@@ -205,7 +205,7 @@ def _crop_summary(r) -> str:
 
 
 def cmd_crop(a: argparse.Namespace) -> int:
-    from .crop import FaceError, crop_portrait
+    from ..crop import FaceError, crop_portrait
     try:
         r = crop_portrait(a.photo, min_score=a.min_score, face=a.face)
     except FaceError as e:           # nothing was written
@@ -218,7 +218,7 @@ def cmd_crop(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
     run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds, synthetic_seconds=a.synthetic_seconds,
              overwrite=a.overwrite)
     return 0
@@ -230,8 +230,8 @@ def cmd_view(a: argparse.Namespace) -> int:
         raise ValueError("nothing to show. Fix: pass a views or NeRF folder, or --synthetic head")
     try:
         import uvicorn
-        from .viewer.app import build_app, load_path, load_synthetic
-        from .viewer.sessions import NerfSessions
+        from ..viewer.app import build_app, load_path, load_synthetic
+        from ..viewer.sessions import NerfSessions
     except ImportError as e:
         raise ImportError(f"dp360rt view needs Starlette and uvicorn ({e}). Fix: pip install 'dp360rt[serve]'") from None
     if a.splat_steps < 0:
@@ -248,7 +248,7 @@ def cmd_view(a: argparse.Namespace) -> int:
     host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
     print(f"dp360rt view: open http://{host}:{a.port}/ ({len(sessions.preloaded())} result(s); Ctrl-C stops)",
           flush=True)
-    from .serve.parts import WS_MAX_BYTES
+    from ..serve.parts import WS_MAX_BYTES
     uvicorn.run(build_app(sessions), host=a.host, port=a.port, log_level="warning", ws_max_size=WS_MAX_BYTES)
     return 0
 
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(the authors' --denoise_from_guidance renders)")
     _add_model_args(g)
     _add_crop_arg(g)
-    from .invert.cli import add_noise3d_args
+    from ..invert.cli import add_noise3d_args
     add_noise3d_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -330,11 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     # the offline export toolchain: argparse only here; onnx / torch.onnx load inside its handler
-    from .export.cli import add_parser as add_export_parser
+    from ..export.cli import add_parser as add_export_parser
     add_export_parser(sub)
-    from .nerf.cli import add_parser as add_nerf_parser
+    from ..nerf.cli import add_parser as add_nerf_parser
     add_nerf_parser(sub)
-    from .serve.cli import add_parser as add_serve_parser
+    from ..serve.cli import add_parser as add_serve_parser
     add_serve_parser(sub)
 
     vw = sub.add_parser("view", help="browser viewer for a saved result, a fitted NeRF or --synthetic head")
@@ -351,9 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refinement steps of head.ply, the splat the page draws in the browser once the fit is "
                          "done (default 300; 0: the field's initialisation, made at once)")
     vw.set_defaults(fn=cmd_view)
-    from .panohead.cli import add_parsers as add_panohead_parsers
+    from ..panohead.cli import add_parsers as add_panohead_parsers
     add_panohead_parsers(sub)
-    from .invert.cli import add_parser as add_invert_parser
+    from ..invert.cli import add_parser as add_invert_parser
     add_invert_parser(sub)
     return p
 
