@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from .config import ConfigError
-from .images import ImageError
+from ..config import ConfigError
+from ..images import ImageError
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -19,7 +19,7 @@ def _backend_kw(a: argparse.Namespace) -> dict:
         raise ConfigError(f"--backend {a.backend} runs exported networks. Fix: pass --export-dir DIR "
                           "(made by `dp360rt export ... --out DIR`)")
     if a.backend == "trt":
-        from .backends.trt_backend import import_trt
+        from ..backends.trt_backend import import_trt
         import_trt()          # TensorRT and a GPU, before any weights load
     return {"backend": a.backend, "export_dir": a.export_dir} if a.backend != "torch" else {}
 
@@ -38,13 +38,13 @@ def add_compute_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def pipeline_from_args(a: argparse.Namespace):
     """The pipeline a verb asks for: official checkpoints, or random weights (--random CONFIG)."""
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
     compute = getattr(a, "compute_dtype", None)
     kw = dict(device=a.device, dtype=_dtype(a.dtype), compute_dtype=_dtype(compute) if compute else None, engine=a.engine,
               max_memory=max_mem, **_backend_kw(a))
     if hasattr(a, "no_noise3d"):
-        from .invert.cli import check_noise3d_files
+        from ..invert.cli import check_noise3d_files
         check_noise3d_files(a)               # a missing PanoHead / VGG16 file, before any weights load
     if a.random:
         check_inputs_early(a)
@@ -61,14 +61,14 @@ def _inverter(a: argparse.Namespace):
     """The 3D-aware-noise stage generate/stream ask for (None without --panohead/--vgg/--3d-noise)."""
     if not hasattr(a, "no_noise3d"):
         return None
-    from .invert.cli import inverter_from_args
+    from ..invert.cli import inverter_from_args
     return inverter_from_args(a, a.device)
 
 
 def check_inputs_early(a: argparse.Namespace) -> None:
     """Portrait and condition folder problems are named before any weights load (their pixels
     are decoded later, by the pipeline)."""
-    from .images import condition_files, open_image
+    from ..images import condition_files, open_image
     if getattr(a, "portrait", None):
         open_image(a.portrait)
     if getattr(a, "conditions", None):
