@@ -111,7 +111,7 @@ def _conditions(a: argparse.Namespace, size: int):
     """--conditions, or synthetic condition images for random weights (see :func:`dp360rt.cli.pipeline_args.pipeline_from_args`)."""
     if a.conditions:
         return a.conditions
-    from ..demo import synthetic_conditions
+    from .demo import synthetic_conditions
     return synthetic_conditions(32, size)
 
 
@@ -218,7 +218,7 @@ def cmd_crop(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from .demo import run_demo
     run_demo(a.out, steps=a.steps, seed=a.seed, nerf_seconds=a.nerf_seconds, synthetic_seconds=a.synthetic_seconds,
              overwrite=a.overwrite)
     return 0

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .images import save_png
-from .plots import bar_chart
-from .pipeline import Pipeline
+from ..images import save_png
+from ..plots import bar_chart
+from ..pipeline import Pipeline
 
 
 def synthetic_conditions(n: int = 32, size: int = 64) -> torch.Tensor:
@@ -54,9 +54,9 @@ def synthetic_head(out: Path, seconds: float, seed: int = 0, progress: bool = Tr
     (dp360rt.nerf.synthetic, not a generated portrait) rendered on the sphere32 orbit at 64x64,
     fitted for ``seconds`` and orbited -> ``synthetic_head_views.png``, ``synthetic_head_orbit.mp4``.
     Returns the seconds it took."""
-    from .nerf import Nerf
-    from .nerf.video import orbit_video
-    from .nerf.synthetic import render_views
+    from ..nerf import Nerf
+    from ..nerf.video import orbit_video
+    from ..nerf.synthetic import render_views
     tic = time.perf_counter()
     print(f"synthetic head scene (built in, NOT a generated portrait): fitting a NeRF for {seconds:g} s ...",
           flush=True)
@@ -78,7 +78,7 @@ def run_demo(out: str | Path, steps: int = 10, seed: int = 0, nerf_seconds: floa
     then the synthetic head scene fitted and orbited (``synthetic_head_*``, clearly named: the tiny
     model's views are noise, the head shows what a fitted NeRF looks like). ``out`` is built aside
     and moved into place when complete (an earlier one is replaced only with ``overwrite``)."""
-    from .results import ResultDir
+    from ..results import ResultDir
     with ResultDir(out, kind="demo", overwrite=overwrite) as rd:   # checked before any work
         total = _demo_into(rd.path, steps, seed, nerf_seconds, progress, synthetic_seconds)
         out = rd.commit()
@@ -90,7 +90,7 @@ def run_demo(out: str | Path, steps: int = 10, seed: int = 0, nerf_seconds: floa
 
 def _demo_into(out: Path, steps: int, seed: int, nerf_seconds: float, progress: bool,
                synthetic_seconds: float) -> float:
-    from .results import write_text_atomic
+    from ..results import write_text_atomic
     print("dp360rt demo: tiny random-weight models - the pictures are noise; real views need the official "
           "checkpoints (dp360rt generate --nvs model_state-340000.th --backview back_head-230000.th ...)")
     t = time.perf_counter()
@@ -102,7 +102,7 @@ def _demo_into(out: Path, steps: int, seed: int, nerf_seconds: float, progress: 
     print(f"generated the back view and {len(res.views)} views ({res.unet_calls} UNet calls); "
           f"fitting a NeRF for {nerf_seconds:g} s ...", flush=True)
 
-    from .nerf.video import orbit_video
+    from ..nerf.video import orbit_video
     tic = time.perf_counter()
     nerf = res.fit_nerf(seconds=nerf_seconds, progress=progress, seed=seed)
     res.timings["nerf_fit"] = time.perf_counter() - tic
@@ -112,7 +112,7 @@ def _demo_into(out: Path, steps: int, seed: int, nerf_seconds: float, progress: 
     orbit_video(nerf, out / "orbit.mp4", frames=frames, fps=30)
     res.timings["orbit_render"] = time.perf_counter() - tic
     tic = time.perf_counter()       # the portable head: a textured GLB and a 3D Gaussian splat any engine loads
-    from .nerf.splat import EmptyFieldError
+    from ..nerf.splat import EmptyFieldError
     try:
         nerf.export_glb(out / "head.glb", texture_size=512)
         nerf.export_splat(out / "head.ply", views=(list(res.views), res.cameras), steps=100)
