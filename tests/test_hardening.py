@@ -181,7 +181,7 @@ def test_unwritable_convert_and_export(tmp_path, capsys):
 
 def test_bench_repeats_zero(pipe, tmp_path, capsys):
     assert "--repeats must be >= 1" in _usage_error(["bench", "--random", "tiny", "--repeats", "0"], capsys)
-    from dp360rt.bench import run_bench
+    from dp360rt.cli.bench import run_bench
     with pytest.raises(ArgumentError, match="repeats must be >= 1"):
         run_bench(pipe, tmp_path, steps=2, repeats=0)
     assert not any(tmp_path.iterdir())        # refused before any work or file

@@ -148,7 +148,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from ..bench import run_bench
+    from .bench import run_bench
     from ..results import check_output_dir
     check_output_dir(a.out, a.overwrite)            # before the models load
     pipe = pipeline_from_args(a)

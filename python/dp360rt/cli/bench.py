@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .capabilities import capabilities
-from .pipeline import Pipeline
-from .plots import bar_chart
-from .text.clip import empty_prompt_ids
+from ..capabilities import capabilities
+from ..pipeline import Pipeline
+from ..plots import bar_chart
+from ..text.clip import empty_prompt_ids
 
 
 def _sync(pipe: Pipeline) -> None:
@@ -42,9 +42,9 @@ def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int 
     """Time every stage ``warmup + repeats`` times (the NeRF fit with a fixed ``nerf_steps``,
     the render of one view at the generation's size); write ``bench.json`` and ``bench.png`` in
     ``out`` (a new folder, or an earlier one replaced with ``overwrite``) and return the report."""
-    from .checks import positive_int
-    from .cli.demo import synthetic_portrait
-    from .results import ResultDir, check_output_dir, write_text_atomic
+    from ..checks import positive_int
+    from .demo import synthetic_portrait
+    from ..results import ResultDir, check_output_dir, write_text_atomic
     repeats = positive_int(repeats, "repeats")         # medians need at least one timed run
     warmup = positive_int(warmup, "warmup", minimum=0)
     nerf_steps = positive_int(nerf_steps, "nerf_steps")
