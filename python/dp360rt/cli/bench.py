@@ -18,7 +18,7 @@ import torch
 
 from ..capabilities import capabilities
 from ..pipeline import Pipeline
-from ..plots import bar_chart
+from .plots import bar_chart
 from ..text.clip import empty_prompt_ids
 
 

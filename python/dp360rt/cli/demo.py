@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..images import save_png
-from ..plots import bar_chart
+from .plots import bar_chart
 from ..pipeline import Pipeline
 
 
