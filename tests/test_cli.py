@@ -97,7 +97,7 @@ def test_convert(tmp_path, recipe, capsys):
 def test_generate_with_checkpoints(tmp_path, recipe, capsys):
     """`generate` with tiny checkpoints and a condition folder written as the authors ship it."""
     from PIL import Image
-    from dp360rt.cli.demo import synthetic_conditions, synthetic_portrait
+    from dp360rt.images import synthetic_conditions, synthetic_portrait
     from dp360rt.images import save_png, to_unit
     for kind in ("nvs", "backview"):
         torch.save(recipe[kind], tmp_path / f"{kind}.th")
@@ -147,7 +147,7 @@ def test_generate_with_checkpoints(tmp_path, recipe, capsys):
 
 def test_stream_and_bench_random_tiny(tmp_path, capsys):
     """`stream` prints views as they finish and leaves a NeRF-ready folder; `bench` times every stage."""
-    from dp360rt.cli.demo import synthetic_portrait
+    from dp360rt.images import synthetic_portrait
     from dp360rt.images import save_png, to_unit
     save_png(to_unit(synthetic_portrait(64)[0]), tmp_path / "portrait.png")
     out = tmp_path / "streamed"

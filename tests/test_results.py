@@ -123,7 +123,7 @@ def test_views_folder_of_mixed_runs_refused(tmp_path):
 def test_interrupted_stream_keeps_the_earlier_result(tmp_path, monkeypatch):
     """Ctrl-C in the middle of `dp360rt stream` into a folder holding a result: that result stays
     as it was (no new views beside old ones), and no partial folder is left."""
-    from dp360rt.cli.demo import synthetic_portrait
+    from dp360rt.images import synthetic_portrait
     from dp360rt.images import to_unit
     out, portrait = tmp_path / "out", tmp_path / "p.png"
     _result(0).save(out)

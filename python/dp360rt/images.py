@@ -6,6 +6,7 @@ Pillow's bicubic filter, mapped to [-1, 1]. For a square input this equals the a
 """
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -210,3 +211,26 @@ def save_png(image01: Tensor, path: str | Path) -> None:
     from .results import write_file_atomic
     arr = to_uint8(image01.detach().cpu()).permute(1, 2, 0).numpy()
     write_file_atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+
+
+def synthetic_conditions(n: int = 32, size: int = 64) -> torch.Tensor:
+    """Stand-in camera condition images [n, 3, size, size] in [-1, 1]: a shaded disc whose
+    shading turns with the orbit azimuth (the authors' renders are not redistributable here)."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    disc = (xs ** 2 + ys ** 2 < 0.6).float()
+    out = []
+    for i in range(n):
+        az = 2 * math.pi * i / n
+        shade = 0.5 + 0.5 * (xs * math.cos(az) + ys * 0.3)
+        img = torch.stack([shade * disc, (1 - shade) * disc, 0.5 * disc])
+        out.append(img * 2 - 1)
+    return torch.stack(out)
+
+
+def synthetic_portrait(size: int = 64) -> torch.Tensor:
+    """A stand-in portrait [1, 3, size, size] in [-1, 1]: a skin-toned ellipse on a dark ground
+    (tests, the demo and benchmarks; random weights make any picture as good as another)."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    face = ((xs / 0.6) ** 2 + (ys / 0.8) ** 2 < 1).float()
+    img = torch.stack([0.9 * face + 0.1, 0.7 * face + 0.1, 0.6 * face + 0.1])
+    return (img * 2 - 1)[None]

@@ -12,30 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..images import save_png
+from ..images import save_png, synthetic_conditions, synthetic_portrait
 from .plots import bar_chart
 from ..pipeline import Pipeline
-
-
-def synthetic_conditions(n: int = 32, size: int = 64) -> torch.Tensor:
-    """Stand-in camera condition images [n, 3, size, size] in [-1, 1]: a shaded disc whose
-    shading turns with the orbit azimuth (the authors' renders are not redistributable here)."""
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    disc = (xs ** 2 + ys ** 2 < 0.6).float()
-    out = []
-    for i in range(n):
-        az = 2 * math.pi * i / n
-        shade = 0.5 + 0.5 * (xs * math.cos(az) + ys * 0.3)
-        img = torch.stack([shade * disc, (1 - shade) * disc, 0.5 * disc])
-        out.append(img * 2 - 1)
-    return torch.stack(out)
-
-
-def synthetic_portrait(size: int = 64) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    face = ((xs / 0.6) ** 2 + (ys / 0.8) ** 2 < 1).float()
-    img = torch.stack([0.9 * face + 0.1, 0.7 * face + 0.1, 0.6 * face + 0.1])
-    return (img * 2 - 1)[None]
 
 
 def contact_sheet(views: torch.Tensor, cols: int = 8) -> torch.Tensor:

@@ -111,7 +111,7 @@ def _conditions(a: argparse.Namespace, size: int):
     """--conditions, or synthetic condition images for random weights (see :func:`dp360rt.cli.pipeline_args.pipeline_from_args`)."""
     if a.conditions:
         return a.conditions
-    from .demo import synthetic_conditions
+    from ..images import synthetic_conditions
     return synthetic_conditions(32, size)
 
 

@@ -253,7 +253,7 @@ class LocalBackend:
                 orbits = {}
                 for name, src in self._sources.items():
                     if src is None:
-                        from ..cli.demo import synthetic_conditions
+                        from ..images import synthetic_conditions
                         cond = synthetic_conditions(32, pipe.image_size)
                     else:
                         cond = src if not isinstance(src, (str, Path)) else load_conditions(src, pipe.image_size)
