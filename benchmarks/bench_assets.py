@@ -36,7 +36,7 @@ HOLD = [3, 11, 19, 27]
 
 def generated_views(size: int, out: Path) -> tuple[list, torch.Tensor]:
     from dp360rt.images import synthetic_conditions, synthetic_portrait
-    from dp360rt.pipeline import Pipeline
+    from dp360rt.engine.pipeline import Pipeline
     pipe = Pipeline.random("tiny", seed=0)
     s = pipe.image_size
     res = pipe(synthetic_portrait(s), synthetic_conditions(32, s), steps=2, seed=0)

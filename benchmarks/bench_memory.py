@@ -108,7 +108,7 @@ def make_checkpoints(directory: Path, config: str) -> None:
 def run_mode(mode: str, config: str, max_memory_gib: float, steps: int, checkpoints: Path,
              windows: int | None = None, compute: str = "bfloat16") -> dict:
     """Load and run one mode in this process; returns the figures."""
-    from dp360rt.pipeline import Pipeline
+    from dp360rt.engine.pipeline import Pipeline
     paths = checkpoint_paths(checkpoints, config)
     tic = time.perf_counter()
     budget = int(max_memory_gib * 2**30) if mode == "edge" else None

@@ -182,7 +182,7 @@ def test_pipeline_crop_auto(tmp_path, astronaut, astronaut_crop, monkeypatch):
     """``crop="auto"``: the pipeline hands the 512² crop (not the photo) to its preprocessing, and a
     result saves the crop beside the views; a bad mode is a named error. (A whole generation on
     tiny weights is covered by test_cli; here preprocessing is stopped once it has the portrait.)"""
-    import dp360rt.pipeline as pl
+    import dp360rt.engine.pipeline as pl
     from dp360rt.images import synthetic_conditions
     from dp360rt.generation import GenerationResult
     with pytest.raises(ValueError, match="not a crop mode. Fix"):

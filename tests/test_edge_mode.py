@@ -74,7 +74,7 @@ def test_edge_mode_gives_the_default_modes_views(weights, default, tmp_path):
 def test_edge_mode_loads_one_model_at_a_time(weights, monkeypatch, tmp_path, edge):
     """from_checkpoints in edge mode offloads the 360° model before the back-view model's own weights
     load (the two are never resident together); without a budget both stay, as the spy shows."""
-    import dp360rt.pipeline as pl
+    import dp360rt.engine.pipeline as pl
     seen: dict = {}
     real_identical, real_load = pl.identical_tensors, pl.load_state
 

@@ -90,7 +90,7 @@ def test_half_precision_on_a_cpu_without_native_support_warns(monkeypatch, nativ
     """On CPUs without native bfloat16 (AVX2 only) torch's bfloat16 convolution is a reference loop,
     hundreds of times slower than float32: the pipeline says so, with the fix, before any weights load."""
     import warnings
-    import dp360rt.pipeline as pl
+    import dp360rt.engine.pipeline as pl
     monkeypatch.setattr(pl, "cpu_half_is_native", lambda dtype: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -107,7 +107,7 @@ def test_half_weights_with_float32_arithmetic(recipe):
     arithmetic (no autocast). A whole generation equals the float32 pipeline whose convolution and
     linear weights were rounded to bfloat16; its error against plain float32 is printed. The memory
     plan counts 2-byte weights and 4-byte activations."""
-    from dp360rt.pipeline import memory_plan
+    from dp360rt.engine.pipeline import memory_plan
     cfg = SET_A / "config.json"
     mixed = Pipeline.from_checkpoints(recipe["nvs"], recipe["backview"], config=cfg, dtype=torch.bfloat16,
                                       compute_dtype=torch.float32)

@@ -260,7 +260,7 @@ def test_invert_cli_and_named_errors(tmp_path, capsys, torchscript_vgg):
 
 def test_noise3d_refuses_a_portrait_tensor():
     from dp360rt.images import ImageError
-    from dp360rt.pipeline import Pipeline
+    from dp360rt.engine.pipeline import Pipeline
     pipe = object.__new__(Pipeline)             # only the stage's input check runs: no models needed
     pipe.inverter, pipe.image_size = object(), 64
     with pytest.raises(ImageError, match="not a tensor. Fix: pass the photo"):

@@ -292,7 +292,7 @@ def test_custom_orbit_conditions_feed_the_pipeline(tmp_path, capsys):
     assert imgs.shape == (32, 3, 64, 64) and float(imgs.std(0).mean()) > 0      # views differ
 
     from dp360rt.images import synthetic_portrait
-    from dp360rt.pipeline import Pipeline
+    from dp360rt.engine.pipeline import Pipeline
     pipe = Pipeline.random("tiny", seed=0)
     res = pipe(synthetic_portrait(pipe.image_size), out, steps=2, seed=0)
     assert res.views.shape[0] == 32

@@ -14,7 +14,7 @@ pytest.importorskip("starlette", reason="the serve extra is not installed: pip i
 httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 from PIL import Image  # noqa: E402
 
-from dp360rt.pipeline import Pipeline  # noqa: E402
+from dp360rt.engine.pipeline import Pipeline  # noqa: E402
 from dp360rt.serve import GenerationListener  # noqa: E402
 from dp360rt.serve.app import create_app  # noqa: E402
 from dp360rt.serve.backend import LocalBackend  # noqa: E402

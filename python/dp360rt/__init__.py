@@ -9,7 +9,7 @@ from .config import ConfigError, load_config
 from .images import ImageError
 from .model import DiffPortrait360, build_model
 from .generation import GenerationResult
-from .pipeline import Pipeline
+from .engine.pipeline import Pipeline
 from .capabilities import capabilities
 from .verify import verify
 from .version import __version__

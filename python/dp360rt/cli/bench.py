@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..capabilities import capabilities
-from ..pipeline import Pipeline
+from ..engine.pipeline import Pipeline
 from .plots import bar_chart
 from ..text.clip import empty_prompt_ids
 

@@ -14,7 +14,7 @@ import torch
 
 from ..images import save_png, synthetic_conditions, synthetic_portrait
 from .plots import bar_chart
-from ..pipeline import Pipeline
+from ..engine.pipeline import Pipeline
 
 
 def contact_sheet(views: torch.Tensor, cols: int = 8) -> torch.Tensor:

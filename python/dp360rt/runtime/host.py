@@ -1,6 +1,6 @@
 """What the runtime uses of the pipeline that owns it, and nothing more.
 
-:class:`~dp360rt.pipeline.Pipeline` is the one implementation; the runtime names this protocol
+:class:`~dp360rt.engine.pipeline.Pipeline` is the one implementation; the runtime names this protocol
 instead of importing it, because the pipeline is the layer above (it creates runtimes).
 """
 from __future__ import annotations

@@ -186,7 +186,7 @@ class Handle:
 class Runtime:
     """Serves generation requests on one pipeline through the native step loop.
 
-    pipeline: a :class:`~dp360rt.pipeline.Pipeline` (what is used of it: :class:`RuntimeHost`);
+    pipeline: a :class:`~dp360rt.engine.pipeline.Pipeline` (what is used of it: :class:`RuntimeHost`);
     policy: ``throughput`` or ``latency``; max_rows: latents per UNet call (default: the
     pipeline's plan, i.e. all windows on GPU, one window on CPU); queue_size: views buffered per
     request before the loop waits for the consumer. ``eta`` and ``cfg_scale`` are per runtime.

@@ -1,4 +1,4 @@
-"""Where generations run: one :class:`~dp360rt.pipeline.Pipeline` in this process.
+"""Where generations run: one :class:`~dp360rt.engine.pipeline.Pipeline` in this process.
 
 The service core talks to a backend through two calls, the same for every deployment: ``start``
 returns a :class:`Job`, whose ``next()`` gives plain, picklable event dicts and whose ``cancel()``
@@ -215,7 +215,7 @@ def _extras(prepared: Any) -> dict[str, bytes]:
 class LocalBackend:
     """Generations on one pipeline in this process, batched by its C++ step loop.
 
-    ``pipeline``: a :class:`~dp360rt.pipeline.Pipeline` or a function building one (called by
+    ``pipeline``: a :class:`~dp360rt.engine.pipeline.Pipeline` or a function building one (called by
     :meth:`load`, e.g. in a thread while the server already answers ``/healthz``);
     ``conditions``: the sphere32 folder or a tensor [32, 3, S, S] (default: synthetic conditions,
     for random weights): the orbit named ``default``; ``orbits``: more named condition folders a

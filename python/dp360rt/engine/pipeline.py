@@ -11,22 +11,22 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .backends.base import Backend
-from .backends.torch_backend import TorchBackend
-from .checkpoint import checked_state_dict, identical_tensors, load_checkpoint, load_state
-from .config import ModelConfig, load_config
-from .generation import GenerationResult, Prepared
-from .images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
+from ..backends.base import Backend
+from ..backends.torch_backend import TorchBackend
+from ..checkpoint import checked_state_dict, identical_tensors, load_checkpoint, load_state
+from ..config import ModelConfig, load_config
+from ..generation import GenerationResult, Prepared
+from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, to_unit)
-from .model import (HALF_DTYPES, DiffPortrait360, autocast, build_model, cast_weights_at_call, cpu_half_is_native,
+from ..model import (HALF_DTYPES, DiffPortrait360, autocast, build_model, cast_weights_at_call, cpu_half_is_native,
                     dtype_bytes, init_random, store_half_weights)
-from .offload import ModelSwap, move_resident
-from .sampler.noise import NoiseSource, RecordedNoise, as_noise
-from .sampler.fast import sample_windows_fast
-from .sampler.params import check_finite_latents, check_sampler_params
-from .sampler.plan import BatchPlan, default_plan
-from .sampler.windows import CONDITION_WINDOWS, Window, prepare_windows, sample_windows_reference
-from .text.clip import empty_prompt_ids
+from ..offload import ModelSwap, move_resident
+from ..sampler.noise import NoiseSource, RecordedNoise, as_noise
+from ..sampler.fast import sample_windows_fast
+from ..sampler.params import check_finite_latents, check_sampler_params
+from ..sampler.plan import BatchPlan, default_plan
+from ..sampler.windows import CONDITION_WINDOWS, Window, prepare_windows, sample_windows_reference
+from ..text.clip import empty_prompt_ids
 
 log = logging.getLogger("dp360rt")
 
@@ -52,8 +52,8 @@ def check_options(device: str | torch.device, backend: str, max_memory: Any, dty
     """Refuse a device, backend, dtype pair or memory budget this process cannot honour, before any
     weights load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no
     limit). Warns when half precision would run on a CPU without native half-precision arithmetic."""
-    from .checks import device as check_device
-    from .checks import max_memory_bytes
+    from ..checks import device as check_device
+    from ..checks import max_memory_bytes
     dev = check_device(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}")
@@ -75,7 +75,7 @@ def check_options(device: str | torch.device, backend: str, max_memory: Any, dty
             "float32, or use torch.float32; half-precision arithmetic pays off on GPUs and on CPUs with "
             "AVX512-BF16/AMX", RuntimeWarning, stacklevel=1)  # one place: Python's default filter shows it once
     if backend == "trt":
-        from .backends.trt_backend import import_trt
+        from ..backends.trt_backend import import_trt
         import_trt()                  # TrtUnavailableError (an ImportError) with the fix
     return dev, max_memory_bytes(max_memory)
 
@@ -156,7 +156,7 @@ class Pipeline:
             if backend == "torch":
                 self.backends[m.kind] = TorchBackend(m)
             else:
-                from .backends.base import get_backend
+                from ..backends.base import get_backend
                 d = export_dir.get(m.kind) if isinstance(export_dir, Mapping) else export_dir
                 self.backends[m.kind] = get_backend(backend, m, export_dir=d, **backend_options)
 
@@ -250,7 +250,7 @@ class Pipeline:
 
     def runtime(self, policy: str = "throughput", **kw: Any):
         """The native streaming runtime over this pipeline (created once per policy)."""
-        from .runtime import Runtime
+        from ..runtime import Runtime
         cache = self.__dict__.setdefault("_runtimes", {})
         if policy not in cache:
             cache[policy] = Runtime(self, policy=policy, max_memory=self.max_memory, **kw)
@@ -301,7 +301,7 @@ class Pipeline:
     def flops(self, steps: int = 50) -> dict[str, dict[str, float]]:
         """FLOPs of this pipeline's engine per step and per run, per module (counted on meta tensors;
         see :func:`dp360rt.flops.run_flops`)."""
-        from .flops import run_flops
+        from ..flops import run_flops
         return run_flops(self.nvs.cfg, self.engine, steps)
 
     def _crop_portrait(self, portrait: Any, crop: str | None) -> tuple[Any, Any]:
@@ -312,7 +312,7 @@ class Pipeline:
         if isinstance(portrait, Tensor):
             raise ImageError("crop='auto' needs the raw photo (a path or PIL image), not a tensor. Fix: pass the "
                              "photo, or crop=None for an already cropped portrait tensor")
-        from .crop import crop_portrait
+        from ..crop import crop_portrait
         result = crop_portrait(portrait)
         return result.image, result
 
@@ -377,7 +377,7 @@ class Pipeline:
         if isinstance(features, (str, Path)):
             features = load_frames(features, s, cond.shape[0] if cond.dim() == 4 else CONDITION_COUNT)
         check_conditions(cond, s, self.nvs.frames, features)      # before any model runs
-        from .nerf.cameras import resolve_cameras
+        from ..nerf.cameras import resolve_cameras
         view_cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         cond = cond.to(self.device)
         if features is not None:
