@@ -8,7 +8,7 @@ from .checkpoint import CheckpointError, convert, load_checkpoint, read_state_di
 from .config import ConfigError, load_config
 from .images import ImageError
 from .model import DiffPortrait360, build_model
-from .generation import GenerationResult
+from .engine.generation import GenerationResult
 from .engine.pipeline import Pipeline
 from .capabilities import capabilities
 from .verify import verify

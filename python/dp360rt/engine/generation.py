@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .images import save_png
+from ..images import save_png
 
 if TYPE_CHECKING:
-    from .nerf import Nerf
+    from ..nerf import Nerf
 
 
 @dataclass
@@ -39,7 +39,7 @@ class GenerationResult:
         """Fit an instant NeRF to the 32 views and their cameras and return it (render with
         ``nerf.render(camera, width, height)``; ``nerf.stats`` holds steps, seconds and PSNR).
         ``options`` override :class:`dp360rt.nerf.NerfConfig` fields (``encoding``, ``device``, ...)."""
-        from .nerf import Nerf
+        from ..nerf import Nerf
         if self.cameras is None:
             raise ValueError("these views have no cameras, so a NeRF cannot be fitted. Fix: generate with the "
                              "sphere32 conditions (the default), whose PanoHead cameras are known")
@@ -53,14 +53,14 @@ class GenerationResult:
         camera.json, overlay.png; with 3D-aware noise also ``inversion/``) into ``out_dir``, atomically: the folder is built
         aside and moved into place when complete. An existing non-empty ``out_dir`` is refused
         unless ``overwrite=True`` (then replaced as a whole, never mixed)."""
-        from .results import ResultDir
+        from ..results import ResultDir
         with ResultDir(out_dir, kind="views", overwrite=overwrite) as r:
             self.write_into(r.path)
             return r.commit(views=len(self.views))
 
     def write_into(self, d: Path) -> None:
         """Write the files of :meth:`save` (each atomically) into the existing folder ``d``, no manifest."""
-        from .results import write_text_atomic
+        from ..results import write_text_atomic
         save_png(self.back_view, d / "back_view.png")
         entries = []
         for i, v in enumerate(self.views):
