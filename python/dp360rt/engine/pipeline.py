@@ -20,7 +20,7 @@ from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_c
                      load_portrait, quantize8, to_unit)
 from ..model import (HALF_DTYPES, DiffPortrait360, autocast, build_model, cast_weights_at_call, cpu_half_is_native,
                     dtype_bytes, init_random, store_half_weights)
-from ..offload import ModelSwap, move_resident
+from .offload import ModelSwap, move_resident
 from ..sampler.noise import NoiseSource, RecordedNoise, as_noise
 from ..sampler.fast import sample_windows_fast
 from ..sampler.params import check_finite_latents, check_sampler_params

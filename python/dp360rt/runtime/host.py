@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..backends.base import Backend
 from ..model import DiffPortrait360
-from ..offload import ModelSwap
+from ..engine.offload import ModelSwap
 from ..sampler.plan import BatchPlan
 
 

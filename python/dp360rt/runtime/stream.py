@@ -15,7 +15,7 @@ the total is at least ``b + (1 - b) / 4`` (``b``: the back view's share), above 
 ``back_view=True`` streams the back view itself (a real view of the head, at the back-view
 hint's camera) as soon as it exists, before any window.
 
-Edge mode (the pipeline's plan keeps one diffusion model resident, see :mod:`dp360rt.offload`):
+Edge mode (the pipeline's plan keeps one diffusion model resident, see :mod:`dp360rt.engine.offload`):
 requests are admitted in waves. A request submitted while others run waits until they have
 finished; then the waiting requests start together: the back-view model is reloaded for their
 back views, the 360° model for their windows. So each wave costs two reloads, and the loop

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import DiffPortrait360
+from ..model import DiffPortrait360
 
 
 def _slots(model: nn.Module, skip: set[int]) -> dict[str, list[tuple[nn.Module, str]]]:
