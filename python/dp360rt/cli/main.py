@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checks import arg, device_name, gib_budget, positive_int
-from .pipeline_args import add_backend_args, add_compute_dtype_arg, pipeline_from_args
+from ..engine.pipeline_args import add_backend_args, add_compute_dtype_arg, pipeline_from_args
 from ..progress import progress_bar
 from ..version import __version__
 
@@ -108,7 +108,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _conditions(a: argparse.Namespace, size: int):
-    """--conditions, or synthetic condition images for random weights (see :func:`dp360rt.cli.pipeline_args.pipeline_from_args`)."""
+    """--conditions, or synthetic condition images for random weights (see :func:`dp360rt.engine.pipeline_args.pipeline_from_args`)."""
     if a.conditions:
         return a.conditions
     from ..images import synthetic_conditions

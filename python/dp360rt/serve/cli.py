@@ -12,7 +12,7 @@ INSTALL_FIX = "Fix: pip install 'dp360rt[serve]' (Starlette, uvicorn, python-mul
 
 
 def add_parser(sub: Any) -> None:
-    from ..cli.pipeline_args import add_backend_args, add_compute_dtype_arg
+    from ..engine.pipeline_args import add_backend_args, add_compute_dtype_arg
     s = sub.add_parser("serve", help="streaming HTTP service (SSE) over one pipeline; --ray: on Ray Serve")
     s.add_argument("--nvs", help="model_state-340000.th (or .safetensors)")
     s.add_argument("--backview", help="back_head-230000.th (or .safetensors)")

@@ -41,7 +41,7 @@ def pipeline_spec(a: argparse.Namespace) -> dict[str, Any]:
 
 def backend_from_spec(spec: dict[str, Any], replica: str | None = None):
     """A :class:`~dp360rt.serve.backend.LocalBackend` for a :func:`pipeline_spec` (not loaded yet)."""
-    from ..cli.pipeline_args import pipeline_from_args
+    from ..engine.pipeline_args import pipeline_from_args
     from .backend import LocalBackend
     ns = argparse.Namespace(**spec)
     return LocalBackend(lambda: pipeline_from_args(ns), conditions=spec["conditions"], policy=spec["policy"],

@@ -38,7 +38,7 @@ def add_compute_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def pipeline_from_args(a: argparse.Namespace):
     """The pipeline a verb asks for: official checkpoints, or random weights (--random CONFIG)."""
-    from ..engine.pipeline import Pipeline
+    from .pipeline import Pipeline
     max_mem = int(a.max_memory * 2**30) if getattr(a, "max_memory", None) else None
     compute = getattr(a, "compute_dtype", None)
     kw = dict(device=a.device, dtype=_dtype(a.dtype), compute_dtype=_dtype(compute) if compute else None, engine=a.engine,
