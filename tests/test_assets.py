@@ -19,7 +19,7 @@ from dp360rt.nerf.model import Nerf, psnr
 from dp360rt.nerf.splat import PLY_PROPERTIES, EmptyFieldError, init_splat, read_splat_ply
 from dp360rt.nerf.splat_render import refine_splat, render_splat, render_splat_reference
 from dp360rt.nerf.synthetic import render_views
-from dp360rt.results import OutputError
+from dp360rt.io.results import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = list(range(0, 32, 2))

@@ -15,7 +15,7 @@ from dp360rt.cli.main import main
 from dp360rt.nerf.cameras import load_views, sphere32_cameras
 from dp360rt.engine.generation import GenerationResult
 from dp360rt.engine.pipeline import Pipeline
-from dp360rt.results import IncompleteRunError, OutputError, save_or_keep
+from dp360rt.io.results import IncompleteRunError, OutputError, save_or_keep
 
 
 def _result(seed: int) -> GenerationResult:

@@ -343,7 +343,7 @@ def convert(src: str | Path, dst: str | Path, fp16: bool = False) -> dict[str, A
     if fp16:
         sd = {k: (v.half() if v.dtype == torch.float32 and k != "logvar" else v) for k, v in sd.items()}
     sd = {k: v.contiguous() for k, v in sd.items()}
-    from .results import write_file_atomic
+    from .io.results import write_file_atomic
     write_file_atomic(dst, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt", "kind": kind,
                                                                         "source": Path(src).name}))
     return {"kind": kind, "tensors": len(sd), "bytes": dst.stat().st_size}

@@ -44,7 +44,7 @@ def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int 
     ``out`` (a new folder, or an earlier one replaced with ``overwrite``) and return the report."""
     from ..checks import positive_int
     from ..images import synthetic_portrait
-    from ..results import ResultDir, check_output_dir, write_text_atomic
+    from ..io.results import ResultDir, check_output_dir, write_text_atomic
     repeats = positive_int(repeats, "repeats")         # medians need at least one timed run
     warmup = positive_int(warmup, "warmup", minimum=0)
     nerf_steps = positive_int(nerf_steps, "nerf_steps")

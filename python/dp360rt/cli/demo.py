@@ -57,7 +57,7 @@ def run_demo(out: str | Path, steps: int = 10, seed: int = 0, nerf_seconds: floa
     then the synthetic head scene fitted and orbited (``synthetic_head_*``, clearly named: the tiny
     model's views are noise, the head shows what a fitted NeRF looks like). ``out`` is built aside
     and moved into place when complete (an earlier one is replaced only with ``overwrite``)."""
-    from ..results import ResultDir
+    from ..io.results import ResultDir
     with ResultDir(out, kind="demo", overwrite=overwrite) as rd:   # checked before any work
         total = _demo_into(rd.path, steps, seed, nerf_seconds, progress, synthetic_seconds)
         out = rd.commit()
@@ -69,7 +69,7 @@ def run_demo(out: str | Path, steps: int = 10, seed: int = 0, nerf_seconds: floa
 
 def _demo_into(out: Path, steps: int, seed: int, nerf_seconds: float, progress: bool,
                synthetic_seconds: float) -> float:
-    from ..results import write_text_atomic
+    from ..io.results import write_text_atomic
     print("dp360rt demo: tiny random-weight models - the pictures are noise; real views need the official "
           "checkpoints (dp360rt generate --nvs model_state-340000.th --backview back_head-230000.th ...)")
     t = time.perf_counter()

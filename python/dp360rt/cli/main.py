@@ -85,7 +85,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from ..results import check_output_dir, save_or_keep
+    from ..io.results import check_output_dir, save_or_keep
     check_output_dir(a.out, a.overwrite)            # before the models load, not after the generation
     pipe = pipeline_from_args(a)
     if pipe.shared["tensors"]:
@@ -118,7 +118,7 @@ def _conditions(a: argparse.Namespace, size: int):
 def cmd_stream(a: argparse.Namespace) -> int:
     from ..images import save_png
     from ..nerf.cameras import write_cameras_json
-    from ..results import ResultDir
+    from ..io.results import ResultDir
     # Views go into a fresh folder beside --out, moved into place when all are there: an
     # interrupted stream (Ctrl-C) leaves an earlier result in --out as it was.
     with ResultDir(a.out, kind="views", overwrite=a.overwrite) as rd:
@@ -149,7 +149,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
-    from ..results import check_output_dir
+    from ..io.results import check_output_dir
     check_output_dir(a.out, a.overwrite)            # before the models load
     pipe = pipeline_from_args(a)
     try:

@@ -53,14 +53,14 @@ class GenerationResult:
         camera.json, overlay.png; with 3D-aware noise also ``inversion/``) into ``out_dir``, atomically: the folder is built
         aside and moved into place when complete. An existing non-empty ``out_dir`` is refused
         unless ``overwrite=True`` (then replaced as a whole, never mixed)."""
-        from ..results import ResultDir
+        from ..io.results import ResultDir
         with ResultDir(out_dir, kind="views", overwrite=overwrite) as r:
             self.write_into(r.path)
             return r.commit(views=len(self.views))
 
     def write_into(self, d: Path) -> None:
         """Write the files of :meth:`save` (each atomically) into the existing folder ``d``, no manifest."""
-        from ..results import write_text_atomic
+        from ..io.results import write_text_atomic
         save_png(self.back_view, d / "back_view.png")
         entries = []
         for i, v in enumerate(self.views):

@@ -100,7 +100,7 @@ class Inversion:
         (settings, timings), all or nothing: built beside ``out_dir`` and moved into place (an earlier
         inversion there is replaced)."""
         from safetensors.torch import save_file
-        from ..results import ResultDir, write_text_atomic
+        from ..io.results import ResultDir, write_text_atomic
         with ResultDir(out_dir, kind="inversion", overwrite=True) as r:
             tmp = r.path
             (tmp / "features").mkdir()

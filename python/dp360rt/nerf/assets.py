@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..results import OutputError
+from ..io.results import OutputError
 from .glb import DEFAULT_TEXTURE, DEFAULT_TRIANGLES, check_texture_size, check_triangles
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -263,7 +263,7 @@ def write_cameras_json(path: str | Path, cameras: Tensor | Iterable[Sequence[flo
             e["file"] = files[i]
         e["camera"] = c
         entries.append(e)
-    from ..results import write_text_atomic
+    from ..io.results import write_text_atomic
     return write_text_atomic(path, json.dumps({"views": entries}, indent=1))
 
 
@@ -308,7 +308,7 @@ def save_image(image: Tensor, path: str | Path) -> None:
     """Write float [H, W, 3] in [0, 1] as an 8-bit PNG."""
     from PIL import Image
     arr = (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    from ..results import write_file_atomic
+    from ..io.results import write_file_atomic
     write_file_atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
@@ -331,7 +331,7 @@ def load_views(folder: str | Path) -> tuple[list[Tensor], Tensor, list[str]]:
 
     Every entry of ``cameras.json`` needs a ``file``. A folder with ``manifest.json`` (every folder
     dp360rt writes) must match it: files of another or an interrupted run raise
-    :class:`~dp360rt.results.IncompleteRunError`; one without (hand-made) is used with a warning.
+    :class:`~dp360rt.io.results.IncompleteRunError`; one without (hand-made) is used with a warning.
     When no entry has a camera (e.g. a generation
     whose poses were unknown), the views are assumed to lie on the default orbit
     (:func:`orbit_cameras` with N views, camera 0 in front), with a warning.
@@ -355,7 +355,7 @@ def load_views(folder: str | Path) -> tuple[list[Tensor], Tensor, list[str]]:
         raise CameraError(f"{d}: cameras.json lists {len(files)} views but {len(missing)} of their images are missing "
                           f"(e.g. {missing[0]}; the folder has {len(pngs)} PNGs). Fix: the image and camera counts must "
                           "match: one PNG per cameras.json entry")
-    from ..results import check_run_folder
+    from ..io.results import check_run_folder
     if check_run_folder(d, [str(f) for f in files]) is None:
         warnings.warn(f"{d} has no manifest.json (not written by dp360rt, or by an older version): its views are "
                       "used as they are; nothing checks that they come from one run", stacklevel=2)

@@ -153,7 +153,7 @@ def write_glb(mesh: dict[str, np.ndarray], path: str | Path) -> Path:
     import trimesh
     from PIL import Image
 
-    from ..results import write_file_atomic
+    from ..io.results import write_file_atomic
     mat = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(mesh["texture"]),
                                               metallicFactor=0.0, roughnessFactor=1.0, doubleSided=False)
     tm = trimesh.Trimesh(vertices=mesh["vertices"], faces=mesh["faces"], process=False,

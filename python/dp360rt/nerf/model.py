@@ -300,7 +300,7 @@ class Nerf:
                 "background_mode": self.background_mode, "image_size": list(self.image_size or (0, 0)),
                 "camera_info": self.camera_info,
                 "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float, str, list))}}
-        from ..results import write_file_atomic, write_text_atomic
+        from ..io.results import write_file_atomic, write_text_atomic
         write_file_atomic(d / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         write_text_atomic(d / "config.json", json.dumps(meta, indent=1))   # last: a folder without it is not a NeRF
         return d

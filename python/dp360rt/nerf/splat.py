@@ -99,7 +99,7 @@ def init_splat(nerf: "Nerf", resolution: int = 64, level: float = 10.0, max_spla
 def write_splat_ply(params: dict[str, Tensor], path: str | Path) -> Path:
     """Write ``params`` (see :func:`init_splat`) to ``path`` as a standard 3DGS ``.ply`` (layout
     in the module docstring), atomically (temporary name, then rename)."""
-    from ..results import write_file_atomic
+    from ..io.results import write_file_atomic
     n = int(params["means"].shape[0])
     data = np.zeros((n, len(PLY_PROPERTIES)), np.float32)
     data[:, 0:3] = params["means"].detach().cpu().numpy()

@@ -61,7 +61,7 @@ def render_conditions(g: TriPlaneGenerator, cameras: Tensor, out_dir: str | Path
                          "row-major + 3x3 normalized intrinsics per camera")
     if not bool(torch.isfinite(cameras).all()):
         raise ValueError("cameras contain NaN or Inf. Fix: give finite camera numbers")
-    from ..results import ResultDir
+    from ..io.results import ResultDir
     with ResultDir(out_dir, kind="conditions", overwrite=True) as r:
         tmp = r.path
         ws = identity_ws(g, seed, truncation_psi)

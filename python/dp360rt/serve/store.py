@@ -2,7 +2,7 @@
 
 While a generation runs its files go into ``ROOT/.partial-{id}/`` (served from there to this
 process's clients only); ``finish`` writes ``cameras.json`` (``{"views": [{"file", "camera"}]}``)
-and ``manifest.json`` last (every file with its size and sha256, as :mod:`dp360rt.results`
+and ``manifest.json`` last (every file with its size and sha256, as :mod:`dp360rt.io.results`
 writes it) and renames the folder to ``ROOT/{id}/``. So a folder named by an id is complete, and
 only a complete folder carries ``manifest.json``. Every file is written under a temporary name and
 renamed into place, so a reader never sees a half-written file. A generation that fails or is
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..results import MANIFEST, sha256_file
+from ..io.results import MANIFEST, sha256_file
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 NAME_PATTERN = re.compile(r"^(back_view|\d{3})$")
