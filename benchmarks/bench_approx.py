@@ -23,7 +23,7 @@ import time
 import torch
 
 from dp360rt import Pipeline
-from dp360rt.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 
 EXACT = {"steps": 50, "eta": 0.5}
 OPTIONS = {                      # name -> sampler settings that differ from the authors'

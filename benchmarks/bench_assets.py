@@ -35,7 +35,7 @@ HOLD = [3, 11, 19, 27]
 
 
 def generated_views(size: int, out: Path) -> tuple[list, torch.Tensor]:
-    from dp360rt.images import synthetic_conditions, synthetic_portrait
+    from dp360rt.io.images import synthetic_conditions, synthetic_portrait
     from dp360rt.engine.pipeline import Pipeline
     pipe = Pipeline.random("tiny", seed=0)
     s = pipe.image_size

@@ -22,7 +22,7 @@ import time
 import torch
 
 from dp360rt import Pipeline
-from dp360rt.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 from dp360rt.flops import unet_equivalent, step_flops
 from dp360rt.sampler.windows import prepare_windows, sample_windows_reference
 from dp360rt.sampler.fast import sample_windows_fast

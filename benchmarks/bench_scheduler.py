@@ -19,7 +19,7 @@ import time
 import torch
 
 from dp360rt import Pipeline
-from dp360rt.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 from dp360rt.runtime import Runtime
 from dp360rt.runtime.stream import BACKVIEW, NVS
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
 from dp360rt import Pipeline  # noqa: E402
-from dp360rt.images import synthetic_conditions, synthetic_portrait  # noqa: E402
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait  # noqa: E402
 from dp360rt.flops import step_flops  # noqa: E402
 from dp360rt.model import dtype_bytes  # noqa: E402
 from dp360rt.sampler.windows import prepare_windows, sample_windows_reference  # noqa: E402

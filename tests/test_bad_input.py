@@ -11,8 +11,8 @@ from PIL import Image
 from dp360rt import Pipeline
 from dp360rt.cli.main import main
 from dp360rt.config import get_model_config
-from dp360rt.images import synthetic_conditions, synthetic_portrait
-from dp360rt.images import ImageError, load_conditions, load_portrait, save_png, to_unit
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import ImageError, load_conditions, load_portrait, save_png, to_unit
 from dp360rt.runtime import RequestCancelled
 from dp360rt.sampler.plan import MemoryBudgetError, plan_batches
 from dp360rt.noise_schedule import schedule_buffers

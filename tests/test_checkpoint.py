@@ -197,7 +197,7 @@ def test_config_bad_value():
 def test_identical_tensors_are_kept_once(recipe):
     """The frozen VAE and text tower that both checkpoints carry are held once; results unchanged."""
     from dp360rt import Pipeline
-    from dp360rt.images import synthetic_conditions, synthetic_portrait
+    from dp360rt.io.images import synthetic_conditions, synthetic_portrait
     bv = dict(recipe["backview"])
     frozen = [k for k in recipe["nvs"] if k.startswith(("first_stage_model.", "cond_stage_model."))
               and k in bv and bv[k].shape == recipe["nvs"][k].shape]

@@ -97,8 +97,8 @@ def test_convert(tmp_path, recipe, capsys):
 def test_generate_with_checkpoints(tmp_path, recipe, capsys):
     """`generate` with tiny checkpoints and a condition folder written as the authors ship it."""
     from PIL import Image
-    from dp360rt.images import synthetic_conditions, synthetic_portrait
-    from dp360rt.images import save_png, to_unit
+    from dp360rt.io.images import synthetic_conditions, synthetic_portrait
+    from dp360rt.io.images import save_png, to_unit
     for kind in ("nvs", "backview"):
         torch.save(recipe[kind], tmp_path / f"{kind}.th")
     cond_dir = tmp_path / "sphere32"
@@ -147,8 +147,8 @@ def test_generate_with_checkpoints(tmp_path, recipe, capsys):
 
 def test_stream_and_bench_random_tiny(tmp_path, capsys):
     """`stream` prints views as they finish and leaves a NeRF-ready folder; `bench` times every stage."""
-    from dp360rt.images import synthetic_portrait
-    from dp360rt.images import save_png, to_unit
+    from dp360rt.io.images import synthetic_portrait
+    from dp360rt.io.images import save_png, to_unit
     save_png(to_unit(synthetic_portrait(64)[0]), tmp_path / "portrait.png")
     out = tmp_path / "streamed"
     assert main(["stream", str(tmp_path / "portrait.png"), "--random", "tiny", "--steps", "2", "--out", str(out)]) == 0

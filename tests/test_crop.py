@@ -183,7 +183,7 @@ def test_pipeline_crop_auto(tmp_path, astronaut, astronaut_crop, monkeypatch):
     result saves the crop beside the views; a bad mode is a named error. (A whole generation on
     tiny weights is covered by test_cli; here preprocessing is stopped once it has the portrait.)"""
     import dp360rt.engine.pipeline as pl
-    from dp360rt.images import synthetic_conditions
+    from dp360rt.io.images import synthetic_conditions
     from dp360rt.engine.generation import GenerationResult
     with pytest.raises(ValueError, match="not a crop mode. Fix"):
         pl.Pipeline.random("tiny", crop="yes")

@@ -7,7 +7,7 @@ import torch
 
 from dp360rt import Pipeline
 from dp360rt.config import load_config
-from dp360rt.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 from dp360rt.sampler.plan import activation_bytes, vae_decode_bytes, weight_bytes
 
 COND, POR = synthetic_conditions(32, 64), synthetic_portrait(64)

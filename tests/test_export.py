@@ -187,7 +187,7 @@ def test_pipeline_on_ort_backend_equals_torch(models, exported):
     """The product path: `Pipeline(..., backend="ort", export_dir=...)` end to end (back view, 32 views,
     text tower and VAE from the export too), and the same request streamed through the C++ loop."""
     from dp360rt import Pipeline
-    from dp360rt.images import synthetic_conditions, synthetic_portrait
+    from dp360rt.io.images import synthetic_conditions, synthetic_portrait
     por, cond = synthetic_portrait(64), synthetic_conditions(32, 64)
     ref = Pipeline(models["nvs"], models["backview"])(por, cond, steps=2, seed=4)
     pipe = Pipeline(models["nvs"], models["backview"], backend="ort", threads=THREADS,

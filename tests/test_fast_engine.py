@@ -7,7 +7,7 @@ import torch
 from conftest import SET_A, rel_err
 from dp360rt import Pipeline
 from dp360rt.config import get_model_config
-from dp360rt.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 from dp360rt.flops import unet_equivalent, per_window, run_flops
 from dp360rt.kernels.shared_kv_attention import (attention_lse_math, shared_kv_attention,
                                                   shared_kv_attention_reference)

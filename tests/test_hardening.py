@@ -16,8 +16,8 @@ from dp360rt import Pipeline
 from dp360rt.checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from dp360rt.checks import ArgumentError
 from dp360rt.cli.main import main
-from dp360rt.images import synthetic_conditions, synthetic_portrait
-from dp360rt.images import ImageError, load_portrait
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import ImageError, load_portrait
 from dp360rt.model import build_model
 from dp360rt.nerf import Nerf
 from dp360rt.nerf.cameras import CameraError, load_views, orbit_cameras, write_views

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dp360rt.cli.main import main
-from dp360rt.images import load_frames
+from dp360rt.io.images import load_frames
 from dp360rt.invert import (Inverter, ProjectionLog, VGG16LPIPS, VGGFileError, UnsafeVGGFileError, load_vgg,
                             project_w, random_vgg, reference_draws, render_frames, w_statistics)
 from dp360rt.invert.vgg import ZeroPerceptual
@@ -259,7 +259,7 @@ def test_invert_cli_and_named_errors(tmp_path, capsys, torchscript_vgg):
 
 
 def test_noise3d_refuses_a_portrait_tensor():
-    from dp360rt.images import ImageError
+    from dp360rt.io.images import ImageError
     from dp360rt.engine.pipeline import Pipeline
     pipe = object.__new__(Pipeline)             # only the stage's input check runs: no models needed
     pipe.inverter, pipe.image_size = object(), 64

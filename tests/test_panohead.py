@@ -287,11 +287,11 @@ def test_custom_orbit_conditions_feed_the_pipeline(tmp_path, capsys):
     expect = orbit(32, -45, 315, elevation_deg=8, radius=2.6)
     assert [v["file"] for v in cams] == files
     assert torch.allclose(torch.tensor([v["camera"] for v in cams], dtype=torch.float64), expect)
-    from dp360rt.images import load_conditions
+    from dp360rt.io.images import load_conditions
     imgs = load_conditions(out, 64)
     assert imgs.shape == (32, 3, 64, 64) and float(imgs.std(0).mean()) > 0      # views differ
 
-    from dp360rt.images import synthetic_portrait
+    from dp360rt.io.images import synthetic_portrait
     from dp360rt.engine.pipeline import Pipeline
     pipe = Pipeline.random("tiny", seed=0)
     res = pipe(synthetic_portrait(pipe.image_size), out, steps=2, seed=0)

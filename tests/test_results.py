@@ -123,21 +123,21 @@ def test_views_folder_of_mixed_runs_refused(tmp_path):
 def test_interrupted_stream_keeps_the_earlier_result(tmp_path, monkeypatch):
     """Ctrl-C in the middle of `dp360rt stream` into a folder holding a result: that result stays
     as it was (no new views beside old ones), and no partial folder is left."""
-    from dp360rt.images import synthetic_portrait
-    from dp360rt.images import to_unit
+    from dp360rt.io.images import synthetic_portrait
+    from dp360rt.io.images import to_unit
     out, portrait = tmp_path / "out", tmp_path / "p.png"
     _result(0).save(out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import dp360rt.images
-    dp360rt.images.save_png(to_unit(synthetic_portrait(64))[0], portrait)
-    real, n = dp360rt.images.save_png, []
+    import dp360rt.io.images
+    dp360rt.io.images.save_png(to_unit(synthetic_portrait(64))[0], portrait)
+    real, n = dp360rt.io.images.save_png, []
 
     def interrupt(image, path):
         n.append(path)
         if len(n) == 3:
             raise KeyboardInterrupt
         real(image, path)
-    monkeypatch.setattr(dp360rt.images, "save_png", interrupt)
+    monkeypatch.setattr(dp360rt.io.images, "save_png", interrupt)
     with pytest.raises(KeyboardInterrupt):
         main(["stream", str(portrait), "--random", "tiny", "--out", str(out), "--overwrite", "--steps", "1"])
     assert len(n) == 3

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import dp360rt._C as _C
 from conftest import rel_err
 from dp360rt import Pipeline
-from dp360rt.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 from dp360rt.runtime import RequestCancelled, Runtime
 from dp360rt.runtime.stream import NVS
 
@@ -222,7 +222,7 @@ def test_slow_consumer_blocks_without_losing_views(pipe):
 _EXIT_PATHS = r'''
 import gc, sys, time, weakref
 from dp360rt import Pipeline
-from dp360rt.images import synthetic_conditions, synthetic_portrait
+from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 POR, COND = synthetic_portrait(64), synthetic_conditions(32, 64)
 pipe = Pipeline.random("tiny", seed=0)
 if sys.argv[1] == "all":

@@ -51,8 +51,8 @@ def _healthy_within_1s(base: str) -> None:
 
 def _orbit_folder(d: Path, size: int = 64) -> np.ndarray:
     """32 condition images and a cameras.json of an orbit 20 degrees above the default one."""
-    from dp360rt.images import synthetic_conditions
-    from dp360rt.images import save_png
+    from dp360rt.io.images import synthetic_conditions
+    from dp360rt.io.images import save_png
     from dp360rt.nerf.cameras import orbit_cameras, write_cameras_json
     d.mkdir()
     for i, c in enumerate(synthetic_conditions(32, size)):

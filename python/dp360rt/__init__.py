@@ -6,7 +6,7 @@ Importing never needs a GPU, the compiled extension, ONNX or TensorRT.
 """
 from .checkpoint import CheckpointError, convert, load_checkpoint, read_state_dict
 from .config import ConfigError, load_config
-from .images import ImageError
+from .io.images import ImageError
 from .model import DiffPortrait360, build_model
 from .engine.generation import GenerationResult
 from .engine.pipeline import Pipeline

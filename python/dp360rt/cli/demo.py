@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..images import save_png, synthetic_conditions, synthetic_portrait
+from ..io.images import save_png, synthetic_conditions, synthetic_portrait
 from .plots import bar_chart
 from ..engine.pipeline import Pipeline
 

@@ -95,7 +95,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print("plan: " + pipe.plan.describe(4, pipe.nvs.frames))
     features = None
     if a.features:
-        from ..images import load_frames
+        from ..io.images import load_frames
         features = load_frames(a.features, pipe.image_size)
     res = pipe(a.portrait, _conditions(a, pipe.image_size), features=features, cameras=a.cameras, steps=a.steps,
                seed=a.seed, progress=progress_bar(), crop=a.crop)
@@ -111,12 +111,12 @@ def _conditions(a: argparse.Namespace, size: int):
     """--conditions, or synthetic condition images for random weights (see :func:`dp360rt.engine.pipeline_args.pipeline_from_args`)."""
     if a.conditions:
         return a.conditions
-    from ..images import synthetic_conditions
+    from ..io.images import synthetic_conditions
     return synthetic_conditions(32, size)
 
 
 def cmd_stream(a: argparse.Namespace) -> int:
-    from ..images import save_png
+    from ..io.images import save_png
     from ..nerf.cameras import write_cameras_json
     from ..io.results import ResultDir
     # Views go into a fresh folder beside --out, moved into place when all are there: an

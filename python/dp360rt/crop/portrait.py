@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..images import ImageError, open_image, to_rgb
+from ..io.images import ImageError, open_image, to_rgb
 from .face3d import FacePose
 from .landmarks import MIN_SCORE, detect_faces
 from .recipe import (FIT_SIZE, camera_from_rotation, ffhq_quad, from_quad_frame, quad_corners, quad_crop, refine_quad,

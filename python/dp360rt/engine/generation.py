@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..images import save_png
+from ..io.images import save_png
 
 if TYPE_CHECKING:
     from ..nerf import Nerf

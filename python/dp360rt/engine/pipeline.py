@@ -16,7 +16,7 @@ from ..backends.torch_backend import TorchBackend
 from ..checkpoint import checked_state_dict, identical_tensors, load_checkpoint, load_state
 from ..config import ModelConfig, load_config
 from .generation import GenerationResult, Prepared
-from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
+from ..io.images import (BACK_CONDITION_INDEX, CONDITION_COUNT, ImageError, check_conditions, load_conditions, load_frames,
                      load_portrait, quantize8, to_unit)
 from ..model import (HALF_DTYPES, DiffPortrait360, autocast, build_model, cast_weights_at_call, cpu_half_is_native,
                     dtype_bytes, init_random, store_half_weights)

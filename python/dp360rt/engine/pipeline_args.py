@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from ..config import ConfigError
-from ..images import ImageError
+from ..io.images import ImageError
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -68,7 +68,7 @@ def _inverter(a: argparse.Namespace):
 def check_inputs_early(a: argparse.Namespace) -> None:
     """Portrait and condition folder problems are named before any weights load (their pixels
     are decoded later, by the pipeline)."""
-    from ..images import condition_files, open_image
+    from ..io.images import condition_files, open_image
     if getattr(a, "portrait", None):
         open_image(a.portrait)
     if getattr(a, "conditions", None):

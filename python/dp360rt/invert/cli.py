@@ -77,7 +77,7 @@ def cmd_invert(a: argparse.Namespace) -> int:
     from .stage import Inverter
     _check_steps(a)
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from ..images import open_image
+    from ..io.images import open_image
     open_image(a.crop)                     # a bad image is named before the networks load
     camera = None
     cam_file = Path(a.camera) if a.camera else Path(a.crop).with_name("camera.json")

@@ -114,7 +114,7 @@ def learning_rate(step: int, steps: int, initial: float = 0.1, rampdown: float =
 def target_tensor(image) -> Tensor:
     """A uint8 target [3, 512, 512] from a PIL image / path: centre square, Lanczos to 512 (the authors' transform)."""
     from PIL import Image
-    from ..images import open_image, to_rgb
+    from ..io.images import open_image, to_rgb
     img = to_rgb(open_image(image) if not isinstance(image, Image.Image) else image)
     w, h = img.size
     s = min(w, h)

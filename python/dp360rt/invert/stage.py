@@ -90,8 +90,8 @@ class Inversion:
 
     def features(self, size: int) -> Tensor:
         """The frames as the pipeline's ``features`` [32, 3, size, size] in [-1, 1], converted as a
-        feature folder's PNGs are (:func:`dp360rt.images.load_frames`)."""
-        from ..images import pil_to_tensor
+        feature folder's PNGs are (:func:`dp360rt.io.images.load_frames`)."""
+        from ..io.images import pil_to_tensor
         return torch.stack([pil_to_tensor(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in self.frames])
 
     def save(self, out_dir: str | Path) -> Path:

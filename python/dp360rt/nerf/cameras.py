@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..images import ImageError
+from ..io.images import ImageError
 
 DEFAULT_FOCAL = 4.2647          # EG3D / PanoHead normalized focal length (18.837 deg field of view)
 DEFAULT_RADIUS = 2.7
@@ -270,7 +270,7 @@ def write_cameras_json(path: str | Path, cameras: Tensor | Iterable[Sequence[flo
 def load_image(path: str | Path) -> Tensor:
     """A PNG (or any image PIL reads) as float32 [H, W, 3] in [0, 1]; alpha is composited over white
     (decoded as portraits are: EXIF orientation, 16-bit and float by their range, size limit)."""
-    from ..images import open_image, to_rgb
+    from ..io.images import open_image, to_rgb
     p = Path(path)
     if not p.is_file():
         raise CameraError(f"image {p} not found. Fix: put the file listed in cameras.json next to it")

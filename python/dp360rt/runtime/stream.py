@@ -38,7 +38,7 @@ from torch import Tensor
 from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
 from ..engine.generation import GenerationResult
 from ..model import autocast, dtype_bytes
-from ..images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
+from ..io.images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
                       quantize8, to_unit)
 from ..sampler.ddim import ddim_tables
 from ..sampler.fast import window_task

@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from ..images import CONDITION_COUNT, ImageError
+from ..io.images import CONDITION_COUNT, ImageError
 from ..model import DiffPortrait360
 from .noise import NoiseSource, RecordedNoise
 from .reference import sample_reference

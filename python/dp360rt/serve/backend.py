@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from ..images import MAX_PIXELS, ImageError, to_uint8
+from ..io.images import MAX_PIXELS, ImageError, to_uint8
 
 log = logging.getLogger("dp360rt.serve")
 
@@ -248,12 +248,12 @@ class LocalBackend:
                 self.loading = {"stage": "loading the models", "step": 0, "steps": 3, "since": t0}
                 pipe = self._make()
                 self._stage(1, "reading the condition images")
-                from ..images import load_conditions
+                from ..io.images import load_conditions
                 from ..nerf.cameras import resolve_cameras
                 orbits = {}
                 for name, src in self._sources.items():
                     if src is None:
-                        from ..images import synthetic_conditions
+                        from ..io.images import synthetic_conditions
                         cond = synthetic_conditions(32, pipe.image_size)
                     else:
                         cond = src if not isinstance(src, (str, Path)) else load_conditions(src, pipe.image_size)

@@ -63,7 +63,7 @@ def add_parser(sub: Any) -> None:
 def check_args(a: argparse.Namespace) -> None:
     """The argument errors that must stop the server before it starts (nothing is loaded yet)."""
     from ..config import ConfigError
-    from ..images import ImageError
+    from ..io.images import ImageError
     if not a.random and not (a.nvs and a.backview):
         raise ConfigError("pass both --nvs and --backview checkpoints, or --random CONFIG for random weights")
     if not a.random and not a.conditions:

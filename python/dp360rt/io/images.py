@@ -208,7 +208,7 @@ def quantize8(images: Tensor) -> Tensor:
 
 def save_png(image01: Tensor, path: str | Path) -> None:
     """Save one [3, H, W] image in [0, 1] as an 8-bit PNG (atomically: a temporary name, then a rename)."""
-    from .io.results import write_file_atomic
+    from .results import write_file_atomic
     arr = to_uint8(image01.detach().cpu()).permute(1, 2, 0).numpy()
     write_file_atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
