@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import SET_A
 from dp360rt import Pipeline
 from dp360rt.checkpoint import CheckpointError, load_checkpoint, read_state_dict
-from dp360rt.checks import ArgumentError
+from dp360rt.io.checks import ArgumentError
 from dp360rt.cli.main import main
 from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 from dp360rt.io.images import ImageError, load_portrait

@@ -328,7 +328,7 @@ def convert(src: str | Path, dst: str | Path, fp16: bool = False) -> dict[str, A
     schedule tables stay as they are). Returns a small summary dict."""
     from safetensors.torch import save_file
 
-    from .checks import writable_dir
+    from .io.checks import writable_dir
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"output must end in .safetensors, got {dst.name}")

@@ -42,7 +42,7 @@ def run_bench(pipe: Pipeline, out: str | Path, *, steps: int = 50, repeats: int 
     """Time every stage ``warmup + repeats`` times (the NeRF fit with a fixed ``nerf_steps``,
     the render of one view at the generation's size); write ``bench.json`` and ``bench.png`` in
     ``out`` (a new folder, or an earlier one replaced with ``overwrite``) and return the report."""
-    from ..checks import positive_int
+    from ..io.checks import positive_int
     from ..io.images import synthetic_portrait
     from ..io.results import ResultDir, check_output_dir, write_text_atomic
     repeats = positive_int(repeats, "repeats")         # medians need at least one timed run

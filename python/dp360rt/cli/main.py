@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..checks import arg, device_name, gib_budget, positive_int
+from ..io.checks import arg, device_name, gib_budget, positive_int
 from ..engine.pipeline_args import add_backend_args, add_compute_dtype_arg, pipeline_from_args
 from ..progress import progress_bar
 from ..version import __version__

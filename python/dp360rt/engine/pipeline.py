@@ -52,8 +52,8 @@ def check_options(device: str | torch.device, backend: str, max_memory: Any, dty
     """Refuse a device, backend, dtype pair or memory budget this process cannot honour, before any
     weights load -> (device, max_memory in bytes or None for no limit: None and 0 both mean no
     limit). Warns when half precision would run on a CPU without native half-precision arithmetic."""
-    from ..checks import device as check_device
-    from ..checks import max_memory_bytes
+    from ..io.checks import device as check_device
+    from ..io.checks import max_memory_bytes
     dev = check_device(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}")

@@ -110,7 +110,7 @@ def run(a: argparse.Namespace) -> int:
             print(f"export --to trt: {e}", file=sys.stderr)
             return 2
     from dp360rt.checkpoint import CheckpointError
-    from dp360rt.checks import writable_dir
+    from dp360rt.io.checks import writable_dir
     from dp360rt.config import ConfigError
     from .onnx_export import ExportOptions, export_models, format_summary
     from .profiles import DEFAULT_PROFILES, parse_profiles

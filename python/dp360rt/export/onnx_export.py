@@ -467,7 +467,7 @@ def export_models(models: Mapping[str, DiffPortrait360], out_dir: str | Path, pr
     for model kinds not exported now.
     """
     opts = options or ExportOptions()
-    from ..checks import writable_dir
+    from ..io.checks import writable_dir
     out = writable_dir(out_dir, "export directory")
     for kind, m in models.items():
         if m.kind != kind:

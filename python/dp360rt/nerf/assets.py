@@ -64,7 +64,7 @@ def check_output_file(path: str | Path, suffix: str, overwrite: bool = False) ->
     if p.exists() and not overwrite:
         raise OutputError(errno.EEXIST, f"{p} already exists; refusing to replace it. Fix: pass another path, "
                           "or --overwrite (overwrite=True)")
-    from ..checks import writable_dir
+    from ..io.checks import writable_dir
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(errno.ENOENT, f"cannot write {p}: folder {parent} does not exist. Fix: create it or pass another path")
@@ -98,7 +98,7 @@ def export_splat(nerf: "Nerf", path: str | Path, views: Any = None, steps: int =
     refinement against ``views`` — a views folder (PNGs + cameras.json) or ``(images, cameras
     [N, 25])``; None or ``steps=0`` writes the initialisation. Returns {"path", "splats",
     "bytes", "seconds", "refine_seconds", "losses"}."""
-    from ..checks import positive_int
+    from ..io.checks import positive_int
     from .splat import init_splat, write_splat_ply
     from .splat_render import refine_splat
     steps = positive_int(steps, "steps", minimum=0)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..checks import arg, device_name, positive_float, positive_int, writable_dir
+from ..io.checks import arg, device_name, positive_float, positive_int, writable_dir
 
 DEFAULT_SECONDS = 120.0
 # Limits shared with the API (dp360rt.nerf.model / .video / .mesh), repeated here so `--help` needs no torch.

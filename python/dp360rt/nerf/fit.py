@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ..checks import positive_float, positive_int
+from ..io.checks import positive_float, positive_int
 from ._threads import ThreadTuner, tune_allocator
 from .cameras import CameraError, camera_rays, split_camera, to_image
 from .field import GridField, HashField

@@ -114,7 +114,7 @@ def extract_mesh(nerf: "Nerf", resolution: int = 128, level: float = 10.0, chunk
     """Iso-surface ``density == level`` (per world unit) over the occupied box ->
     {"vertices" [V, 3] world, "faces" [T, 3], "colors" [V, 3] uint8, "normals" [V, 3]}.
     ``method``: "auto" (scikit-image when installed), "skimage" or "tetra"."""
-    from ..checks import positive_int
+    from ..io.checks import positive_int
     resolution = positive_int(resolution, "resolution", MAX_MESH_RESOLUTION, minimum=2)
     if nerf.field is None or nerf.occ is None:
         raise RuntimeError("the field is not fitted. Fix: fit or load a model first")

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checks import positive_float, positive_int
-from ..checks import device as check_device
+from ..io.checks import positive_float, positive_int
+from ..io.checks import device as check_device
 from ._threads import threads
 from .cameras import CameraError, camera_rays, to_image
 from .field import GridField, HashField, build_field

@@ -24,7 +24,7 @@ def orbit_frames(nerf: "Nerf", frames: int = 120, width: int | None = None, heig
                  radius: float | None = None, elevation_deg: float | None = None) -> list[torch.Tensor]:
     """Render ``frames`` cameras evenly spaced in azimuth over 360 deg (radius, elevation and
     focal length default to the training cameras' means) -> frames [H, W, 3] in [0, 1] on the CPU."""
-    from ..checks import positive_int
+    from ..io.checks import positive_int
     frames = positive_int(frames, "frames", MAX_FRAMES)
     info = nerf.camera_info or {}
     cams = orbit_cameras(frames, radius if radius is not None else info.get("radius", 2.7),
@@ -73,7 +73,7 @@ def orbit_video(nerf: "Nerf", path: str | Path, frames: int = 120, fps: int = 30
                 height: int | None = None, radius: float | None = None, elevation_deg: float | None = None) -> Path:
     """Render an orbit (see :func:`orbit_frames`) and write it to ``path`` (see :func:`write_video`).
     A missing video writer is reported before any frame is rendered."""
-    from ..checks import positive_int
+    from ..io.checks import positive_int
     frames = positive_int(frames, "frames", MAX_FRAMES)       # before rendering any
     fps = positive_int(fps, "fps", 1000)
     suffix = Path(path).suffix.lower()

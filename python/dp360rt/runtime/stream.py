@@ -194,7 +194,7 @@ class Runtime:
 
     def __init__(self, pipeline: RuntimeHost, policy: str = "throughput", max_rows: int | None = None,
                  max_memory: int | None = None, queue_size: int = 32, eta: float = 0.5, cfg_scale: float = 3.0):
-        from ..checks import max_memory_bytes
+        from ..io.checks import max_memory_bytes
         max_memory = max_memory_bytes(max_memory)       # None and 0: no limit (the loop's 0)
         check_sampler_params(eta=eta, cfg_scale=cfg_scale)
         self.pipe = pipeline
