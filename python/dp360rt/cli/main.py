@@ -12,7 +12,7 @@ import torch
 
 from ..io.checks import arg, device_name, gib_budget, positive_int
 from ..engine.pipeline_args import add_backend_args, add_compute_dtype_arg, pipeline_from_args
-from ..progress import progress_bar
+from ..io.progress import progress_bar
 from ..version import __version__
 
 

@@ -73,7 +73,7 @@ def inverter_from_args(a: argparse.Namespace, device):
 
 
 def cmd_invert(a: argparse.Namespace) -> int:
-    from ..progress import progress_bar
+    from ..io.progress import progress_bar
     from .stage import Inverter
     _check_steps(a)
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
