@@ -1,2 +1,2 @@
-"""The `dp360rt` command line: the verbs (:mod:`.main`), the options every pipeline verb shares
-(:mod:`.pipeline_args`), `dp360rt demo` and `dp360rt bench`, and their bar chart."""
+"""The `dp360rt` command line: the verbs (:mod:`.main`), `dp360rt demo`, `dp360rt bench` and its
+bar chart."""
