@@ -7,7 +7,7 @@
    isolates the loop: planning and bookkeeping in C++ (``LoopStats.overhead_s``) and the Python
    glue per batch, per step and per view; compared with one tiny-model step.
 2. Policies: the tiny model, ``latency`` vs ``throughput``: time to the streamed back view, to the
-   first orbit view, and total, with the first view's lower bound (see :mod:`dp360rt.runtime.stream`).
+   first orbit view, and total, with the first view's lower bound (see :mod:`dp360rt.engine.runtime.stream`).
 3. Two concurrent requests on one runtime vs the same two run one after the other.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 from dp360rt import Pipeline
 from dp360rt.io.images import synthetic_conditions, synthetic_portrait
-from dp360rt.runtime import Runtime
-from dp360rt.runtime.stream import BACKVIEW, NVS
+from dp360rt.engine.runtime import Runtime
+from dp360rt.engine.runtime.stream import BACKVIEW, NVS
 
 
 class StubBackend:

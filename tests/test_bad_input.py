@@ -13,7 +13,7 @@ from dp360rt.cli.main import main
 from dp360rt.config import get_model_config
 from dp360rt.io.images import synthetic_conditions, synthetic_portrait
 from dp360rt.io.images import ImageError, load_conditions, load_portrait, save_png, to_unit
-from dp360rt.runtime import RequestCancelled
+from dp360rt.engine.runtime import RequestCancelled
 from dp360rt.sampler.plan import MemoryBudgetError, plan_batches
 from dp360rt.noise_schedule import schedule_buffers
 from dp360rt.sampler.ddim import ddim_tables
@@ -212,7 +212,7 @@ def test_sampler_params_refused(pipe, kw, message):
         with pytest.raises(SamplerParamError, match=message):
             next(iter(pipe.stream("never-read.png", synthetic_conditions(32, 64), **stream_kw)))
     else:
-        from dp360rt.runtime import Runtime
+        from dp360rt.engine.runtime import Runtime
         with pytest.raises(SamplerParamError, match=message):
             Runtime(pipe, **kw)
 

@@ -16,8 +16,8 @@ import dp360rt._C as _C
 from conftest import rel_err
 from dp360rt import Pipeline
 from dp360rt.io.images import synthetic_conditions, synthetic_portrait
-from dp360rt.runtime import RequestCancelled, Runtime
-from dp360rt.runtime.stream import NVS
+from dp360rt.engine.runtime import RequestCancelled, Runtime
+from dp360rt.engine.runtime.stream import NVS
 
 COND, POR = synthetic_conditions(32, 64), synthetic_portrait(64)
 

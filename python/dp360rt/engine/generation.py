@@ -1,6 +1,6 @@
 """What a generation returns: the back view, the 32 views, their cameras and latents, and how to
 save them (:meth:`GenerationResult.save`). Both :class:`~dp360rt.engine.pipeline.Pipeline` and the
-streaming runtime (:meth:`dp360rt.runtime.Handle.result`) build one."""
+streaming runtime (:meth:`dp360rt.engine.runtime.Handle.result`) build one."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class GenerationResult:
-    """Output of :meth:`dp360rt.engine.pipeline.Pipeline.__call__` and :meth:`dp360rt.runtime.Handle.result`.
+    """Output of :meth:`dp360rt.engine.pipeline.Pipeline.__call__` and :meth:`dp360rt.engine.runtime.Handle.result`.
 
     back_view: [3, H, W] in [0, 1] (8-bit exact, as the authors save it); views: [N, 3, H, W] in
     [0, 1]; cameras: [N, 25] PanoHead labels when known; latents: [N, 4, h, w] final latents;

@@ -250,7 +250,7 @@ class Pipeline:
 
     def runtime(self, policy: str = "throughput", **kw: Any):
         """The native streaming runtime over this pipeline (created once per policy)."""
-        from ..runtime import Runtime
+        from .runtime import Runtime
         cache = self.__dict__.setdefault("_runtimes", {})
         if policy not in cache:
             cache[policy] = Runtime(self, policy=policy, max_memory=self.max_memory, **kw)
@@ -270,7 +270,7 @@ class Pipeline:
         return Prepared(portrait, features, cropped, inversion)
 
     def stream(self, portrait: Any, conditions: str | Path | Tensor, *, policy: str = "latency", **kw: Any):
-        """Yield :class:`~dp360rt.runtime.View` objects as views finish (C++ step loop).
+        """Yield :class:`~dp360rt.engine.runtime.View` objects as views finish (C++ step loop).
 
         ``policy="latency"`` (default here) finishes and streams window 0 first; keyword arguments
         as for :meth:`submit`. Stopping the iteration early cancels the request.

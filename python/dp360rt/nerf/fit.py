@@ -95,7 +95,7 @@ class Fitter:
     # -- data ----------------------------------------------------------------------------------------
     def add_view(self, image: Any, camera: Tensor | Sequence[float] | None = None) -> None:
         """Add one view: an image (see :func:`to_image`) and its [25] camera, or a streamed
-        :class:`dp360rt.runtime.View` (``fitter.add_view(view)``) that carries both."""
+        :class:`dp360rt.engine.runtime.View` (``fitter.add_view(view)``) that carries both."""
         if camera is None:
             if not (hasattr(image, "image") and hasattr(image, "camera")):
                 raise CameraError("add_view needs a camera. Fix: add_view(image, camera) or add_view(view) "

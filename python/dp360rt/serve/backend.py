@@ -136,7 +136,7 @@ class LocalJob:
         self._stage = ("invert", min(1.0, done / max(1, w + pti + 32)))
 
     def _run(self, image: Image.Image) -> None:
-        from ..runtime import RequestCancelled
+        from ..engine.runtime import RequestCancelled
         b, o = self._backend, self._options
         timings: dict[str, float] = {}
         try:

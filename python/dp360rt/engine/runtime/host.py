@@ -10,10 +10,10 @@ from typing import Mapping, Protocol
 import torch
 from torch import Tensor
 
-from ..backends.base import Backend
-from ..model import DiffPortrait360
-from ..engine.offload import ModelSwap
-from ..sampler.plan import BatchPlan
+from ...backends.base import Backend
+from ...model import DiffPortrait360
+from ..offload import ModelSwap
+from ...sampler.plan import BatchPlan
 
 
 class RuntimeHost(Protocol):

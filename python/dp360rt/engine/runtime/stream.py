@@ -35,18 +35,18 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .. import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
-from ..engine.generation import GenerationResult
-from ..model import autocast, dtype_bytes
-from ..io.images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
+from ... import _C   # first: its atexit hook (join every loop) then runs after ours (cancel every request)
+from ..generation import GenerationResult
+from ...model import autocast, dtype_bytes
+from ...io.images import (BACK_CONDITION_INDEX, CONDITION_COUNT, check_conditions, load_conditions, load_frames, load_portrait,
                       quantize8, to_unit)
-from ..sampler.ddim import ddim_tables
-from ..sampler.fast import window_task
-from ..sampler.noise import RecordedNoise, as_noise
-from ..sampler.params import check_finite_latents, check_sampler_params
-from ..sampler.plan import activation_bytes, weight_bytes
-from ..sampler.tasks import BankCache, Task, step_tasks
-from ..sampler.windows import Window, prepare_windows
+from ...sampler.ddim import ddim_tables
+from ...sampler.fast import window_task
+from ...sampler.noise import RecordedNoise, as_noise
+from ...sampler.params import check_finite_latents, check_sampler_params
+from ...sampler.plan import activation_bytes, weight_bytes
+from ...sampler.tasks import BankCache, Task, step_tasks
+from ...sampler.windows import Window, prepare_windows
 from .host import RuntimeHost
 
 BACKVIEW, NVS = 0, 1
@@ -194,7 +194,7 @@ class Runtime:
 
     def __init__(self, pipeline: RuntimeHost, policy: str = "throughput", max_rows: int | None = None,
                  max_memory: int | None = None, queue_size: int = 32, eta: float = 0.5, cfg_scale: float = 3.0):
-        from ..io.checks import max_memory_bytes
+        from ...io.checks import max_memory_bytes
         max_memory = max_memory_bytes(max_memory)       # None and 0: no limit (the loop's 0)
         check_sampler_params(eta=eta, cfg_scale=cfg_scale)
         self.pipe = pipeline
@@ -250,7 +250,7 @@ class Runtime:
         if isinstance(features, (str, Path)):
             features = load_frames(features, s, cond.shape[0] if cond.dim() == 4 else CONDITION_COUNT)
         check_conditions(cond, s, self.frames, features)      # here, not after the back view
-        from ..nerf.cameras import resolve_cameras
+        from ...nerf.cameras import resolve_cameras
         cameras = resolve_cameras(cameras, cond.shape[0], conditions)
         ddim_tables(self.pipe.nvs.alphas_cumprod, steps, self.eta)          # validates the step count
         rid = next(self._ids)
