@@ -254,26 +254,57 @@ def test_robust_fit_ignores_a_few_bad_landmarks():
     assert np.isfinite(pose.rotation_sigma_deg) and pose.rotation_sigma_deg > 0
 
 
-@pytest.mark.parametrize("yaw,pitch", [(25, 0), (0, 15)])
+def _roll_z(deg: float) -> np.ndarray:
+    t = math.radians(deg)
+    return np.array([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0], [0.0, 0.0, 1.0]])
+
+
+def _quad_angle(quad: np.ndarray) -> float:
+    return math.degrees(math.atan2(*(quad[3] - quad[0])[::-1]))
+
+
+def test_synthetic_head_label_is_exact():
+    """A synthetic head built from landmarks of the generic face itself (no relief change, no
+    noise), seen tilted (R_source), turned by a known yaw and pitch: its exact landmarks fit back
+    to R_delta @ R_source to 1e-6 and its head centre keeps its image position. (Before issue
+    29's second pass the source was lifted as if frontal: this pose then read 12 deg off.)"""
+    from dp360rt.crop.synth import head_landmarks, turned_landmarks
+    R_src = _rotation_from_vector(np.array([0.3, 0.1, 0.05]))            # 17 deg of pitch, some yaw and roll
+    lm = 2.3 * GENERIC_FACE @ R_src.T @ _P.T + np.array([300.0, 280.0])
+    head = SynthHead(relief=1.0, noise_mm=0.0)
+    assert np.allclose(head_landmarks(lm, head, R_src), GENERIC_FACE, atol=1e-9)
+    Rd = turn(35, -10)
+    pose = fit_pose(turned_landmarks(lm, Rd, head, R_src))
+    assert _angle_deg(pose.rotation, Rd @ R_src) < 1e-6 and pose.rms < 1e-6
+    centre = head.centre[None]
+    assert np.allclose(pose.project(centre), 2.3 * centre @ R_src.T @ _P.T + np.array([300.0, 280.0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("yaw,pitch", [(25, 0), (-30, 0), (0, 15)])
 def test_synthetic_turned_head_camera_and_framing(big_astronaut, yaw, pitch):
-    """The astronaut rendered turned by a known yaw / pitch about its head centre (2.5D synthetic
-    head, dp360rt.crop.synth): the camera moves towards the label's and to the same side, and
-    the framing stays on the head centre. Tolerances are the measured errors of this fit plus a
-    margin (benchmarks/RESULTS.md, issue 29: the goals of 5 deg and 3 % are not met yet)."""
+    """The astronaut rendered turned by a known yaw / pitch about its head centre (synthetic head,
+    dp360rt.crop.synth, with the source's fitted rotation as part of its geometry): camera within
+    6 deg of the exact label (compared in the crop's frame, as the recipe fits it), the yaw read
+    within 5.5 deg of the label's and on its side, the framing on the head centre (3 % of the
+    side), the scale within 3 %, the roll within 3 deg of step (a) on the render's exact
+    landmarks. Measured: 4.5 / 5.4 / 1.3 deg, yaw 4.4 / 4.6 deg short; before the brows got half
+    weight 6.6 / 7.7 / 3.4 deg, yaw 7.0 / 6.6 short (benchmarks/crop_heldout_latest.md)."""
+    from dp360rt.crop.recipe import ffhq_quad
+    from dp360rt.crop.synth import turned_landmarks
     big, lm, r0 = big_astronaut
+    R_src = _roll_z(-_quad_angle(r0.quad)) @ r0.pose.rotation          # the source's rotation in the photo's frame
     Rd = turn(yaw, pitch)
-    r = _quiet_crop(render_turned(big, lm, Rd, SynthHead(seed=5)))
-    R_true = Rd @ r0.pose.rotation
-    err = _angle_deg(r.pose.rotation, R_true)
-    assert err < 16
+    r = _quiet_crop(render_turned(big, lm, Rd, SynthHead(seed=5), R_source=R_src))
+    label = _roll_z(_quad_angle(r.quad)) @ Rd @ R_src                    # in the crop's frame
+    assert _angle_deg(r.pose.rotation, label) < 6
+    label_yaw, _ = yaw_pitch(camera_from_rotation(label))
     if yaw:
-        assert r.yaw_deg - r0.yaw_deg > 8                         # turned the right way
-        assert np.sign(r.yaw_deg) == np.sign(yaw)
+        assert abs(r.yaw_deg - label_yaw) < 5.5 and np.sign(r.yaw_deg) == np.sign(yaw)
     side = _side(r0.quad)
-    assert np.hypot(*(r.quad.mean(0) - r0.quad.mean(0))) < 0.12 * side
-    assert abs(_side(r.quad) / side - 1) < 0.06
-    roll = [math.degrees(math.atan2(*(q.quad[3] - q.quad[0])[::-1])) for q in (r, r0)]
-    assert abs(roll[0] - roll[1]) < 3
+    assert np.hypot(*(r.quad.mean(0) - r0.quad.mean(0))) < 0.03 * side
+    assert abs(_side(r.quad) / side - 1) < 0.03
+    x_axis = ffhq_quad(turned_landmarks(lm, Rd, SynthHead(seed=5), R_src))[1]
+    assert abs(_quad_angle(r.quad) - math.degrees(math.atan2(x_axis[1], x_axis[0]))) < 3
 
 
 def test_synthetic_turned_head_mirrors(big_astronaut):
@@ -339,3 +370,29 @@ def test_pose_beyond_the_fit_warns_with_its_uncertainty(astronaut, monkeypatch):
         r = crop_portrait(astronaut)
     assert r.camera_sigma_deg > 0 and r.camera_json()["camera_sigma_deg"] == r.camera_sigma_deg
     assert any(issubclass(x.category, PoseBeyondFitWarning) for x in w)
+
+
+def test_detector_retries_without_upsampling(astronaut, monkeypatch):
+    """A face that scores below the threshold on the upsampled pyramid (as turned faces can) is
+    looked for once more without upsampling; a photo with a face found at once is searched once."""
+    import dlib
+    from dp360rt.crop import detect_faces, landmarks
+    real_detector, predictor = landmarks._models()
+    calls = []
+
+    class Detector:
+        def __init__(self, blind_upsampled: bool):
+            self.blind = blind_upsampled
+
+        def run(self, img, upsample, threshold):
+            calls.append(upsample)
+            if upsample and self.blind:
+                return dlib.rectangles(), [], []
+            return real_detector.run(img, upsample, threshold)
+
+    monkeypatch.setattr(landmarks, "_models", lambda: (Detector(True), predictor))
+    faces = detect_faces(astronaut)
+    assert calls == [1, 0] and len(faces) == 1 and faces[0].score >= landmarks.MIN_SCORE
+    calls.clear()
+    monkeypatch.setattr(landmarks, "_models", lambda: (Detector(False), predictor))
+    assert len(detect_faces(astronaut)) == 1 and calls == [1]
