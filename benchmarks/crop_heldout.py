@@ -14,7 +14,8 @@ dlib's: the fit's own share of the camera error), yaw / pitch ours and label. Th
 source's own (rotating about the head centre keeps its projection): PanoHead's for its crops, our
 crop of the untouched photo for the astronaut.
 
-Usage: ``python benchmarks/crop_heldout.py [CROP_SAMPLES_IMG_DIR] [--json OUT] [--quick]``.
+Usage: ``python benchmarks/crop_heldout.py [CROP_SAMPLES_IMG_DIR] [--json OUT] [--md OUT [--before JSON]] [--quick]``
+(``--load JSON`` reports a saved run). The latest table: ``benchmarks/crop_heldout_latest.md``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
 def head_rotation(label: torch.Tensor) -> np.ndarray:
     """PanoHead's label -> the head rotation (viewer frame) that camera_from_rotation maps to it."""
     c2w = label[:16].reshape(4, 4)[:3, :3].double().numpy()
-    return (c2w @ np.diag([1.0, -1.0, -1.0])).T
+    u, _, vt = np.linalg.svd(c2w)            # the labels are orthonormal to 0.7 % only (singular values 0.993-1.008)
+    return (u @ vt @ np.diag([1.0, -1.0, -1.0])).T
 
 
 def roll_z(deg: float) -> np.ndarray:
