@@ -18,7 +18,7 @@ gave renders whose geometry disagreed with their label by up to 29 deg).
 
 Framing reference: rotating about the head centre keeps its projection, so the recipe's quad for
 the render is the source's quad (same centre and side). Used by ``benchmarks/crop_heldout.py``
-and ``tests/test_crop.py``.
+and ``tests/test_crop_turned.py``.
 """
 from __future__ import annotations
 
