@@ -53,6 +53,12 @@ def _build_face() -> np.ndarray:
 
 GENERIC_FACE = _build_face()                                   # [68, 3] mm
 FIT_INDICES = np.array([8, *range(17, 68)])                    # landmarks the pose is fitted to
+# The brows (17-26) count half in the fit: they are the least rigid points (their height varies
+# between people and with expression; our face has one guess of it) and dlib places the far brow
+# of a turned head worst. At full weight they pulled the yaw read on synthetic turned heads to 0.80
+# of the label (0.93 at half). benchmarks/crop_tune_loo.py: 0.5 is best on its three subjects
+# together; each subject held out gets 0.3 or 0.5 from the other two.
+BROW_WEIGHT = 0.5
 _P = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 DEPTH_GAIN = 1.0        # the generic face's depths are multiplied by this in the fit (see fit_pose)
 HUBER_PX = 10.0         # Huber threshold, px of a face at the fit frame's scale (step (b): 512² quad crop)
@@ -99,8 +105,8 @@ def fit_pose(landmarks: np.ndarray) -> FacePose:
     A closed-form affine fit, projected onto the nearest scaled rotation, starts a Gauss-Newton
     refinement of (rotation vector, log scale, translation) by ``scipy.optimize.least_squares``
     with a Huber loss (``HUBER_PX``: landmarks off by more, e.g. on an occluded eye or a jaw point
-    that slid along the silhouette, count linearly, not squared). ``rotation_sigma_deg`` is the
-    1-sigma rotation uncertainty from the Jacobian at the solution and the robust residual scale."""
+    that slid along the silhouette, count linearly, not squared); the brows' residuals are scaled
+    by ``BROW_WEIGHT``. ``rotation_sigma_deg`` is the 1-sigma rotation uncertainty from the Jacobian at the solution and the robust residual scale."""
     from scipy.optimize import least_squares
     x = np.asarray(landmarks, float)[FIT_INDICES]
     X = GENERIC_FACE[FIT_INDICES] * np.array([1.0, 1.0, DEPTH_GAIN])
@@ -112,9 +118,11 @@ def fit_pose(landmarks: np.ndarray) -> FacePose:
     R0 = np.vstack([r12, np.cross(r12[0], r12[1])])
     s0 = float(S.mean())
 
+    w = np.where((FIT_INDICES >= 17) & (FIT_INDICES <= 26), BROW_WEIGHT, 1.0)[:, None]
+
     def residual(p: np.ndarray) -> np.ndarray:
         R = _rotation_from_vector(p[:3])
-        return (np.exp(p[3]) * (X @ R.T @ _P.T) + p[4:6] - x).ravel()
+        return (w * (np.exp(p[3]) * (X @ R.T @ _P.T) + p[4:6] - x)).ravel()
 
     t0 = xm - s0 * (Xm @ R0.T @ _P.T)
     p0 = np.concatenate([_vector_from_rotation(R0), [np.log(s0)], t0])
