@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from dp360rt.crop import crop_portrait, detect_faces, yaw_pitch
-from dp360rt.results import write_text_atomic
+from dp360rt.io.results import write_text_atomic
 from dp360rt.crop.recipe import camera_from_rotation, canvas_geometry
 from dp360rt.crop.recipe import ffhq_quad, refine_quad, to_quad_frame
 from dp360rt.crop.synth import SynthHead, render_turned, turn, turned_landmarks
