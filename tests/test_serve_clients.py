@@ -101,7 +101,9 @@ def test_idle_server_and_fit_only_when_asked(server):
     with_fit = cpu_seconds(process_tree(srv.pid)) - cpu0
     idle = cores_used(srv.pid, 10)
     print(f"\ngeneration {plain:.2f} CPU s, with its fit {with_fit:.2f} CPU s; idle after it {idle:.3f} cores over 10 s")
-    assert with_fit > plain + 0.5 * st["fit"]["train_seconds"], "the measure does not see the fit's work"
+    # a fit of seconds costs CPU seconds: an absolute margin, since on a loaded machine the fit's wall
+    # time (train_seconds) grows while its CPU share shrinks
+    assert with_fit > plain + 0.5, "the measure does not see the fit's work"
     assert idle <= IDLE_CORES
 
 
