@@ -15,7 +15,7 @@ source's own (rotating about the head centre keeps its projection): PanoHead's f
 crop of the untouched photo for the astronaut.
 
 Usage: ``python benchmarks/crop_heldout.py [CROP_SAMPLES_IMG_DIR] [--json OUT] [--md OUT [--before JSON]] [--quick]``
-(``--load JSON`` reports a saved run). The latest table: ``benchmarks/crop_heldout_latest.md``.
+(``--load JSON`` reports a saved run). The latest table: ``benchmarks/RESULTS.md`` (issue 29).
 """
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def test_synthetic_turned_head_camera_and_framing(big_astronaut, yaw, pitch):
     within 5.5 deg of the label's and on its side, the framing on the head centre (3 % of the
     side), the scale within 3 %, the roll within 3 deg of step (a) on the render's exact
     landmarks. Measured: 4.5 / 5.4 / 1.3 deg, yaw 4.4 / 4.6 deg short; before the brows got half
-    weight 6.6 / 7.7 / 3.4 deg, yaw 7.0 / 6.6 short (benchmarks/crop_heldout_latest.md)."""
+    weight 6.6 / 7.7 / 3.4 deg, yaw 7.0 / 6.6 short (benchmarks/RESULTS.md, issue 29)."""
     from dp360rt.crop.recipe import ffhq_quad
     from dp360rt.crop.synth import turned_landmarks
     big, lm, r0 = big_astronaut

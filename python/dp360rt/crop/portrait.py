@@ -29,7 +29,7 @@ MIN_QUAD = 256          # the authors skip faces whose quad is smaller; we crop 
 MIN_FACE_PX = 64        # a chosen face narrower than this (dlib's box) is an error: too few pixels for the recipe
 # Beyond this |yaw| (or pitch beyond MAX_PITCH_DEG) the camera is flagged as an estimate. dlib's
 # landmarks under-read strong turns: a synthetic head turned 56 deg read as 38 (19 deg off), while
-# the heads read within 35 deg were 40 deg or less (benchmarks/crop_heldout_latest.md).
+# the heads read within 35 deg were 40 deg or less (benchmarks/RESULTS.md, issue 29).
 MAX_YAW_DEG = 35.0
 MAX_PITCH_DEG = 35.0
 MAX_EYE_RMS_PX = 25.0   # eye landmarks this far (px of 512) from the fitted face: an eye is probably hidden
