@@ -91,22 +91,25 @@ def export_glb(nerf: "Nerf", path: str | Path, triangles: int = DEFAULT_TRIANGLE
 
 
 def export_splat(nerf: "Nerf", path: str | Path, views: Any = None, steps: int = 300,
-                 resolution: int = 64, level: float = 10.0, max_splats: int = 200_000, lr: float = 0.01,
+                 resolution: int = 64, level: float = 10.0, max_splats: int = 60_000, lr: float = 0.01,
                  overwrite: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Write a 3D Gaussian splat ``.ply`` (see :mod:`.splat`) at ``path``: Gaussians seeded on the
-    field's surface voxels (``resolution``^3 grid, ``level`` density), then ``steps`` steps of
-    refinement against ``views`` — a views folder (PNGs + cameras.json) or ``(images, cameras
-    [N, 25])``; None or ``steps=0`` writes the initialisation. Returns {"path", "splats",
-    "bytes", "seconds", "refine_seconds", "losses"}."""
+    """Write a 3D Gaussian splat ``.ply`` (see :mod:`.splat`) at ``path``. With ``views`` — a
+    views folder (PNGs + cameras.json) or ``(images, cameras [N, 25])`` — the Gaussians are
+    seeded on the field's expected surface along the views' rays (:func:`.splat.init_splat_from_views`)
+    and refined against them for ``steps`` steps (:func:`.splat_refine.refine_splat`: per-group
+    Adam, L1 + D-SSIM, clone / split / prune, at most ``max_splats`` Gaussians); without views
+    they are seeded on the surface voxels of a ``resolution``^3 grid at density ``level`` and
+    written unrefined. Returns {"path", "splats", "bytes", "seconds", "init_seconds",
+    "refine_seconds", "losses", "params"}."""
     from ..io.checks import positive_int
-    from .splat import init_splat, write_splat_ply
-    from .splat_render import refine_splat
+    from .splat import init_splat, init_splat_from_views, write_splat_ply
+    from .splat_refine import refine_splat
     steps = positive_int(steps, "steps", minimum=0)
     resolution = positive_int(resolution, "resolution", 1024, minimum=4)
     max_splats = positive_int(max_splats, "max_splats", 2_000_000)
     p = check_output_file(path, ".ply", overwrite)
     images = cams = None
-    if views is not None and steps > 0:
+    if views is not None:
         if isinstance(views, (str, Path)):
             from .cameras import load_views
             images, cams, _ = load_views(views)
@@ -115,11 +118,16 @@ def export_splat(nerf: "Nerf", path: str | Path, views: Any = None, steps: int =
             images = [to_image(v) for v in views[0]]
             cams = torch.as_tensor(views[1], dtype=torch.float64)
     t0 = time.perf_counter()
-    params = init_splat(nerf, resolution, level, max_splats, seed)
+    if images is not None:
+        h, w = images[0].shape[:2]
+        # leave room for densification: start from at most half the budget
+        params = init_splat_from_views(nerf, cams, w, h, max(1, max_splats // 2))
+    else:
+        params = init_splat(nerf, resolution, level, max_splats, seed)
     t1 = time.perf_counter()
     losses: list[float] = []
-    if images is not None:
-        losses = refine_splat(params, images, cams, steps=steps, lr=lr,
+    if images is not None and steps > 0:
+        losses = refine_splat(params, images, cams, steps=steps, lr=lr, max_splats=max_splats,
                               background=nerf.background.detach().cpu().float(), seed=seed)
     t2 = time.perf_counter()
     write_splat_ply(params, p)

@@ -275,7 +275,7 @@ class Nerf:
                           level=level, overwrite=overwrite)
 
     def export_splat(self, path: str | Path, views: Any = None, steps: int = 300, resolution: int = 64,
-                     level: float = 10.0, max_splats: int = 200_000, overwrite: bool = False) -> dict[str, Any]:
+                     level: float = 10.0, max_splats: int = 60_000, overwrite: bool = False) -> dict[str, Any]:
         """Standard 3DGS ``.ply`` refined against ``views``; see :func:`dp360rt.nerf.assets.export_splat`."""
         from .assets import export_splat
         return export_splat(self, path, views=views, steps=steps, resolution=resolution, level=level,

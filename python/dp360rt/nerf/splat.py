@@ -1,8 +1,11 @@
 """3D Gaussian splats from a fitted field, in the standard 3DGS ``.ply`` layout.
 
-:func:`init_splat` seeds one Gaussian per surface voxel of the field (a voxel whose density is
-high while a neighbour's is low), coloured by the field; :func:`export_splat` refines those
-against the training views (:mod:`.splat_render`) and writes them with :func:`write_splat_ply`;
+:func:`init_splat_from_views` seeds the Gaussians where the field's volume-render weights
+concentrate along the training views' rays (the point where each ray's opacity reaches 1/2,
+with the colour rendered there), merged to about one per view pixel of surface;
+:func:`init_splat` (no views) seeds one per surface voxel of the field (a voxel whose density is
+high while a neighbour's is low). :func:`dp360rt.nerf.assets.export_splat` refines them against
+the training views (:mod:`.splat_refine`) and writes them with :func:`write_splat_ply`;
 :func:`read_splat_ply` reads the file back.
 
 File layout (binary little endian, one ``vertex`` element, float32 properties in this order):
@@ -94,6 +97,89 @@ def init_splat(nerf: "Nerf", resolution: int = 64, level: float = 10.0, max_spla
             "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1),
             "logit_opacity": torch.logit(alpha).float(),
             "f_dc": ((rgb - 0.5) / SH_C0).float()}
+
+
+def median_depth(nerf: "Nerf", o: Tensor, d: Tensor, chunk: int = 4096) -> Tensor:
+    """Distance along each ray (o, d [B, 3] world, d unit) where its opacity reaches 1/2 (the
+    median of the volume-render weights: unlike their mean it never lies in the empty space
+    between two surfaces) -> [B], the ray's far end where it never does."""
+    from .render import occupied_range, scene_to_unit
+    step, b = nerf.step_size, nerf.config.bound
+    out = []
+    for s in range(0, o.shape[0], chunk):
+        oc, dc = o[s:s + chunk].to(nerf.device), d[s:s + chunk].to(nerf.device)
+        near, far = occupied_range(nerf.occ, oc, dc, b)
+        k = int(((far - near).clamp_min(0).max() / step).ceil()) + 1
+        t = near[:, None] + (torch.arange(k, device=oc.device) + 0.5) * step                 # [R, K]
+        x01 = scene_to_unit(oc[:, None] + dc[:, None] * t[..., None], b).reshape(-1, 3)
+        keep = ((t < far[:, None]).reshape(-1) & nerf.occ.lookup(x01)).nonzero()[:, 0]
+        tau = torch.zeros(x01.shape[0], device=oc.device)
+        tau[keep] = nerf.field.density(x01[keep]).float() * step                           # type: ignore[union-attr]
+        reached = torch.cumsum(tau.view(-1, k), 1) >= math.log(2.0)                          # 1 - exp(-sum) >= 1/2
+        first = torch.where(reached.any(1), reached.float().argmax(1), torch.full_like(far, k - 1, dtype=torch.long))
+        out.append(t.gather(1, first[:, None])[:, 0].cpu())
+    return torch.cat(out)
+
+
+def expected_surface(nerf: "Nerf", cameras: Tensor, width: int, height: int, max_side: int = 256,
+                     min_opacity: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """Where the field's volume-render weights concentrate along the rays of ``cameras`` ([N, 25],
+    views ``width`` x ``height``, rendered at most ``max_side`` pixels a side): the surface point
+    (:func:`median_depth`) of every pixel whose opacity is at least ``min_opacity`` -> (points
+    [M, 3] world, rgb [M, 3] the rendered colour without the background, footprint [M] the world
+    size of one view pixel there)."""
+    from .cameras import camera_rays, split_camera
+    k = min(1.0, max_side / max(width, height))
+    w, h = max(1, round(width * k)), max(1, round(height * k))
+    bg = nerf.background.detach().cpu().float()
+    pts, cols, feet = [], [], []
+    nerf.field.eval()                                                                       # type: ignore[union-attr]
+    with torch.no_grad():
+        for cam in torch.as_tensor(cameras, dtype=torch.float64):
+            r = nerf.render(cam, w, h)
+            o, d = camera_rays(cam, w, h)
+            keep = r["opacity"] >= min_opacity
+            a = r["opacity"][keep][:, None]
+            depth = median_depth(nerf, o[keep], d[keep])
+            pts.append(o[keep] + d[keep] * depth[:, None])
+            cols.append(((r["rgb"][keep] - (1 - a) * bg) / a).clamp(0, 1))
+            feet.append(depth / (float(split_camera(cam)[1][0, 0]) * width))   # focal length in view pixels
+    return torch.cat(pts), torch.cat(cols), torch.cat(feet)
+
+
+def merge_in_cells(points: Tensor, rgb: Tensor, cell: float, max_count: int) -> tuple[Tensor, Tensor, float]:
+    """One point per occupied cube of side ``cell`` (mean position and colour of the points in
+    it); the cell grows until at most ``max_count`` remain -> (points [K, 3], rgb [K, 3], cell)."""
+    while True:
+        key = torch.floor(points / cell).long()
+        uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+        if uniq.shape[0] <= max_count:
+            break
+        # points on a surface: the count falls with the square of the cell side
+        cell *= 1.05 * math.sqrt(uniq.shape[0] / max_count)
+    n = torch.bincount(inv, minlength=uniq.shape[0]).float()[:, None]
+    mean = lambda v: torch.zeros(uniq.shape[0], v.shape[1]).index_add_(0, inv, v.float()) / n   # noqa: E731
+    return mean(points), mean(rgb), cell
+
+
+def init_splat_from_views(nerf: "Nerf", cameras: Tensor, width: int, height: int, max_splats: int = 200_000,
+                          cell_pixels: float = 1.0, opacity: float = 0.5) -> dict[str, Tensor]:
+    """Gaussians on the field's expected surface seen by the training ``cameras`` ([N, 25],
+    views ``width`` x ``height``; :func:`expected_surface`), merged to one per cube of about
+    ``cell_pixels`` view pixels (larger when more than ``max_splats`` would remain) -> params
+    like :func:`init_splat`: isotropic, as large as the cube, ``opacity``, the rendered colour.
+    Raises :class:`EmptyFieldError` when no ray reaches the surface."""
+    pts, rgb, foot = expected_surface(nerf, cameras, width, height)
+    if pts.shape[0] == 0:
+        raise EmptyFieldError("no training ray reaches the field's surface (opacity >= 0.5): nothing to export. "
+                              "Fix: fit the NeRF longer, or check the views' cameras")
+    means, cols, cell = merge_in_cells(pts, rgb, cell_pixels * float(foot.median()), max_splats)
+    n = means.shape[0]
+    return {"means": means.contiguous(),
+            "log_scales": torch.full((n, 3), math.log(0.5 * cell)),
+            "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1),
+            "logit_opacity": torch.full((n,), math.log(opacity / (1 - opacity))),
+            "f_dc": ((cols - 0.5) / SH_C0).float()}
 
 
 def write_splat_ply(params: dict[str, Tensor], path: str | Path) -> Path:

@@ -1,9 +1,11 @@
-"""A differentiable 3D Gaussian splat renderer in plain PyTorch (CPU or any device) and the loop
-that refines a splat against posed views.
+"""A differentiable 3D Gaussian splat renderer in plain PyTorch (CPU or any device); the loop
+that refines a splat against posed views with it is :mod:`.splat_refine`.
 
 :func:`render_splat` projects each Gaussian with the camera (EWA: 2D covariance from the
 Jacobian of the perspective map), sorts by camera depth and alpha-composites front to back per
-pixel, one 16x16 tile at a time over the Gaussians whose 3-sigma box touches the tile.
+pixel: every (Gaussian, TILE x TILE tile) pair where the Gaussian's alpha can reach ``ALPHA_MIN``
+is evaluated at once, and each pixel's transmittance is an exclusive cumulative sum of
+log(1 - alpha) over its tile's pairs (vectorised: no Python loop over tiles or Gaussians).
 :func:`render_splat_reference` is the brute-force twin (every pixel, every Gaussian, Python
 loops) that tests compare it to. When ``gsplat`` (CUDA) is importable and the splat lives on a
 CUDA device, :func:`render_splat` hands the work to it instead.
@@ -19,7 +21,7 @@ from torch import Tensor
 from .cameras import split_camera
 
 SH_C0 = 0.28209479177387814
-TILE = 16
+TILE = 4                # pixels a side of a tile: small, so little of a pair's tile lies outside its Gaussian
 LOW_PASS = 0.3          # pixels^2 added to every 2D covariance: keeps sub-pixel Gaussians visible
 ALPHA_MAX = 0.99
 ALPHA_MIN = 1.0 / 255.0
@@ -38,8 +40,8 @@ def quat_to_rotmat(q: Tensor) -> Tensor:
 def project(params: dict[str, Tensor], camera: Tensor, width: int, height: int) -> dict[str, Tensor]:
     """Project the Gaussians of ``params`` (see :func:`dp360rt.nerf.splat.SplatParams`) with a
     25-number camera -> {"xy" [N, 2] pixel (column, row) with integer values at pixel centres,
-    "depth" [N], "conic" [N, 3] (a, b, c of the inverse 2D covariance), "radius" [N] (3 sigma,
-    pixels), "rgb" [N, 3], "opacity" [N], "valid" [N] bool (in front of the camera)}."""
+    "depth" [N], "conic" [N, 3] (a, b, c of the inverse 2D covariance), "radius" [N] (pixels:
+    beyond it the Gaussian's alpha is below ALPHA_MIN), "rgb" [N, 3], "opacity" [N], "valid" [N] bool (in front of the camera)}."""
     means = params["means"]
     dt = means.dtype
     c2w, K = split_camera(torch.as_tensor(camera, dtype=torch.float64))
@@ -71,31 +73,70 @@ def project(params: dict[str, Tensor], camera: Tensor, width: int, height: int) 
     conic = torch.stack([c / det, -b / det, a / det], -1)
     mid = 0.5 * (a + c)
     lam = mid + torch.sqrt((mid * mid - det).clamp_min(0.01))
-    radius = 3.0 * torch.sqrt(lam)
+    opacity = torch.sigmoid(params["logit_opacity"])
+    # beyond this distance alpha < ALPHA_MIN on every side, so the Gaussian draws nothing there
+    reach = 2.0 * torch.log((opacity / ALPHA_MIN).clamp_min(1.0))
+    radius = torch.sqrt(lam * reach)
     rgb = (0.5 + SH_C0 * params["f_dc"]).clamp_min(0.0)
-    return {"xy": xy, "depth": z, "conic": conic, "radius": radius, "rgb": rgb,
-            "opacity": torch.sigmoid(params["logit_opacity"]), "valid": valid}
+    return {"xy": xy, "depth": z, "conic": conic, "radius": radius, "rgb": rgb, "opacity": opacity, "valid": valid}
 
 
-def _composite(px: Tensor, pr: dict[str, Tensor], idx: Tensor, bg: Tensor) -> Tensor:
-    """Pixels [P, 2] (column, row) over Gaussians ``idx`` (already sorted near to far) -> rgb [P, 3]."""
-    if idx.numel() == 0:
-        return bg.expand(px.shape[0], 3)
-    d = px[:, None, :] - pr["xy"][idx][None]                 # [P, n, 2]
-    co = pr["conic"][idx]
-    power = -0.5 * (co[:, 0] * d[..., 0] ** 2 + co[:, 2] * d[..., 1] ** 2) - co[:, 1] * d[..., 0] * d[..., 1]
-    alpha = (pr["opacity"][idx] * torch.exp(power.clamp_max(0.0))).clamp_max(ALPHA_MAX)
-    alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
-    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha], 1), 1)   # [P, n+1]
-    w = alpha * trans[:, :-1]
-    return w @ pr["rgb"][idx] + trans[:, -1:] * bg
+def _pairs(xy: Tensor, radius: Tensor, width: int, height: int) -> tuple[Tensor, Tensor, int]:
+    """Every (Gaussian, tile) pair where a Gaussian (already sorted near to far) may draw ->
+    (Gaussian index [K], tile index [K]) grouped by tile, near to far within a tile, and the
+    number of tile columns."""
+    ntx = (width + TILE - 1) // TILE
+    # pixel c (centre at integer c) can be drawn when |c - x| <= radius
+    c0 = torch.ceil(xy - radius[:, None]).clamp_min(0).long() // TILE
+    c1 = torch.floor(xy + radius[:, None]).long()
+    c1 = torch.minimum(c1, torch.tensor([width - 1, height - 1], device=xy.device)) // TILE
+    c1 = torch.maximum(c1, c0 - 1)                            # empty ranges give no pairs
+    n = (c1 - c0 + 1).clamp_min(0)
+    cnt = n[:, 0] * n[:, 1]
+    gid = torch.repeat_interleave(torch.arange(xy.shape[0], device=xy.device), cnt)
+    k = torch.arange(gid.shape[0], device=xy.device) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+    nx = n[gid, 0].clamp_min(1)
+    tile = (c0[gid, 1] + k // nx) * ntx + c0[gid, 0] + k % nx
+    order = torch.argsort(tile, stable=True)
+    return gid[order], tile[order], ntx
+
+
+def _rasterize(pr: dict[str, Tensor], idx: Tensor, width: int, height: int, bg: Tensor) -> Tensor:
+    """Alpha-composite the Gaussians ``idx`` (sorted near to far) of the projection ``pr`` over
+    ``bg`` -> rgb [H, W, 3]. All (Gaussian, tile) pairs at once: the alphas of each pair's
+    TILE x TILE pixels, transmittance from a per-tile exclusive cumulative sum of log(1 - alpha)."""
+    dev, dt = pr["xy"].device, pr["xy"].dtype
+    xy, co, op, rgb = pr["xy"][idx], pr["conic"][idx], pr["opacity"][idx], pr["rgb"][idx]
+    gid, tile, ntx = _pairs(xy.detach(), pr["radius"][idx].detach(), width, height)
+    nty = (height + TILE - 1) // TILE
+    off = torch.arange(TILE * TILE, device=dev)
+    px = ((tile % ntx)[:, None] * TILE + off % TILE).to(dt)           # [K, TILE^2] pixel columns
+    py = ((tile // ntx)[:, None] * TILE + off // TILE).to(dt)
+    inside = (px < width) & (py < height)
+    dx, dy = px - xy[gid, 0, None], py - xy[gid, 1, None]
+    c = co[gid]
+    power = -0.5 * (c[:, 0, None] * dx * dx + c[:, 2, None] * dy * dy) - c[:, 1, None] * dx * dy
+    alpha = (op[gid, None] * torch.exp(power.clamp_max(0.0))).clamp_max(ALPHA_MAX)
+    alpha = torch.where((alpha >= ALPHA_MIN) & inside, alpha, torch.zeros_like(alpha))
+    la = torch.log1p(-alpha).double()
+    cs = torch.cumsum(la, 0) - la                                      # exclusive, over all pairs
+    first = torch.searchsorted(tile, tile)                             # each pair's tile's first pair
+    trans = torch.exp(cs - cs[first]).to(dt)
+    n_tiles = ntx * nty
+    img = torch.zeros(n_tiles, TILE * TILE, 3, dtype=dt, device=dev).index_add(
+        0, tile, (alpha * trans)[..., None] * rgb[gid][:, None, :])
+    t_end = torch.exp(torch.zeros(n_tiles, TILE * TILE, dtype=torch.float64, device=dev).index_add(0, tile, la)).to(dt)
+    img = img + t_end[..., None] * bg
+    img = img.reshape(nty, ntx, TILE, TILE, 3).permute(0, 2, 1, 3, 4).reshape(nty * TILE, ntx * TILE, 3)
+    return img[:height, :width]
 
 
 def render_splat(params: dict[str, Tensor], camera: Tensor, width: int, height: int,
-                 background: Tensor | None = None) -> Tensor:
+                 background: Tensor | None = None, meta: dict[str, Tensor] | None = None) -> Tensor:
     """Render the splat ``params`` from one 25-number camera -> rgb [H, W, 3] (differentiable
     with respect to every entry of ``params``), composited over ``background`` ([3], default
-    white)."""
+    white). A ``meta`` dict (PyTorch path only) receives "xy" [N, 2], the projected centres in
+    pixels (their ``.grad`` is kept after backward: densification reads it), and "visible" [N]."""
     dev, dt = params["means"].device, params["means"].dtype
     bg = torch.ones(3, dtype=dt, device=dev) if background is None else torch.as_tensor(background, dtype=dt, device=dev)
     if dev.type == "cuda":
@@ -106,25 +147,12 @@ def render_splat(params: dict[str, Tensor], camera: Tensor, width: int, height: 
     xy, r = pr["xy"], pr["radius"]
     vis = pr["valid"] & (xy[:, 0] + r > -0.5) & (xy[:, 0] - r < width - 0.5) & \
         (xy[:, 1] + r > -0.5) & (xy[:, 1] - r < height - 0.5)
+    if meta is not None:
+        if xy.requires_grad:
+            xy.retain_grad()
+        meta["xy"], meta["visible"] = xy, vis
     order = torch.argsort(pr["depth"].detach())
-    order = order[vis[order]]
-    xo, yo, ro = xy[order, 0].detach(), xy[order, 1].detach(), r[order].detach()
-    out = torch.empty(height, width, 3, dtype=dt, device=dev)
-    rows = []
-    for ty in range(0, height, TILE):
-        cols = []
-        y1 = min(ty + TILE, height)
-        for tx in range(0, width, TILE):
-            x1 = min(tx + TILE, width)
-            hit = (xo + ro >= tx - 0.5) & (xo - ro <= x1 - 0.5) & (yo + ro >= ty - 0.5) & (yo - ro <= y1 - 0.5)
-            idx = order[hit]
-            gy, gx = torch.meshgrid(torch.arange(ty, y1, device=dev, dtype=dt),
-                                    torch.arange(tx, x1, device=dev, dtype=dt), indexing="ij")
-            px = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)
-            cols.append(_composite(px, pr, idx, bg).reshape(y1 - ty, x1 - tx, 3))
-        rows.append(torch.cat(cols, 1))
-    out = torch.cat(rows, 0)
-    return out
+    return _rasterize(pr, order[vis[order]], width, height, bg)
 
 
 def _render_gsplat(params: dict[str, Tensor], camera: Tensor, width: int, height: int, bg: Tensor) -> Tensor | None:
@@ -171,31 +199,3 @@ def render_splat_reference(params: dict[str, Tensor], camera: Tensor, width: int
                     T *= 1 - al
                 out[yy, xx] = col + T * bg
         return out
-
-
-def refine_splat(params: dict[str, Tensor], images: list[Tensor], cameras: Tensor, steps: int = 200,
-                 lr: float = 0.01, background: Tensor | None = None, seed: int = 0,
-                 progress: Any = None) -> list[float]:
-    """Fit ``params`` (updated in place) to ``images`` ([H, W, 3] in [0, 1]) seen by ``cameras``
-    ([N, 25]) with Adam on an L1 loss, one random view per step, for ``steps`` steps. Returns the
-    loss of every step."""
-    for v in params.values():
-        v.requires_grad_(True)
-    lrs = {"means": lr * 0.05, "log_scales": lr * 0.5, "quats": lr * 0.1, "logit_opacity": lr * 5, "f_dc": lr * 2.5}
-    opt = torch.optim.Adam([{"params": [params[k]], "lr": lrs[k]} for k in lrs], eps=1e-15)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for s in range(steps):
-        i = int(torch.randint(len(images), (1,), generator=g))
-        img = images[i].to(params["means"].device, params["means"].dtype)
-        out = render_splat(params, cameras[i], img.shape[1], img.shape[0], background)
-        loss = (out - img).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(s, float(loss))
-    for v in params.values():
-        v.requires_grad_(False)
-    return losses
