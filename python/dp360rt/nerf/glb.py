@@ -106,19 +106,27 @@ def _fill_empty(img: np.ndarray, covered: np.ndarray, iters: int = 8) -> np.ndar
 
 
 def build_textured_mesh(nerf: "Nerf", triangles: int = DEFAULT_TRIANGLES, texture_size: int = DEFAULT_TEXTURE,
-                        resolution: int = 128, level: float = 10.0) -> dict[str, np.ndarray]:
+                        resolution: int = 128, level: float | None = None) -> dict[str, np.ndarray]:
     """The field's surface as a UV-mapped mesh -> {"vertices" [V, 3] world, "faces" [T, 3] with
     T <= ``triangles``, "uv" [V, 2] in [0, 1], "texture" uint8 [S, S, 3]}. Raises
     :class:`~dp360rt.nerf.splat.EmptyFieldError` when the field has no surface."""
     from .mesh import extract_mesh
     from .splat import EmptyFieldError
+    from .surface import silhouette_level, snap_to_level, surface_colors
     triangles = check_triangles(triangles)
     texture_size = check_texture_size(texture_size)
+    if level is None:
+        level = silhouette_level(nerf)
+        if level is None:
+            raise EmptyFieldError("the field is transparent from every side (no ray reaches opacity 0.5): nothing "
+                                  "to export. Fix: fit the NeRF longer")
     mesh = extract_mesh(nerf, resolution=resolution, level=level)
     if mesh["faces"].shape[0] == 0:
         raise EmptyFieldError(f"the field has no surface at density {level:g}: nothing to export. "
                               "Fix: fit the NeRF longer, or lower --level")
-    v, f = decimate(mesh["vertices"], mesh["faces"], triangles)
+    cell = 2 * nerf.config.bound / resolution
+    v = snap_to_level(nerf, mesh["vertices"], mesh["normals"], level, reach=1.5 * cell)
+    v, f = decimate(v, mesh["faces"], triangles)
     import xatlas
     vmap, faces, uv = xatlas.parametrize(v, f.astype(np.uint32))
     verts = v[vmap].astype(np.float32)
@@ -130,19 +138,10 @@ def build_textured_mesh(nerf: "Nerf", triangles: int = DEFAULT_TRIANGLES, textur
     fn /= np.maximum(np.linalg.norm(fn, axis=1, keepdims=True), 1e-12)
     tid = tri_id[cov]
     pts = (bary[cov][:, :, None] * verts[faces[tid]]).sum(1)
-    b = nerf.config.bound
-    x01 = torch.from_numpy((pts + b) / (2 * b)).float().clamp(0, 1)
-    dirs = torch.from_numpy(-fn[tid]).float()
-    cols = []
-    assert nerf.field is not None
-    nerf.field.eval()
-    with torch.no_grad():
-        for s in range(0, x01.shape[0], 1 << 16):
-            _, rgb = nerf.field(x01[s:s + (1 << 16)].to(nerf.device), dirs[s:s + (1 << 16)].to(nerf.device))
-            cols.append(rgb.float().clamp(0, 1).cpu())
+    scale = max(cell, nerf.step_size)
+    cols = surface_colors(nerf, pts, fn[tid], outside=scale, inside=4 * scale)
     img = np.zeros((texture_size, texture_size, 3), np.float32)
-    if cols:
-        img[cov] = torch.cat(cols).numpy()
+    img[cov] = cols
     img = _fill_empty(img, cov)
     return {"vertices": verts, "faces": faces, "uv": uv, "texture": (img * 255 + 0.5).astype(np.uint8)}
 
