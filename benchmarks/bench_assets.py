@@ -7,7 +7,7 @@ export both assets (the splat refined against those 28), and score the NeRF, the
 PyTorch rasterizer) and the GLB (the numpy z-buffer renderer of dp360rt.nerf.mesh_render)
 against the 4 held-out views. Also seconds per refinement pass over 32 views at larger sizes.
 
-    python benchmarks/bench_assets.py [--size 64] [--fit-steps 600] [--splat-steps 600] [--json out.json]
+    python benchmarks/bench_assets.py [--size 64] [--fit-steps 600] [--splat-steps 600] [--skip-splat] [--json out.json]
     python -m pytest benchmarks/bench_assets.py --benchmark-json out.json       # tiny settings
 """
 from __future__ import annotations
@@ -56,28 +56,35 @@ def score_scene(name: str, imgs: list, cams: torch.Tensor, a: argparse.Namespace
     fit_s = time.perf_counter() - t0
     g = nerf.export_glb(tmp / f"{name}.glb", triangles=a.triangles, texture_size=a.texture, resolution=a.mesh_res,
                         overwrite=True)
-    s = nerf.export_splat(tmp / f"{name}.ply", views=([imgs[i] for i in train], cams[train]), steps=a.splat_steps,
-                          resolution=a.splat_res, overwrite=True)
-    mesh, sp = read_glb(g["path"]), read_splat_ply(s["path"])
+    splat = not getattr(a, "skip_splat", False)
+    if splat:
+        s = nerf.export_splat(tmp / f"{name}.ply", views=([imgs[i] for i in train], cams[train]),
+                              steps=a.splat_steps, resolution=a.splat_res, overwrite=True)
+        sp = read_splat_ply(s["path"])
+    mesh = read_glb(g["path"])
     bg = nerf.background.detach().cpu().float()
     h, w = imgs[0].shape[:2]
     p_n, p_s, p_g = [], [], []
     with torch.no_grad():
         for i in HOLD:
             p_n.append(psnr(nerf.render(cams[i], w, h)["rgb"], imgs[i]))
-            p_s.append(psnr(render_splat(sp, cams[i], w, h, bg), imgs[i]))
+            if splat:
+                p_s.append(psnr(render_splat(sp, cams[i], w, h, bg), imgs[i]))
             p_g.append(psnr(render_textured_mesh(mesh, cams[i], w, h, bg.tolist()), imgs[i]))
     r = {"views": f"{len(train)} train + {len(HOLD)} held out, {w}x{h}", "fit_steps": a.fit_steps,
          "fit_seconds": round(fit_s, 1),
-         "psnr_nerf": round(float(np.mean(p_n)), 2), "psnr_splat": round(float(np.mean(p_s)), 2),
-         "psnr_glb": round(float(np.mean(p_g)), 2),
+         "psnr_nerf": round(float(np.mean(p_n)), 2), "psnr_glb": round(float(np.mean(p_g)), 2),
          "glb": {"triangles": g["triangles"], "texture": g["texture_size"], "bytes": g["bytes"],
-                 "seconds": round(g["seconds"], 2)},
-         "splat": {"gaussians": s["splats"], "bytes": s["bytes"], "steps": a.splat_steps,
-                   "init_seconds": round(s["init_seconds"], 2), "refine_seconds": round(s["refine_seconds"], 2)}}
-    print(f"{name}: NeRF {r['psnr_nerf']} dB, splat {r['psnr_splat']} dB, GLB {r['psnr_glb']} dB (held out); "
-          f"GLB {g['triangles']} tris {g['bytes'] / 1e6:.2f} MB {g['seconds']:.1f} s; splat {s['splats']} "
-          f"Gaussians {s['bytes'] / 1e6:.2f} MB {s['seconds']:.1f} s", flush=True)
+                 "seconds": round(g["seconds"], 2)}}
+    msg = (f"{name}: NeRF {r['psnr_nerf']} dB, GLB {r['psnr_glb']} dB (held out); "
+           f"GLB {g['triangles']} tris {g['bytes'] / 1e6:.2f} MB {g['seconds']:.1f} s")
+    if splat:
+        r["psnr_splat"] = round(float(np.mean(p_s)), 2)
+        r["splat"] = {"gaussians": s["splats"], "bytes": s["bytes"], "steps": a.splat_steps,
+                      "init_seconds": round(s["init_seconds"], 2), "refine_seconds": round(s["refine_seconds"], 2)}
+        msg += (f"; splat {r['psnr_splat']} dB, {s['splats']} Gaussians {s['bytes'] / 1e6:.2f} MB "
+                f"{s['seconds']:.1f} s")
+    print(msg, flush=True)
     return r
 
 
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mesh-res", type=int, default=128)
     ap.add_argument("--pass-sizes", default="256,512", help="view sizes for the refinement-pass timing ('' = skip)")
     ap.add_argument("--skip-generated", action="store_true")
+    ap.add_argument("--skip-splat", action="store_true", help="score the NeRF and the GLB only (no splat export)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     out: dict = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}

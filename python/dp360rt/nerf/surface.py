@@ -32,13 +32,16 @@ def _window(nerf: "Nerf", points: torch.Tensor, inward: torch.Tensor, start: flo
     t = start + (torch.arange(k, dtype=torch.float32, device=points.device) + 0.5) * step
     x01 = scene_to_unit(points[:, None, :] + inward[:, None, :] * t[None, :, None], nerf.config.bound)
     x01 = x01.reshape(-1, 3).clamp(0, 1)
-    dirs = inward[:, None, :].expand(-1, k, -1).reshape(-1, 3)
-    sigma, rgb = nerf.field(x01, dirs)
-    sigma = torch.where(nerf.occ.lookup(x01), sigma.float(), torch.zeros_like(sigma, dtype=torch.float32))
+    keep = nerf.occ.lookup(x01).nonzero()[:, 0]                       # empty cells: no density, skip the field
+    sigma = torch.zeros(x01.shape[0], device=points.device)
+    rgb = torch.zeros(x01.shape[0], 3, device=points.device)
+    if keep.numel():
+        s, c = nerf.field(x01[keep], inward[keep // k])
+        sigma[keep], rgb[keep] = s.float(), c.float()
     tau = (sigma * step).view(-1, k)
     alpha = -torch.expm1(-tau)
     trans = torch.exp(-(torch.cumsum(tau, 1) - tau))
-    return t, trans * alpha, rgb.float().view(-1, k, 3)
+    return t, trans * alpha, rgb.view(-1, k, 3)
 
 
 def _chunks(n: int, per: int):
@@ -141,7 +144,7 @@ def snap_to_level(nerf: "Nerf", points: np.ndarray, normals: np.ndarray, level: 
 
 @torch.no_grad()
 def surface_colors(nerf: "Nerf", points: np.ndarray, normals: np.ndarray, outside: float, inside: float,
-                   samples: int = 16,
+                   samples: int = 10,
                    chunk: int = 1 << 14) -> np.ndarray:
     """What the field shows at surface ``points`` [N, 3] seen head-on along their outward unit
     ``normals`` [N, 3] -> colour [N, 3] float32 in [0, 1]: the volume-rendered colour of a ray from
