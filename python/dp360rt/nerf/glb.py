@@ -1,11 +1,18 @@
-"""Textured glTF 2.0 binary (``.glb``) from a fitted field: marching cubes (:func:`.mesh.extract_mesh`)
--> quadric decimation to a triangle budget (``fast-simplification`` through trimesh) -> UV atlas
-(``xatlas``) -> texture baked from the field -> one-mesh GLB written by trimesh.
+"""Textured glTF 2.0 binary (``.glb``) from a fitted field: surface level chosen from the renders'
+silhouettes -> marching cubes (:func:`.mesh.extract_mesh`) with the vertices snapped onto the
+field's own iso-surface -> quadric decimation to a triangle budget (``fast-simplification``) ->
+UV atlas (``xatlas``) -> texture baked from the field -> one-mesh GLB written by trimesh.
 
-Baking: each texel covered by a triangle in UV space is mapped to its 3D point on that triangle;
-the texture holds the field's colour at that point, seen along the inward surface normal (the
-same choice as the vertex colours of :func:`.mesh.extract_mesh`). Texels no triangle covers are
-filled from their neighbours so bilinear lookups at chart seams do not pull in black.
+Surface: the density level is the one at which "the mesh covers this ray" agrees best with "the
+render shows something on this ray (opacity >= 0.5)" (:func:`.surface.silhouette_level`); a
+fixed level (the old 10) put the surface about a pixel outside the rendered silhouette all round,
+and a thin ring of surface colour where the render shows background costs more than any texture
+error. Baking: each texel covered by a triangle in UV space is mapped to its 3D point on that
+triangle; the texture holds what a render shows there, a short ray volume-rendered along the
+inward normal (:func:`.surface.surface_colors`), not the field's raw colour at the point (a render
+blends colours over the depth where opacity rises; the raw colour is over-contrasted). Texels no
+triangle covers are filled from their neighbours so bilinear lookups at chart seams do not pull
+in black. Diagnosis and figures: ``benchmarks/bench_assets.py``.
 """
 from __future__ import annotations
 
@@ -106,9 +113,10 @@ def _fill_empty(img: np.ndarray, covered: np.ndarray, iters: int = 8) -> np.ndar
 
 
 def build_textured_mesh(nerf: "Nerf", triangles: int = DEFAULT_TRIANGLES, texture_size: int = DEFAULT_TEXTURE,
-                        resolution: int = 128, level: float | None = None) -> dict[str, np.ndarray]:
+                        resolution: int = 128, level: float | None = None) -> dict[str, Any]:
     """The field's surface as a UV-mapped mesh -> {"vertices" [V, 3] world, "faces" [T, 3] with
-    T <= ``triangles``, "uv" [V, 2] in [0, 1], "texture" uint8 [S, S, 3]}. Raises
+    T <= ``triangles``, "uv" [V, 2] in [0, 1], "texture" uint8 [S, S, 3], "level" (the density
+    iso-level used: ``level``, or when None the one matching the renders' silhouettes)}. Raises
     :class:`~dp360rt.nerf.splat.EmptyFieldError` when the field has no surface."""
     from .mesh import extract_mesh
     from .splat import EmptyFieldError
@@ -118,7 +126,7 @@ def build_textured_mesh(nerf: "Nerf", triangles: int = DEFAULT_TRIANGLES, textur
     if level is None:
         level = silhouette_level(nerf)
         if level is None:
-            raise EmptyFieldError("the field is transparent from every side (no ray reaches opacity 0.5): nothing "
+            raise EmptyFieldError("the field has no surface (no ray through it reaches opacity 0.5): nothing "
                                   "to export. Fix: fit the NeRF longer")
     mesh = extract_mesh(nerf, resolution=resolution, level=level)
     if mesh["faces"].shape[0] == 0:
@@ -143,7 +151,8 @@ def build_textured_mesh(nerf: "Nerf", triangles: int = DEFAULT_TRIANGLES, textur
     img = np.zeros((texture_size, texture_size, 3), np.float32)
     img[cov] = cols
     img = _fill_empty(img, cov)
-    return {"vertices": verts, "faces": faces, "uv": uv, "texture": (img * 255 + 0.5).astype(np.uint8)}
+    return {"vertices": verts, "faces": faces, "uv": uv, "texture": (img * 255 + 0.5).astype(np.uint8),
+            "level": float(level)}
 
 
 def write_glb(mesh: dict[str, np.ndarray], path: str | Path) -> Path:

@@ -80,6 +80,8 @@ def silhouette_level(nerf: "Nerf", rays: int = 16384, seed: int = 0, chunk: int 
     nerf.field.eval()
     b = nerf.config.bound
     lo01, hi01 = nerf.occ.bbox01()
+    if bool((lo01 > hi01).any()):
+        return None
     lo, hi = (lo01.float() * 2 * b - b).cpu(), (hi01.float() * 2 * b - b).cpu()
     g = torch.Generator().manual_seed(seed)
     centre, radius = (lo + hi) / 2, float((hi - lo).norm()) / 2 + 1e-6
