@@ -70,6 +70,15 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[np.n
     return np.asarray(v2, np.float32), np.asarray(f2, np.int64)[:target]
 
 
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals [V, 3] of a mesh wound outward (as :func:`.mesh.extract_mesh`)."""
+    fn = np.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]])
+    n = np.zeros_like(vertices, dtype=np.float64)
+    for k in range(3):
+        np.add.at(n, faces[:, k], fn)
+    return (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def _raster_uv(uv: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per texel of a ``size``^2 image (row 0 at v = 1, as glTF and trimesh agree): the covering
     triangle (-1 for none) [S, S] and its barycentric weights [S, S, 3]."""
@@ -132,9 +141,9 @@ def build_textured_mesh(nerf: "Nerf", triangles: int = DEFAULT_TRIANGLES, textur
     if mesh["faces"].shape[0] == 0:
         raise EmptyFieldError(f"the field has no surface at density {level:g}: nothing to export. "
                               "Fix: fit the NeRF longer, or lower --level")
+    v, f = decimate(mesh["vertices"], mesh["faces"], triangles)
     cell = 2 * nerf.config.bound / resolution
-    v = snap_to_level(nerf, mesh["vertices"], mesh["normals"], level, reach=1.5 * cell)
-    v, f = decimate(v, mesh["faces"], triangles)
+    v = snap_to_level(nerf, v, vertex_normals(v, f), level, reach=2.0 * cell)     # after decimation: fewer vertices
     import xatlas
     vmap, faces, uv = xatlas.parametrize(v, f.astype(np.uint32))
     verts = v[vmap].astype(np.float32)
