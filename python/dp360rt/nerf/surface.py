@@ -1,13 +1,14 @@
-"""What a fitted field shows at a surface, measured along short rays through it: used by the GLB
-export (:mod:`.glb`) to put the mesh where the renders put the surface and to colour it as the
-renders do.
+"""What a fitted field shows at its surface, measured with short rays: the GLB export (:mod:`.glb`)
+puts the mesh where the renders put the silhouette and colours it as the renders do.
 
-A density iso-surface is the wrong place and the field's raw colour there the wrong colour: a
-render blends colours over the depth where the ray's opacity rises, and where that happens
-depends on how sharp the density is, not on one density value (on the 64^2 head the level-10
-surface lies about a pixel outside the rendered silhouette all round, while level 40 already lies
-inside it in places). So both are measured the way a camera looking straight at the surface
-would: a ray starts a little outside each point and goes in along the normal.
+* :func:`silhouette_level`: one density level is the wrong answer if fixed (on the 64^2 head the
+  level-10 surface lies about a pixel outside the rendered silhouette all round, level 40 already
+  inside it in places; it depends on how sharp the fit's density is), so it is measured: the
+  level at which "the mesh covers this ray" agrees best with "the render's opacity reaches 0.5".
+* :func:`snap_to_level`: marching cubes bulges out of a softplus-of-trilinear field; vertices are
+  moved onto the field's own iso-surface.
+* :func:`surface_colors`: the colour a render shows, not the field's raw colour at the point (a
+  render blends colours over the depth where opacity rises; the raw colour is over-contrasted).
 """
 from __future__ import annotations
 
