@@ -7,7 +7,7 @@ export both assets (the splat refined against those 28), and score the NeRF, the
 PyTorch rasterizer) and the GLB (the numpy z-buffer renderer of dp360rt.nerf.mesh_render)
 against the 4 held-out views. Also seconds per refinement pass over 32 views at larger sizes.
 
-    python benchmarks/bench_assets.py [--size 64] [--fit-steps 600] [--splat-steps 600] [--skip-glb] [--json out.json]
+    python benchmarks/bench_assets.py [--size 64] [--fit-steps 600] [--splat-steps 600] [--skip-glb | --skip-splat] [--json out.json]
     python -m pytest benchmarks/bench_assets.py --benchmark-json out.json       # tiny settings
 """
 from __future__ import annotations
@@ -54,40 +54,46 @@ def score_scene(name: str, imgs: list, cams: torch.Tensor, a: argparse.Namespace
     t0 = time.perf_counter()
     nerf.fit([imgs[i] for i in train], cams[train], steps=a.fit_steps, progress=False)
     fit_s = time.perf_counter() - t0
-    g = None
+    g = s = None
     if not getattr(a, "skip_glb", False):
         g = nerf.export_glb(tmp / f"{name}.glb", triangles=a.triangles, texture_size=a.texture,
                             resolution=a.mesh_res, overwrite=True)
-    s = nerf.export_splat(tmp / f"{name}.ply", views=([imgs[i] for i in train], cams[train]), steps=a.splat_steps,
-                          resolution=a.splat_res, overwrite=True)
-    mesh, sp = read_glb(g["path"]) if g else None, read_splat_ply(s["path"])
+    if not getattr(a, "skip_splat", False):
+        s = nerf.export_splat(tmp / f"{name}.ply", views=([imgs[i] for i in train], cams[train]),
+                              steps=a.splat_steps, resolution=a.splat_res, overwrite=True)
+    mesh = read_glb(g["path"]) if g else None
+    sp = read_splat_ply(s["path"]) if s else None
     bg = nerf.background.detach().cpu().float()
     h, w = imgs[0].shape[:2]
     p_n, p_s, p_g, p_st = [], [], [], []
     with torch.no_grad():
         for i in HOLD:
             p_n.append(psnr(nerf.render(cams[i], w, h)["rgb"], imgs[i]))
-            p_s.append(psnr(render_splat(sp, cams[i], w, h, bg), imgs[i]))
+            if sp is not None:
+                p_s.append(psnr(render_splat(sp, cams[i], w, h, bg), imgs[i]))
             if mesh is not None:
                 p_g.append(psnr(render_textured_mesh(mesh, cams[i], w, h, bg.tolist()), imgs[i]))
-        for i in train:        # the splat on its own training views: over- or under-fitting
-            p_st.append(psnr(render_splat(sp, cams[i], w, h, bg), imgs[i]))
+        if sp is not None:
+            for i in train:        # the splat on its own training views: over- or under-fitting
+                p_st.append(psnr(render_splat(sp, cams[i], w, h, bg), imgs[i]))
     r = {"views": f"{len(train)} train + {len(HOLD)} held out, {w}x{h}", "fit_steps": a.fit_steps,
-         "fit_seconds": round(fit_s, 1),
-         "psnr_nerf": round(float(np.mean(p_n)), 2), "psnr_splat": round(float(np.mean(p_s)), 2),
-         "psnr_splat_train_views": round(float(np.mean(p_st)), 2),
-         "splat": {"gaussians": s["splats"], "bytes": s["bytes"], "steps": a.splat_steps,
-                   "seconds": round(s["seconds"], 2), "init_seconds": round(s["init_seconds"], 2),
-                   "refine_seconds": round(s["refine_seconds"], 2)}}
+         "fit_seconds": round(fit_s, 1), "psnr_nerf": round(float(np.mean(p_n)), 2)}
+    print(f"{name}: NeRF {r['psnr_nerf']} dB (held out)", flush=True)
     if g is not None:
         r["psnr_glb"] = round(float(np.mean(p_g)), 2)
         r["glb"] = {"triangles": g["triangles"], "texture": g["texture_size"], "bytes": g["bytes"],
-                    "seconds": round(g["seconds"], 2)}
+                    "level": g.get("level"), "seconds": round(g["seconds"], 2)}
         print(f"{name}: GLB {r['psnr_glb']} dB (held out), {g['triangles']} tris {g['bytes'] / 1e6:.2f} MB "
               f"{g['seconds']:.1f} s", flush=True)
-    print(f"{name}: NeRF {r['psnr_nerf']} dB, splat {r['psnr_splat']} dB (held out; {r['psnr_splat_train_views']} dB "
-          f"on its training views); splat {s['splats']} Gaussians {s['bytes'] / 1e6:.2f} MB {s['seconds']:.1f} s "
-          f"(init {s['init_seconds']:.1f} s, refine {s['refine_seconds']:.1f} s)", flush=True)
+    if s is not None:
+        r["psnr_splat"] = round(float(np.mean(p_s)), 2)
+        r["psnr_splat_train_views"] = round(float(np.mean(p_st)), 2)
+        r["splat"] = {"gaussians": s["splats"], "bytes": s["bytes"], "steps": a.splat_steps,
+                      "seconds": round(s["seconds"], 2), "init_seconds": round(s["init_seconds"], 2),
+                      "refine_seconds": round(s["refine_seconds"], 2)}
+        print(f"{name}: splat {r['psnr_splat']} dB (held out; {r['psnr_splat_train_views']} dB on its training "
+              f"views), {s['splats']} Gaussians {s['bytes'] / 1e6:.2f} MB {s['seconds']:.1f} s "
+              f"(init {s['init_seconds']:.1f} s, refine {s['refine_seconds']:.1f} s)", flush=True)
     return r
 
 
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pass-sizes", default="256,512", help="view sizes for the refinement-pass timing ('' = skip)")
     ap.add_argument("--skip-generated", action="store_true")
     ap.add_argument("--skip-glb", action="store_true", help="score the NeRF and the splat only (saves the GLB's minutes)")
+    ap.add_argument("--skip-splat", action="store_true", help="score the NeRF and the GLB only (no splat export)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     out: dict = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}

@@ -86,14 +86,29 @@ def test_glb_validates_and_keeps_budgets(glb):
 
 
 def test_glb_renders_close_to_the_nerf(run, glb):
+    """The bake and the surface level, measured on the held-out views: the GLB scores within 2.5 dB
+    of the NeRF (the old bake, the field's raw colour on the density-10 surface, was 4.5 dB under
+    it here and 11 dB under at the benchmark's settings) and its silhouette is the render's
+    (opacity >= 0.5): at most 1% of the render's pixels extra or missing on average (the old
+    surface had 25 extra per view, 1.5%, all round the outline)."""
     _, nerf, imgs, cams = run
     m = read_glb(glb[0])
     bg = nerf.background.tolist()
-    i = HOLD[0]
-    g = render_textured_mesh(m, cams[i], 64, 64, bg)
-    n = nerf.render(cams[i], 64, 64)["rgb"]
-    assert psnr(g, imgs[i]) > psnr(n, imgs[i]) - 8.0
-    assert psnr(g, imgs[i]) > psnr(torch.tensor(bg).expand(64, 64, 3), imgs[i]) + 3.0   # the head is there
+    p_glb, p_nerf, extra, missing, area = [], [], [], [], []
+    for i in HOLD:
+        g = render_textured_mesh(m, cams[i], 64, 64, bg)
+        r = nerf.render(cams[i], 64, 64)
+        p_glb.append(psnr(g, imgs[i]))
+        p_nerf.append(psnr(r["rgb"], imgs[i]))
+        covered = (render_textured_mesh(m, cams[i], 64, 64, [1.0, 0.0, 1.0]) - torch.tensor([1.0, 0.0, 1.0])).abs().sum(-1) > 0
+        shown = r["opacity"] >= 0.5
+        extra.append(int((covered & ~shown).sum()))
+        missing.append(int((shown & ~covered).sum()))
+        area.append(int(shown.sum()))
+        assert p_glb[-1] > psnr(torch.tensor(bg).expand(64, 64, 3), imgs[i]) + 3.0     # the head is there
+    assert np.mean(p_glb) > np.mean(p_nerf) - 2.5, (p_glb, p_nerf)
+    assert np.mean(extra) < 0.01 * np.mean(area) and np.mean(missing) < 0.01 * np.mean(area), (extra, missing, area)
+    assert glb[1]["level"] > 0
 
 
 def test_splat_ply_layout_and_round_trip(splat):

@@ -73,12 +73,13 @@ def check_output_file(path: str | Path, suffix: str, overwrite: bool = False) ->
 
 
 def export_glb(nerf: "Nerf", path: str | Path, triangles: int = DEFAULT_TRIANGLES,
-               texture_size: int = DEFAULT_TEXTURE, resolution: int = 128, level: float = 10.0,
+               texture_size: int = DEFAULT_TEXTURE, resolution: int = 128, level: float | None = None,
                overwrite: bool = False) -> dict[str, Any]:
     """Write the field's surface as a textured glTF 2.0 binary at ``path`` (see :mod:`.glb`):
     at most ``triangles`` triangles, a ``texture_size``^2 base-colour texture, marching cubes at
-    ``resolution`` cells per side on the ``level`` density iso-surface. Returns {"path",
-    "triangles", "vertices", "texture_size", "bytes", "seconds"}."""
+    ``resolution`` cells per side on the ``level`` density iso-surface (None: the level whose
+    silhouettes match the renders', see :func:`.surface.silhouette_level`). Returns {"path",
+    "triangles", "vertices", "texture_size", "level", "bytes", "seconds"}."""
     from .glb import build_textured_mesh, write_glb
     triangles = check_triangles(triangles)
     texture_size = check_texture_size(texture_size)
@@ -87,7 +88,7 @@ def export_glb(nerf: "Nerf", path: str | Path, triangles: int = DEFAULT_TRIANGLE
     mesh = build_textured_mesh(nerf, triangles, texture_size, resolution, level)
     write_glb(mesh, p)
     return {"path": str(p), "triangles": int(mesh["faces"].shape[0]), "vertices": int(mesh["vertices"].shape[0]),
-            "texture_size": texture_size, "bytes": p.stat().st_size, "seconds": time.perf_counter() - t0}
+            "texture_size": texture_size, "level": mesh["level"], "bytes": p.stat().st_size, "seconds": time.perf_counter() - t0}
 
 
 def export_splat(nerf: "Nerf", path: str | Path, views: Any = None, steps: int = 300,

@@ -170,7 +170,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         if views is None and a.splat_steps:
             print("no views folder (cameras.json) found: writing the unrefined splat. Fix: pass --views DIR")
         r = nerf.export_splat(a.splat, views=views, steps=a.splat_steps, resolution=a.splat_resolution,
-                              level=a.level, overwrite=a.overwrite)
+                              level=10.0 if a.level is None else a.level, overwrite=a.overwrite)
         print(f"wrote {r['path']}: {r['splats']} Gaussians, {r['bytes'] / 1e6:.2f} MB in {r['seconds']:.1f} s "
               f"({r['refine_seconds']:.1f} s refining {len(r['losses'])} steps against {views})")
     return 0
@@ -252,7 +252,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--texture-size", type=int, default=1024, help="GLB texture side, a power of two up to 8192")
     e.add_argument("--resolution", type=arg(positive_int, "--resolution", MAX_MESH_RES, minimum=2), default=128,
                    help="marching-cubes cells per side (default 128)")
-    e.add_argument("--level", type=float, default=10.0, help="density iso-level (per world unit), default 10")
+    e.add_argument("--level", type=float, default=None,
+                   help="density iso-level (per world unit); default: for the GLB the level whose silhouettes "
+                        "match the NeRF's renders, for the splat 10")
     e.add_argument("--views", metavar="VIEWS_DIR", help="views to refine the splat against (default: the run's)")
     e.add_argument("--splat-steps", type=arg(positive_int, "--splat-steps", minimum=0), default=300,
                    help="refinement steps (one view each; default 300, 0: the field's initialisation)")

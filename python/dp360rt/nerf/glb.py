@@ -1,11 +1,18 @@
-"""Textured glTF 2.0 binary (``.glb``) from a fitted field: marching cubes (:func:`.mesh.extract_mesh`)
--> quadric decimation to a triangle budget (``fast-simplification`` through trimesh) -> UV atlas
-(``xatlas``) -> texture baked from the field -> one-mesh GLB written by trimesh.
+"""Textured glTF 2.0 binary (``.glb``) from a fitted field: surface level chosen from the renders'
+silhouettes -> marching cubes (:func:`.mesh.extract_mesh`) with the vertices snapped onto the
+field's own iso-surface -> quadric decimation to a triangle budget (``fast-simplification``) ->
+UV atlas (``xatlas``) -> texture baked from the field -> one-mesh GLB written by trimesh.
 
-Baking: each texel covered by a triangle in UV space is mapped to its 3D point on that triangle;
-the texture holds the field's colour at that point, seen along the inward surface normal (the
-same choice as the vertex colours of :func:`.mesh.extract_mesh`). Texels no triangle covers are
-filled from their neighbours so bilinear lookups at chart seams do not pull in black.
+Surface: the density level is the one at which "the mesh covers this ray" agrees best with "the
+render shows something on this ray (opacity >= 0.5)" (:func:`.surface.silhouette_level`); a
+fixed level (the old 10) put the surface about a pixel outside the rendered silhouette all round,
+and a thin ring of surface colour where the render shows background costs more than any texture
+error. Baking: each texel covered by a triangle in UV space is mapped to its 3D point on that
+triangle; the texture holds what a render shows there, a short ray volume-rendered along the
+inward normal (:func:`.surface.surface_colors`), not the field's raw colour at the point (a render
+blends colours over the depth where opacity rises; the raw colour is over-contrasted). Texels no
+triangle covers are filled from their neighbours so bilinear lookups at chart seams do not pull
+in black. Diagnosis and figures: ``benchmarks/bench_assets.py``.
 """
 from __future__ import annotations
 
@@ -63,6 +70,15 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[np.n
     return np.asarray(v2, np.float32), np.asarray(f2, np.int64)[:target]
 
 
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals [V, 3] of a mesh wound outward (as :func:`.mesh.extract_mesh`)."""
+    fn = np.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]])
+    n = np.zeros_like(vertices, dtype=np.float64)
+    for k in range(3):
+        np.add.at(n, faces[:, k], fn)
+    return (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def _raster_uv(uv: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per texel of a ``size``^2 image (row 0 at v = 1, as glTF and trimesh agree): the covering
     triangle (-1 for none) [S, S] and its barycentric weights [S, S, 3]."""
@@ -106,19 +122,28 @@ def _fill_empty(img: np.ndarray, covered: np.ndarray, iters: int = 8) -> np.ndar
 
 
 def build_textured_mesh(nerf: "Nerf", triangles: int = DEFAULT_TRIANGLES, texture_size: int = DEFAULT_TEXTURE,
-                        resolution: int = 128, level: float = 10.0) -> dict[str, np.ndarray]:
+                        resolution: int = 128, level: float | None = None) -> dict[str, Any]:
     """The field's surface as a UV-mapped mesh -> {"vertices" [V, 3] world, "faces" [T, 3] with
-    T <= ``triangles``, "uv" [V, 2] in [0, 1], "texture" uint8 [S, S, 3]}. Raises
+    T <= ``triangles``, "uv" [V, 2] in [0, 1], "texture" uint8 [S, S, 3], "level" (the density
+    iso-level used: ``level``, or when None the one matching the renders' silhouettes)}. Raises
     :class:`~dp360rt.nerf.splat.EmptyFieldError` when the field has no surface."""
     from .mesh import extract_mesh
     from .splat import EmptyFieldError
+    from .surface import silhouette_level, snap_to_level, surface_colors
     triangles = check_triangles(triangles)
     texture_size = check_texture_size(texture_size)
+    if level is None:
+        level = silhouette_level(nerf)
+        if level is None:
+            raise EmptyFieldError("the field has no surface (no ray through it reaches opacity 0.5): nothing "
+                                  "to export. Fix: fit the NeRF longer")
     mesh = extract_mesh(nerf, resolution=resolution, level=level)
     if mesh["faces"].shape[0] == 0:
         raise EmptyFieldError(f"the field has no surface at density {level:g}: nothing to export. "
                               "Fix: fit the NeRF longer, or lower --level")
     v, f = decimate(mesh["vertices"], mesh["faces"], triangles)
+    cell = 2 * nerf.config.bound / resolution
+    v = snap_to_level(nerf, v, vertex_normals(v, f), level, reach=2.0 * cell)     # after decimation: fewer vertices
     import xatlas
     vmap, faces, uv = xatlas.parametrize(v, f.astype(np.uint32))
     verts = v[vmap].astype(np.float32)
@@ -130,21 +155,13 @@ def build_textured_mesh(nerf: "Nerf", triangles: int = DEFAULT_TRIANGLES, textur
     fn /= np.maximum(np.linalg.norm(fn, axis=1, keepdims=True), 1e-12)
     tid = tri_id[cov]
     pts = (bary[cov][:, :, None] * verts[faces[tid]]).sum(1)
-    b = nerf.config.bound
-    x01 = torch.from_numpy((pts + b) / (2 * b)).float().clamp(0, 1)
-    dirs = torch.from_numpy(-fn[tid]).float()
-    cols = []
-    assert nerf.field is not None
-    nerf.field.eval()
-    with torch.no_grad():
-        for s in range(0, x01.shape[0], 1 << 16):
-            _, rgb = nerf.field(x01[s:s + (1 << 16)].to(nerf.device), dirs[s:s + (1 << 16)].to(nerf.device))
-            cols.append(rgb.float().clamp(0, 1).cpu())
+    scale = max(cell, nerf.step_size)
+    cols = surface_colors(nerf, pts, fn[tid], outside=scale, inside=4 * scale)
     img = np.zeros((texture_size, texture_size, 3), np.float32)
-    if cols:
-        img[cov] = torch.cat(cols).numpy()
+    img[cov] = cols
     img = _fill_empty(img, cov)
-    return {"vertices": verts, "faces": faces, "uv": uv, "texture": (img * 255 + 0.5).astype(np.uint8)}
+    return {"vertices": verts, "faces": faces, "uv": uv, "texture": (img * 255 + 0.5).astype(np.uint8),
+            "level": float(level)}
 
 
 def write_glb(mesh: dict[str, np.ndarray], path: str | Path) -> Path:

@@ -268,7 +268,7 @@ class Nerf:
 
     # -- portable assets -----------------------------------------------------------------------------
     def export_glb(self, path: str | Path, triangles: int = 100_000, texture_size: int = 1024,
-                   resolution: int = 128, level: float = 10.0, overwrite: bool = False) -> dict[str, Any]:
+                   resolution: int = 128, level: float | None = None, overwrite: bool = False) -> dict[str, Any]:
         """Textured glTF 2.0 binary of the surface; see :func:`dp360rt.nerf.assets.export_glb`."""
         from .assets import export_glb
         return export_glb(self, path, triangles=triangles, texture_size=texture_size, resolution=resolution,
