@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dp360rt.nerf.cameras import load_views
-from dp360rt.nerf.glb import read_glb
+from dp360rt.nerf.glb import DEFAULT_TRIANGLES, read_glb
 from dp360rt.nerf.mesh_render import render_textured_mesh
 from dp360rt.nerf.model import Nerf, psnr
 from dp360rt.nerf.splat import read_splat_ply
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-steps", type=int, default=600)
     ap.add_argument("--splat-steps", type=int, default=600)
     ap.add_argument("--splat-res", type=int, default=64)
-    ap.add_argument("--triangles", type=int, default=100_000)
+    ap.add_argument("--triangles", type=int, default=DEFAULT_TRIANGLES)
     ap.add_argument("--texture", type=int, default=1024)
     ap.add_argument("--mesh-res", type=int, default=128)
     ap.add_argument("--pass-sizes", default="256,512", help="view sizes for the refinement-pass timing ('' = skip)")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..io.checks import arg, device_name, positive_float, positive_int, writable_dir
+from .glb import DEFAULT_TRIANGLES
 
 DEFAULT_SECONDS = 120.0
 # Limits shared with the API (dp360rt.nerf.model / .video / .mesh), repeated here so `--help` needs no torch.
@@ -248,7 +249,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("run", metavar="RUN_DIR", help="a run folder (views + nerf/) or the --out folder of `nerf fit`")
     e.add_argument("--glb", metavar="OUT.glb", help="write a textured glTF 2.0 binary")
     e.add_argument("--splat", metavar="OUT.ply", help="write a standard 3DGS .ply")
-    e.add_argument("--triangles", type=int, default=100_000, help="GLB triangle budget (default 100000)")
+    e.add_argument("--triangles", type=int, default=DEFAULT_TRIANGLES, help=f"GLB triangle budget (default {DEFAULT_TRIANGLES})")
     e.add_argument("--texture-size", type=int, default=1024, help="GLB texture side, a power of two up to 8192")
     e.add_argument("--resolution", type=arg(positive_int, "--resolution", MAX_MESH_RES, minimum=2), default=128,
                    help="marching-cubes cells per side (default 128)")

@@ -19,6 +19,7 @@ from ..io.checks import device as check_device
 from ._threads import threads
 from .cameras import CameraError, camera_rays, to_image
 from .field import GridField, HashField, build_field
+from .glb import DEFAULT_TEXTURE, DEFAULT_TRIANGLES
 from .occupancy import OccupancyGrid, ViewCarver
 from .render import march
 
@@ -267,7 +268,7 @@ class Nerf:
         return snap
 
     # -- portable assets -----------------------------------------------------------------------------
-    def export_glb(self, path: str | Path, triangles: int = 100_000, texture_size: int = 1024,
+    def export_glb(self, path: str | Path, triangles: int = DEFAULT_TRIANGLES, texture_size: int = DEFAULT_TEXTURE,
                    resolution: int = 128, level: float | None = None, overwrite: bool = False) -> dict[str, Any]:
         """Textured glTF 2.0 binary of the surface; see :func:`dp360rt.nerf.assets.export_glb`."""
         from .assets import export_glb
