@@ -170,8 +170,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.splat:
         if views is None and a.splat_steps:
             print("no views folder (cameras.json) found: writing the unrefined splat. Fix: pass --views DIR")
+        level = {} if a.level is None else {"level": a.level}      # None: export_splat's own default
         r = nerf.export_splat(a.splat, views=views, steps=a.splat_steps, resolution=a.splat_resolution,
-                              level=10.0 if a.level is None else a.level, overwrite=a.overwrite)
+                              overwrite=a.overwrite, **level)
         print(f"wrote {r['path']}: {r['splats']} Gaussians, {r['bytes'] / 1e6:.2f} MB in {r['seconds']:.1f} s "
               f"({r['refine_seconds']:.1f} s refining {len(r['losses'])} steps against {views})")
     return 0
