@@ -125,6 +125,10 @@ def one(photo, R_true, ref_quad, label_src, R_rel=None, ref_roll=None):
             "camera_err_deg": rotation_angle_deg(r.pose.rotation, to_crop @ R_true), "yaw": [r.yaw_deg, ly], "pitch": [r.pitch_deg, lp],
             "rel_err_deg": rotation_angle_deg(r.pose.rotation, to_crop @ R_rel) if R_rel is not None else None,
             "sigma_deg": r.camera_sigma_deg, "label": label_src, "R": r.pose.rotation.tolist(),
+            "detector": r.detector, "mirror_disagreement_deg": r.mirror_disagreement_deg,
+            "mirror_kept": r.pose is r.readings[1],
+            "readings_err_deg": [None if q is None else rotation_angle_deg(q.rotation, to_crop @ R_true) for q in r.readings],
+            "readings_R": [None if q is None else q.rotation.tolist() for q in r.readings],
             "warnings": sorted({type(x.message).__name__ for x in w if issubclass(x.category, UserWarning)})}
 
 
@@ -179,11 +183,49 @@ def summary(rows: list[dict]) -> dict:
                 "max_abs_roll_deg": max(abs(r["roll_deg"]) for r in b), "max_camera_err_deg": max(r["camera_err_deg"] for r in b)}
     exact = [r["exact_lm_err_deg"] for r in rows if r.get("exact_lm_err_deg") is not None and abs(r["turn"][0]) <= 40]
     side = [r for r in ok if abs(r["yaw"][1]) >= 15]
+    sweep = mirror_sweep(rows)
     return {"yaw<=40": band(0, 40), "exact_landmarks_yaw<=40": {"n": len(exact), "median_camera_err_deg": float(np.median(exact)),
                                                                   "max_camera_err_deg": max(exact)}, "yaw 60": band(41, 90), "failed": [f"{r['image']} {r['turn']} {r['variant']}: {r['error']}" for r in rows if "error" in r],
             "wrong_side": [f"{r['image']} {r['turn']} {r['variant']}" for r in side if np.sign(r["yaw"][0]) != np.sign(r["yaw"][1])],
             "median_mirror_deg": float(np.median([r["mirror_consistency_deg"] for r in ok if "mirror_consistency_deg" in r])),
-            "max_mirror_deg": max([r["mirror_consistency_deg"] for r in ok if "mirror_consistency_deg" in r], default=None)}
+            "max_mirror_deg": max([r["mirror_consistency_deg"] for r in ok if "mirror_consistency_deg" in r], default=None),
+            "mirror_rule": sweep}
+
+
+MIRROR_SWEEP = (0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 15.0, math.inf)
+
+
+def _kept_error(row: dict, threshold: float) -> float:
+    """A row's camera error had the mirror rule used ``threshold``: the mirror image's reading
+    kept when the two differ by more than it and it is the further from facing the camera."""
+    err, Rs = row["readings_err_deg"], row["readings_R"]
+    if Rs[1] is None or row["mirror_disagreement_deg"] <= threshold:
+        return err[0]
+    turned = [rotation_angle_deg(np.array(R), np.eye(3)) for R in Rs]
+    return err[1] if turned[1] > turned[0] else err[0]
+
+
+def mirror_sweep(rows: list[dict]) -> dict:
+    """Camera error (median / max, yaw <= 40; max at yaw 60) for each MIRROR_SWEEP threshold,
+    and leave-one-subject-out: the threshold with the least mean error (yaw <= 40) on the other
+    subjects, scored on the held-out one."""
+    ok = [r for r in rows if "error" not in r and "readings_err_deg" in r]
+    def score(sel, t):
+        return float(np.mean([_kept_error(r, t) for r in sel if abs(r["turn"][0]) <= 40]))
+    table = {}
+    for t in MIRROR_SWEEP:
+        e40 = [_kept_error(r, t) for r in ok if abs(r["turn"][0]) <= 40]
+        e60 = [_kept_error(r, t) for r in ok if abs(r["turn"][0]) > 40]
+        table[str(t)] = {"median": float(np.median(e40)), "max": max(e40), "mean": float(np.mean(e40)),
+                         "max_60": max(e60, default=None), "median_60": float(np.median(e60)) if e60 else None}
+    loo = {}
+    for held in sorted({r["image"] for r in ok}):
+        train = [r for r in ok if r["image"] != held]
+        test = [r for r in ok if r["image"] == held]
+        best = min(MIRROR_SWEEP, key=lambda t: score(train, t))
+        loo[held] = {"picked": best, "held_out_mean": score(test, best), "shipped_mean": score(test, 6.0),
+                     "never_mean": score(test, math.inf)}
+    return {"thresholds": table, "leave_one_subject_out": loo}
 
 
 GOALS = [("framing shift, % of the side", "shift_pct", "<= 3"), ("scale error, %", "abs_scale_pct", "<= 5"),
@@ -209,6 +251,24 @@ def markdown(s: dict, rows: list[dict], before: dict | None = None) -> str:
                + (f" {before['median_mirror_deg']:.2f} / {before['max_mirror_deg']:.2f} |" if before else ""))
     out.append(f"| renders cropped (yaw <= 40) | all | {s['yaw<=40'].get('n', 0)} |" + (f" {before['yaw<=40'].get('n', 0)} |" if before else ""))
     out.append(f"| wrong side (abs(yaw) >= 15) | 0 | {len(s['wrong_side'])} |" + (f" {len(before['wrong_side'])} |" if before else ""))
+    b60 = s.get("yaw 60", {})
+    if b60:
+        out.append(f"| yaw 60: renders cropped; camera error median / max, deg | <= 8 | {b60['n']}; "
+                   f"{b60['median_camera_err_deg']:.2f} / {b60['max_camera_err_deg']:.2f} |"
+                   + (f" {before.get('yaw 60', {}).get('n', 0)}; " + (f"{before['yaw 60']['median_camera_err_deg']:.2f} / "
+                      f"{before['yaw 60']['max_camera_err_deg']:.2f}" if before.get('yaw 60') else "") + " |" if before else ""))
+    sweep = s.get("mirror_rule")
+    if sweep:
+        out += ["", "Mirror rule: camera error for each threshold (the mirror image's reading kept when the two differ "
+                "by more and it is the more turned; inf = never), deg:", "",
+                "| threshold | yaw <= 40: median / mean / max | yaw 60: median / max |", "|---|---|---|"]
+        for t, v in sweep["thresholds"].items():
+            sixty = "" if v["max_60"] is None else f"{v['median_60']:.2f} / {v['max_60']:.2f}"
+            out.append(f"| {t} | {v['median']:.2f} / {v['mean']:.2f} / {v['max']:.2f} | {sixty} |")
+        out += ["", "| held-out subject | threshold picked on the others | its mean error, deg | shipped (6) | never |",
+                "|---|---|---|---|---|"]
+        for name, v in sweep["leave_one_subject_out"].items():
+            out.append(f"| {name} | {v['picked']} | {v['held_out_mean']:.2f} | {v['shipped_mean']:.2f} | {v['never_mean']:.2f} |")
     out += ["", "Failed (named errors): " + ("; ".join(s["failed"]) or "none") + ".", "",
             "| image | turn yaw/pitch | variant | shift % | scale % | roll deg | cam err deg | rel err deg | exact-landmark cam err deg "
             "| yaw ours/label | pitch ours/label | warnings |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
