@@ -325,6 +325,14 @@ def test_raw_photo_crop_3d_noise_and_orbit(server):
     fractions = [d["fraction"] for e, d in events if e == "progress" and d["stage"] == "invert"]
     assert fractions == sorted(fractions) and 0 <= fractions[0] < 1
     assert "backend_prepare" in events[-1][1]["timings"]
+    # the crop's camera and its named warnings reach the client before the first view (the astronaut's
+    # face is 90 px wide: its quad is under 256 px, a SmallFaceWarning)
+    kinds = [e for e, _ in events]
+    crop = [d for e, d in events if e == "crop"]
+    assert len(crop) == 1 and kinds.index("crop") < kinds.index("view"), kinds
+    assert abs(crop[0]["yaw_deg"]) < 10 and crop[0]["detector"] == "hog" and crop[0]["faces_found"] == 1
+    assert crop[0]["camera_sigma_deg"] > 0
+    assert [w.split(":")[0] for w in crop[0]["warnings"]] == ["SmallFaceWarning"], crop[0]["warnings"]
     r = client.post(f"{srv.base}/v1/generations", files={"portrait": ("f.png", portrait_png())}, data={"orbit": "nosuch"})
     assert r.status_code == 400 and "high" in r.json()["error"]["fix"]
     r = client.post(f"{srv.base}/v1/generations", files={"portrait": ("f.png", portrait_png())}, data={"noise": "sideways"})

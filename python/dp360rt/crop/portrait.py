@@ -103,7 +103,8 @@ class CropResult:
     (0/0 in front; positive yaw is on the subject's left, positive pitch above); landmarks: the
     chosen face's 68 points [68, 2] (column, row) in the photo; quad: the final quad's corners
     [4, 2] in the photo (top-left, bottom-left, bottom-right, top-right); ffhq_quad: step (a)'s
-    quad; faces_found: how many faces the detector found (the largest is cropped); detector:
+    quad; faces_found: how many faces the detector found (the largest is cropped); notes: the
+    crop's warnings, each as "WarningClassName: message"; detector:
     "hog" (the recipe's) or "cnn" (dlib's CNN detector, asked when HOG finds no face: most often a
     strongly turned or tilted head); mirror_disagreement_deg: the angle between the fits of the
     upright crop's landmarks and of its mirror image's (mirrored back); readings: those two fits
@@ -310,7 +311,7 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE, face: int | None
     canvas = warp_canvas(photo, c, x, y)
     image = Image.fromarray(canvas).resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.LANCZOS)
     return CropResult(image, canvas, camera, yaw, pitch, landmarks, quad_corners(c, x, y), first, len(faces),
-                      pose, photo, time.perf_counter() - t0, [n for _, n in notes], k, sigma,
+                      pose, photo, time.perf_counter() - t0, [f"{cls.__name__}: {n}" for cls, n in notes], k, sigma,
                       chosen.detector, disagreement, readings)
 
 

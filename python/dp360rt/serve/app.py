@@ -272,6 +272,9 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
                                                "fraction": now[3], "t": _since(g)})
                 elif kind == "files":
                     await asyncio.to_thread(store.write_extra, g.id, ev["files"])
+                    crop = _crop_summary(ev["files"])
+                    if crop is not None:
+                        yield sse("crop", {"id": g.id, **crop, "t": _since(g)})
                 elif kind == "view":
                     set_queued(g, False)
                     idx, image = ev["index"], ev["image"]
@@ -437,3 +440,15 @@ def _choice_field(value: Any, name: str, choices: Sequence[str], default: str | 
                          f"send {name}={' or '.join(choices)}")
     return v
 
+
+
+def _crop_summary(files: dict[str, bytes]) -> dict[str, Any] | None:
+    """What a client needs to judge a crop=auto crop, from its camera.json: the camera's yaw,
+    pitch and 1-sigma, the detector, the faces found and the crop's warnings (named, e.g.
+    ``PoseBeyondFitWarning: ...``); None without a crop."""
+    raw = files.get("crop/camera.json")
+    if raw is None:
+        return None
+    meta = json.loads(raw)
+    keys = ("yaw_deg", "pitch_deg", "camera_sigma_deg", "detector", "faces_found", "face_index")
+    return {**{k: meta.get(k) for k in keys}, "warnings": list(meta.get("notes", []))}
