@@ -35,9 +35,9 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"{path} is empty (0 bytes). Fix: pass a PNG or JPEG image")
-    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; with the limit at ours,
-    # every image Pillow would complain about is refused here first, by its header.
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    # Pillow warns above its own MAX_IMAGE_PIXELS and refuses above twice that (DecompressionBombError,
+    # caught below); the size is checked against ours from the header. Pillow's limit is left as the
+    # caller set it: it is global state of every other user of Pillow in the process.
     too_large = f"Fix: downscale it to at most {MAX_PIXELS // 1_000_000} MP (e.g. 2048x2048 is plenty)"
     try:
         with warnings.catch_warnings():

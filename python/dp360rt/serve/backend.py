@@ -28,6 +28,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,9 +60,10 @@ def decode_portrait(data: bytes) -> Image.Image:
     """Uploaded bytes -> a decoded PIL image, or :class:`BadInput` saying what is wrong."""
     if not data:
         raise BadInput("the portrait file is empty (0 bytes)", "upload a PNG or JPEG image")
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        img = Image.open(io.BytesIO(data))         # the header only: the size is checked before decoding
+        with warnings.catch_warnings():            # Pillow's own limit only warns below twice it; ours refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))     # the header only: the size is checked before decoding
         if img.width * img.height > MAX_PIXELS:    # Pillow itself only warns up to twice its limit
             raise BadInput(f"the portrait is {img.width}x{img.height}, more than {MAX_PIXELS // 1_000_000} MP",
                            "downscale it", status=413)
