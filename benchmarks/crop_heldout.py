@@ -251,12 +251,12 @@ def markdown(s: dict, rows: list[dict], before: dict | None = None) -> str:
                + (f" {before['median_mirror_deg']:.2f} / {before['max_mirror_deg']:.2f} |" if before else ""))
     out.append(f"| renders cropped (yaw <= 40) | all | {s['yaw<=40'].get('n', 0)} |" + (f" {before['yaw<=40'].get('n', 0)} |" if before else ""))
     out.append(f"| wrong side (abs(yaw) >= 15) | 0 | {len(s['wrong_side'])} |" + (f" {len(before['wrong_side'])} |" if before else ""))
-    b60 = s.get("yaw 60", {})
-    if b60:
-        out.append(f"| yaw 60: renders cropped; camera error median / max, deg | <= 8 | {b60['n']}; "
-                   f"{b60['median_camera_err_deg']:.2f} / {b60['max_camera_err_deg']:.2f} |"
-                   + (f" {before.get('yaw 60', {}).get('n', 0)}; " + (f"{before['yaw 60']['median_camera_err_deg']:.2f} / "
-                      f"{before['yaw 60']['max_camera_err_deg']:.2f}" if before.get('yaw 60') else "") + " |" if before else ""))
+    def sixty(summ):
+        b = summ.get("yaw 60", {})
+        return f"{b.get('n', 0)}; " + (f"{b['median_camera_err_deg']:.2f} / {b['max_camera_err_deg']:.2f}" if b else "")
+    if s.get("yaw 60"):
+        out.append(f"| yaw 60: renders cropped; camera error median / max, deg | <= 8 | {sixty(s)} |"
+                   + (f" {sixty(before)} |" if before else ""))
     sweep = s.get("mirror_rule")
     if sweep:
         out += ["", "Mirror rule: camera error for each threshold (the mirror image's reading kept when the two differ "

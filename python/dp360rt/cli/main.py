@@ -201,8 +201,8 @@ def _crop_summary(r) -> str:
     which = "the largest" if getattr(r, "face_index", 0) == 0 else f"face {r.face_index}"
     found = f"{r.faces_found} faces found, cropped {which}" if r.faces_found > 1 else "1 face found"
     by = " by the CNN detector" if getattr(r, "detector", "hog") == "cnn" else ""
-    return (f"{found}{by}: yaw {r.yaw_deg:+.1f} deg, pitch {r.pitch_deg:+.1f} deg (1-sigma {r.camera_sigma_deg:.1f} deg), landmark fit rms "
-            f"{r.pose.rms:.1f} px (of 512), {r.seconds:.2f} s")
+    return (f"{found}{by}: yaw {r.yaw_deg:+.1f} deg, pitch {r.pitch_deg:+.1f} deg (1-sigma {r.camera_sigma_deg:.1f} deg), "
+            f"landmark fit rms {r.pose.rms:.1f} px (of 512), {r.seconds:.2f} s")
 
 
 def cmd_crop(a: argparse.Namespace) -> int:

@@ -272,7 +272,7 @@ def create_app(backend: Any, *, store: ResultStore | None = None, max_queue: int
                                                "fraction": now[3], "t": _since(g)})
                 elif kind == "files":
                     await asyncio.to_thread(store.write_extra, g.id, ev["files"])
-                    crop = _crop_summary(ev["files"])
+                    crop = _crop_event(ev["files"])
                     if crop is not None:
                         yield sse("crop", {"id": g.id, **crop, "t": _since(g)})
                 elif kind == "view":
@@ -442,7 +442,7 @@ def _choice_field(value: Any, name: str, choices: Sequence[str], default: str | 
 
 
 
-def _crop_summary(files: dict[str, bytes]) -> dict[str, Any] | None:
+def _crop_event(files: dict[str, bytes]) -> dict[str, Any] | None:
     """What a client needs to judge a crop=auto crop, from its camera.json: the camera's yaw,
     pitch and 1-sigma, the detector, the faces found and the crop's warnings (named, e.g.
     ``PoseBeyondFitWarning: ...``); None without a crop."""
