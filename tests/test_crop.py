@@ -292,3 +292,28 @@ def test_detector_retries_without_upsampling(astronaut, monkeypatch):
     calls.clear()
     monkeypatch.setattr(landmarks, "_models", lambda: (Detector(False), predictor))
     assert len(detect_faces(astronaut)) == 1 and calls == [1]
+
+
+def test_detection_from_several_threads_is_serialised(astronaut):
+    """The service crops in one thread per request; dlib's detectors are not thread-safe and
+    release the GIL, so concurrent calls are serialised: four threads at once get the serial
+    result (and the process survives)."""
+    import threading
+    from dp360rt.crop import detect_faces
+    want = detect_faces(astronaut)
+    got, errors = [], []
+
+    def run():
+        try:
+            got.append(detect_faces(astronaut))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 4
+    for faces in got:
+        assert len(faces) == len(want) and all(np.array_equal(a.landmarks, b.landmarks) for a, b in zip(faces, want))

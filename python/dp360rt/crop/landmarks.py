@@ -10,6 +10,7 @@ tilted 30 deg that HOG misses (benchmarks/RESULTS.md, issue 29), at about 2 s a 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,10 @@ CNN_MAX_SIDE = 1024       # the CNN detector sees the photo shrunk to this (its 
 # pairs where both detectors found the face, HOG scoring >= 0.8; benchmarks/crop_cnn_box.py).
 CNN_BOX_SHIFT = (0.078, 0.078)
 CNN_BOX_SCALE = 1.134
+# dlib's detectors and networks are not safe to call from two threads at once (they keep scratch
+# buffers and release the GIL): the service crops in one thread per request, so every dlib call
+# of this module holds this lock.
+_DLIB_LOCK = threading.Lock()
 
 
 class CropDependencyError(ImportError):
@@ -92,17 +97,18 @@ def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SC
     to ``CNN_MAX_SIDE``), and the landmarks start from its box moved to where HOG's would be."""
     detector, predictor = _models()
     img = np.ascontiguousarray(image, dtype=np.uint8)
-    found = _detect(detector, img, upsample, min_score)
-    if not found and upsample > 0:
-        found = _detect(detector, img, 0, min_score)
-    kind = "hog"
-    if not found:
-        found, kind = _detect_cnn(img), "cnn"
     faces = []
-    for r, sc in found:
-        shape = predictor(img, r)
-        lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-        faces.append(Face((r.left(), r.top(), r.right(), r.bottom()), float(sc), lm, kind))
+    with _DLIB_LOCK:
+        found = _detect(detector, img, upsample, min_score)
+        if not found and upsample > 0:
+            found = _detect(detector, img, 0, min_score)
+        kind = "hog"
+        if not found:
+            found, kind = _detect_cnn(img), "cnn"
+        for r, sc in found:
+            shape = predictor(img, r)
+            lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+            faces.append(Face((r.left(), r.top(), r.right(), r.bottom()), float(sc), lm, kind))
     faces.sort(key=lambda f: (f.area, f.score), reverse=True)
     return faces
 
