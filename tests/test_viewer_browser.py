@@ -9,6 +9,7 @@ Skips, saying why, only where no chromium (or no Playwright) can be found.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -221,6 +222,21 @@ def test_upload_generate_and_orbit_in_browser(browser_page, tmp_path):
         page.select_option("[data-testid=render-size]", "128")
         _drag_changes_frame(page, 120)
         page.screenshot(path=str(ARTIFACTS / "serve_upload_orbited.png"))
+        if importlib.util.find_spec("dlib") is not None:       # the crop extra (part of test)
+            # a raw photo with crop=auto: the crop's camera and named warnings are shown (the
+            # astronaut's face is 90 px wide: a SmallFaceWarning), then its views stream in
+            from skimage import data
+            raw = tmp_path / "raw.png"
+            Image.fromarray(data.astronaut()).save(raw)
+            page.set_input_files("[data-testid=portrait-input]", str(raw))
+            page.select_option("[data-testid=crop]", "auto")
+            page.locator("[data-testid=generate]").click()
+            _wait(page, "!document.querySelector('[data-testid=crop-info]').hidden", 120)
+            info = page.inner_text("[data-testid=crop-info]")
+            assert "yaw" in info and "hog detector" in info and "SmallFaceWarning" in info, info
+            assert page.get_attribute("[data-testid=crop-info]", "data-warnings") == "1"
+            _wait(page, "document.querySelectorAll('img[data-testid=view]').length === 33", 240)
+            page.screenshot(path=str(ARTIFACTS / "serve_upload_crop_auto.png"))
     finally:
         proc.terminate()
         try:

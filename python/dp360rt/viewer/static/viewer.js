@@ -381,6 +381,17 @@ function onGenerationEvent(event, data) {
     if (viewer.state === "generating" || viewer.state === "waiting") {
       setStatus("generating", `generating: ${n}/33 views`);
     }
+  } else if (event === "crop") {
+    // crop=auto: the camera PanoHead's recipe gave the raw photo, and the crop's named warnings
+    // (a strongly turned head, a small face, several faces): the views follow that camera
+    const w = msg.warnings || [];
+    const deg = (v) => `${v >= 0 ? "+" : ""}${Number(v).toFixed(1)}°`;
+    const el = $("cropinfo");
+    el.textContent = `crop: yaw ${deg(msg.yaw_deg)}, pitch ${deg(msg.pitch_deg)} (1-sigma ${Number(msg.camera_sigma_deg).toFixed(1)}°), ` +
+      `face found by the ${msg.detector} detector` + (w.length ? `; ${w.join("; ")}` : "");
+    el.dataset.warnings = String(w.length);
+    el.classList.toggle("warn", w.length > 0);
+    el.hidden = false;
   } else if (event === "done") {
     $("progress").textContent += `; generated in ${((performance.now() - viewer.tStart) / 1000).toFixed(1)} s`;
   } else if (event === "error" || event === "cancelled") {
@@ -402,6 +413,8 @@ async function generate(ev) {
   const form = new FormData();
   form.append("portrait", file);
   if ($("steps").value) form.append("steps", $("steps").value);
+  if ($("crop").value !== "none") form.append("crop", $("crop").value);
+  $("cropinfo").hidden = true;
   setStatus("generating", "generating: uploading the portrait");
   $("generate").disabled = true;
   try {
