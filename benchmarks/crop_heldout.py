@@ -32,6 +32,7 @@ from PIL import Image
 
 from dp360rt.crop import crop_portrait, detect_faces, yaw_pitch
 from dp360rt.io.results import write_text_atomic
+from dp360rt.crop.face3d import rotation_angle_deg
 from dp360rt.crop.recipe import camera_from_rotation, canvas_geometry
 from dp360rt.crop.recipe import ffhq_quad, refine_quad, to_quad_frame
 from dp360rt.crop.synth import SynthHead, render_turned, turn, turned_landmarks
@@ -41,11 +42,6 @@ POSES = [(0, 0), (15, 0), (30, 0), (40, 0), (60, 0), (-30, 0), (0, 20), (0, -20)
 HEADS = {"man.jpg": SynthHead(centre_back=90, relief=1.2, seed=1, half_width=95),
          "woman.jpg": SynthHead(centre_back=80, relief=1.0, seed=2, half_width=90),
          "astronaut": SynthHead(centre_back=85, relief=1.1, seed=3, half_width=88, half_height=118)}
-
-
-def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    c = (np.trace(a.T @ b) - 1) / 2
-    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
 
 
 def head_rotation(label: torch.Tensor) -> np.ndarray:

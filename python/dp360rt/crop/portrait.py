@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..io.images import ImageError, open_image, to_rgb
-from .face3d import MIRROR_ORDER, FacePose
+from .face3d import MIRROR_ORDER, FacePose, rotation_angle_deg
 from .landmarks import MIN_SCORE, detect_faces
 from .recipe import (FIT_SIZE, camera_from_rotation, ffhq_quad, from_quad_frame, quad_corners, quad_crop, refine_quad,
                      to_quad_frame, warp_canvas, yaw_pitch)
@@ -337,16 +337,11 @@ def _fit_both_readings(photo: np.ndarray, upright: np.ndarray, c: np.ndarray, x:
     if mirrored is None:
         return upright, fit, 0.0, (fit[3], None), False
     fit_m = refine_quad(mirrored, c, x, y)
-    disagreement = _angle_deg(fit[3].rotation, fit_m[3].rotation)
-    turned = [_angle_deg(f[3].rotation, np.eye(3)) for f in (fit, fit_m)]
+    disagreement = rotation_angle_deg(fit[3].rotation, fit_m[3].rotation)
+    turned = [rotation_angle_deg(f[3].rotation, np.eye(3)) for f in (fit, fit_m)]
     if disagreement > MIRROR_DISAGREE_DEG and turned[1] > turned[0]:
         return mirrored, fit_m, disagreement, (fit[3], fit_m[3]), True
     return upright, fit, disagreement, (fit[3], fit_m[3]), False
-
-
-def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    """The angle (deg) of the rotation between rotation matrices ``a`` and ``b`` [3, 3]."""
-    return float(np.degrees(np.arccos(np.clip((np.trace(a.T @ b) - 1) / 2, -1.0, 1.0))))
 
 
 def _eye_rms(pose: FacePose, landmarks: np.ndarray) -> float:
