@@ -125,6 +125,23 @@ def occupied_range(occ, o: Tensor, d: Tensor, bound: float) -> tuple[Tensor, Ten
 
 
 @torch.no_grad()
+def sampled_densities(field, occ, o: Tensor, d: Tensor, near: Tensor, far: Tensor, bound: float, step: float
+                      ) -> tuple[Tensor, Tensor]:
+    """Densities every ``step`` along rays (o, d [R, 3] world) from ``near`` to ``far`` [R], in
+    one dense block -> (t [R, K] the sample distances, sigma [R, K]); samples at or past ``far``
+    or in empty cells of the occupancy grid are 0, as in the renderer. For short measurements
+    (surface level, median depth); rendering uses :func:`march`."""
+    k = int(((far - near).clamp_min(0).max() / step).ceil()) + 1 if near.numel() else 1
+    t = near[:, None] + (torch.arange(k, device=o.device, dtype=near.dtype)[None, :] + 0.5) * step
+    x01 = scene_to_unit(o[:, None, :] + d[:, None, :] * t[..., None], bound).reshape(-1, 3)
+    keep = ((t < far[:, None]).reshape(-1) & occ.lookup(x01.clamp(0, 1))).nonzero()[:, 0]
+    sigma = torch.zeros(x01.shape[0], device=o.device)
+    if keep.numel():
+        sigma[keep] = field.density(x01[keep]).float()
+    return t, sigma.view(-1, k)
+
+
+@torch.no_grad()
 def march_samples(field, occ, o: Tensor, d: Tensor, near: Tensor, far: Tensor, bound: float, step: float,
                   jitter: Tensor | None, min_transmittance: float = 1e-4, chunk_steps: int = 16
                   ) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:

@@ -103,19 +103,15 @@ def median_depth(nerf: "Nerf", o: Tensor, d: Tensor, chunk: int = 4096) -> Tenso
     """Distance along each ray (o, d [B, 3] world, d unit) where its opacity reaches 1/2 (the
     median of the volume-render weights: unlike their mean it never lies in the empty space
     between two surfaces) -> [B], the ray's far end where it never does."""
-    from .render import occupied_range, scene_to_unit
+    from .render import occupied_range, sampled_densities
     step, b = nerf.step_size, nerf.config.bound
     out = []
     for s in range(0, o.shape[0], chunk):
         oc, dc = o[s:s + chunk].to(nerf.device), d[s:s + chunk].to(nerf.device)
         near, far = occupied_range(nerf.occ, oc, dc, b)
-        k = int(((far - near).clamp_min(0).max() / step).ceil()) + 1
-        t = near[:, None] + (torch.arange(k, device=oc.device) + 0.5) * step                 # [R, K]
-        x01 = scene_to_unit(oc[:, None] + dc[:, None] * t[..., None], b).reshape(-1, 3)
-        keep = ((t < far[:, None]).reshape(-1) & nerf.occ.lookup(x01)).nonzero()[:, 0]
-        tau = torch.zeros(x01.shape[0], device=oc.device)
-        tau[keep] = nerf.field.density(x01[keep]).float() * step                           # type: ignore[union-attr]
-        reached = torch.cumsum(tau.view(-1, k), 1) >= math.log(2.0)                          # 1 - exp(-sum) >= 1/2
+        t, sigma = sampled_densities(nerf.field, nerf.occ, oc, dc, near, far, b, step)      # [R, K]
+        k = t.shape[1]
+        reached = torch.cumsum(sigma * step, 1) >= math.log(2.0)                            # 1 - exp(-sum) >= 1/2
         first = torch.where(reached.any(1), reached.float().argmax(1), torch.full_like(far, k - 1, dtype=torch.long))
         out.append(t.gather(1, first[:, None])[:, 0].cpu())
     return torch.cat(out)

@@ -55,18 +55,9 @@ def _ray_stats(nerf: "Nerf", o: torch.Tensor, d: torch.Tensor, near: torch.Tenso
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rays from ``near`` to ``far`` sampled every renderer step -> (opacity [N], largest density
     met [N]); empty cells of the occupancy grid count as empty, as in the renderer."""
-    from .render import scene_to_unit
-    step = nerf.step_size
-    k = max(1, int(np.ceil(float((far - near).max()) / step)))
-    t = near[:, None] + (torch.arange(k, dtype=torch.float32, device=o.device)[None, :] + 0.5) * step
-    x01 = scene_to_unit(o[:, None, :] + d[:, None, :] * t[..., None], nerf.config.bound).reshape(-1, 3)
-    inside = (t < far[:, None]).reshape(-1) & nerf.occ.lookup(x01.clamp(0, 1))
-    sigma = torch.zeros(x01.shape[0], device=o.device)
-    sel = inside.nonzero()[:, 0]
-    if sel.numel():
-        sigma[sel] = nerf.field.density(x01[sel]).float()
-    sigma = sigma.view(-1, k)
-    return -torch.expm1(-sigma.sum(1) * step), sigma.amax(1)
+    from .render import sampled_densities
+    _, sigma = sampled_densities(nerf.field, nerf.occ, o, d, near, far, nerf.config.bound, nerf.step_size)
+    return -torch.expm1(-sigma.sum(1) * nerf.step_size), sigma.amax(1)
 
 
 @torch.no_grad()
