@@ -251,6 +251,9 @@ def test_empty_field_is_named(run, tmp_path):
     empty.occ.set_mask(torch.zeros_like(empty.occ.mask))
     with pytest.raises(EmptyFieldError, match="no surface"):
         empty.export_splat(tmp_path / "e.ply", steps=0)
+    run_dir = run[0]
+    with pytest.raises(EmptyFieldError, match="no training ray reaches"):     # seeded from views: was a torch.cat error
+        empty.export_splat(tmp_path / "e.ply", views=run_dir, steps=0)
     with pytest.raises(EmptyFieldError, match="no surface"):
         empty.export_glb(tmp_path / "e.glb", triangles=100, texture_size=64, resolution=32)
     assert not list(tmp_path.iterdir())                  # nothing half-written

@@ -114,7 +114,7 @@ def median_depth(nerf: "Nerf", o: Tensor, d: Tensor, chunk: int = 4096) -> Tenso
         reached = torch.cumsum(sigma * step, 1) >= math.log(2.0)                            # 1 - exp(-sum) >= 1/2
         first = torch.where(reached.any(1), reached.float().argmax(1), torch.full_like(far, k - 1, dtype=torch.long))
         out.append(t.gather(1, first[:, None])[:, 0].cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0)      # a view that shows nothing has no rays here
 
 
 def expected_surface(nerf: "Nerf", cameras: Tensor, width: int, height: int, max_side: int = 256,
