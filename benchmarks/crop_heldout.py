@@ -14,7 +14,13 @@ dlib's: the fit's own share of the camera error), yaw / pitch ours and label. Th
 source's own (rotating about the head centre keeps its projection): PanoHead's for its crops, our
 crop of the untouched photo for the astronaut.
 
-Usage: ``python benchmarks/crop_heldout.py [CROP_SAMPLES_IMG_DIR] [--json OUT] [--md OUT [--before JSON]] [--quick]``
+A second set, real 3D (``--scan OBJ``): a textured head scan with its 68 landmarks in 3D
+(:mod:`dp360rt.crop.scan`; menpo3d's ``data/james.obj``, from its PyPI sdist), rendered with
+perspective at 1 m at the same poses. Its geometry is not the generic face's, its nose occludes
+its cheek, and its label is the pose itself (the scan is placed in the generic face's frame by
+its landmarks); the framing reference is our crop of its frontal render. Reported apart.
+
+Usage: ``python benchmarks/crop_heldout.py [CROP_SAMPLES_IMG_DIR] [--scan OBJ [--scan-only]] [--json OUT] [--md OUT [--before JSON]] [--quick]``
 (``--load JSON`` reports a saved run). The latest table: ``benchmarks/RESULTS.md`` (issue 29).
 """
 from __future__ import annotations
@@ -33,7 +39,8 @@ from PIL import Image
 from dp360rt.crop import crop_portrait, detect_faces, yaw_pitch
 from dp360rt.io.results import write_text_atomic
 from dp360rt.crop.face3d import rotation_angle_deg
-from dp360rt.crop.recipe import camera_from_rotation, canvas_geometry
+from dp360rt.crop.recipe import HEAD_CENTRE, camera_from_rotation, canvas_geometry
+from dp360rt.crop.scan import load_scan, render_scan
 from dp360rt.crop.recipe import ffhq_quad, refine_quad, to_quad_frame
 from dp360rt.crop.synth import SynthHead, render_turned, turn, turned_landmarks
 
@@ -128,7 +135,38 @@ def one(photo, R_true, ref_quad, label_src, R_rel=None, ref_roll=None):
             "warnings": sorted({type(x.message).__name__ for x in w if issubclass(x.category, UserWarning)})}
 
 
+def _variants(name, img, pose, R_true, ref, label_src, R_rel, roll0, exact_err, mirror, rescale) -> list[dict]:
+    """The rows of one render: itself, its mirror image (turned renders) and a x0.6 copy (two poses)."""
+    yaw, pitch = pose
+    row = {"image": name, "turn": [yaw, pitch], "variant": "render",
+           **one(img, R_true, ref, label_src, R_rel, roll0), "exact_lm_err_deg": exact_err}
+    rows = [row]
+    if mirror and yaw != 0 and "error" not in row:
+        W = img.shape[1]
+        mref = ref.copy()
+        mref[:, 0] = W - 1 - mref[:, 0]
+        mref = mref[[3, 2, 1, 0]]
+        m = {"image": name, "turn": [yaw, pitch], "variant": "mirror",
+             **one(img[:, ::-1].copy(), mirror_rotation(R_true), mref, label_src, mirror_rotation(R_rel), -roll0)}
+        if "R" in m:
+            m["mirror_consistency_deg"] = rotation_angle_deg(np.array(m["R"]), mirror_rotation(np.array(row["R"])))
+        rows.append(m)
+    if rescale and (yaw, pitch) in ((30, 0), (0, 20)):
+        s = 0.6
+        small = np.asarray(Image.fromarray(img).resize((round(img.shape[1] * s), round(img.shape[0] * s)), Image.LANCZOS))
+        rows.append({"image": name, "turn": [yaw, pitch], "variant": "x0.6",
+                     **one(small, R_true, (ref + 0.5) * s - 0.5, label_src, R_rel, roll0)})
+    return rows
+
+
+def _roll(landmarks: np.ndarray) -> float:
+    """Step (a)'s quad angle (deg) on exact landmarks [68, 2]."""
+    x_axis = ffhq_quad(landmarks)[1]
+    return math.degrees(math.atan2(x_axis[1], x_axis[0]))
+
+
 def measure(folder: Path | None, poses=POSES, mirror=True, rescale=True) -> list[dict]:
+    """Rows of the 2.5D renders of each source (see the module docstring)."""
     rows = []
     for name, photo, R0, ref in sources(folder):
         lm = detect_faces(photo)[0].landmarks
@@ -141,27 +179,28 @@ def measure(folder: Path | None, poses=POSES, mirror=True, rescale=True) -> list
             img = render_turned(photo, lm, Rd, HEADS[name], R_source=R0)
             R_true = Rd @ R0
             exact = turned_landmarks(lm, Rd, HEADS[name], R0)
-            x_axis = ffhq_quad(exact)[1]
-            roll0 = math.degrees(math.atan2(x_axis[1], x_axis[0]))
-            row = {"image": name, "turn": [yaw, pitch], "variant": "render",
-                   **one(img, R_true, ref, label_src, Rd @ R_src, roll0), "exact_lm_err_deg": exact_fit_err(exact, R_true)}
-            rows.append(row)
-            if mirror and yaw != 0 and "error" not in row:
-                W = img.shape[1]
-                mref = ref.copy()
-                mref[:, 0] = W - 1 - mref[:, 0]
-                mref = mref[[3, 2, 1, 0]]
-                m = {"image": name, "turn": [yaw, pitch], "variant": "mirror",
-                     **one(img[:, ::-1].copy(), mirror_rotation(R_true), mref, label_src, mirror_rotation(Rd @ R_src), -roll0)}
-                if "R" in m:
-                    m["mirror_consistency_deg"] = rotation_angle_deg(np.array(m["R"]), mirror_rotation(np.array(row["R"])))
-                rows.append(m)
-            if rescale and (yaw, pitch) in ((30, 0), (0, 20)):
-                s = 0.6
-                small = np.asarray(Image.fromarray(img).resize((round(img.shape[1] * s), round(img.shape[0] * s)), Image.LANCZOS))
-                scale_ref = (ref + 0.5) * s - 0.5
-                rows.append({"image": name, "turn": [yaw, pitch], "variant": "x0.6",
-                             **one(small, R_true, scale_ref, label_src, Rd @ R_src, roll0)})
+            rows += _variants(name, img, (yaw, pitch), R_true, ref, label_src, Rd @ R_src, _roll(exact),
+                              exact_fit_err(exact, R_true), mirror, rescale)
+    return rows
+
+
+def measure_scan(obj_path: Path, poses=POSES, mirror=True, rescale=True) -> list[dict]:
+    """Rows of a textured head scan (:mod:`dp360rt.crop.scan`; its 68 landmarks in ``<stem>.ljson``
+    beside the OBJ) rendered with perspective at 1 m at each pose. Label: the pose itself (the scan
+    is placed in the generic face's frame); framing reference: our crop of the frontal render."""
+    scan = load_scan(obj_path, obj_path.with_suffix(".ljson"))
+    name = f"{obj_path.stem} (scan)"
+    print(f"{name}: placed in the head frame with a landmark residual of {scan.fit_rms_mm:.1f} mm rms", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        front = crop_portrait(render_scan(scan, np.eye(3), HEAD_CENTRE)[0])
+    R_src = photo_rotation(front)
+    rows = []
+    for yaw, pitch in poses:
+        Rd = turn(yaw, pitch)
+        img, exact = render_scan(scan, Rd, HEAD_CENTRE)
+        rows += _variants(name, img, (yaw, pitch), Rd, front.quad, "scan in the head frame", Rd @ R_src, _roll(exact),
+                          exact_fit_err(exact, Rd), mirror, rescale)
     return rows
 
 
@@ -230,7 +269,30 @@ GOALS = [("framing shift, % of the side", "shift_pct", "<= 3"), ("scale error, %
 
 
 def markdown(s: dict, rows: list[dict], before: dict | None = None) -> str:
-    """The summary (per goal: median / max, yaw <= 40; beside ``before``'s when given) and every row."""
+    """The summary of the 2.5D renders and of the scan renders (per goal: median / max, yaw <= 40;
+    beside ``before``'s when given) and every row."""
+    out = []
+    for title, summ, prev in (("2.5D renders", {k: v for k, v in s.items() if k != "scan"}, before),
+                              ("scan renders", s.get("scan"), (before or {}).get("scan"))):
+        if summ:
+            out += [f"**{title}**", "", goal_table(summ, prev or None), ""]
+    out += ["| image | turn yaw/pitch | variant | shift % | scale % | roll deg | cam err deg | rel err deg | exact-landmark cam err deg "
+            "| yaw ours/label | pitch ours/label | warnings |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = f"{r['turn'][0]:+d}/{r['turn'][1]:+d}"
+        ex = "" if r.get("exact_lm_err_deg") is None else f"{r['exact_lm_err_deg']:.2f}"
+        if "error" in r:
+            out.append(f"| {r['image']} | {t} | {r['variant']} | {r['error']} | | | | | {ex} | | | |")
+            continue
+        out.append(f"| {r['image']} | {t} | {r['variant']} | {r['shift_pct']:.2f} | {r['scale_pct']:+.2f} | {r['roll_deg']:+.2f} | "
+                   f"{r['camera_err_deg']:.2f} | {r['rel_err_deg']:.2f} | {ex} | {r['yaw'][0]:.1f}/{r['yaw'][1]:.1f} | "
+                   f"{r['pitch'][0]:.1f}/{r['pitch'][1]:.1f} | {', '.join(r['warnings'])} |")
+    return "\n".join(out) + "\n"
+
+
+def goal_table(s: dict, before: dict | None = None) -> str:
+    """One set's summary as markdown: the goals (median / max, yaw <= 40), yaw 60, the mirror rule's
+    sweep and the named errors."""
     def mm(summ, key):
         b = summ.get("yaw<=40", {})
         med = b.get(f"median_{key}")
@@ -265,32 +327,29 @@ def markdown(s: dict, rows: list[dict], before: dict | None = None) -> str:
                 "|---|---|---|---|---|"]
         for name, v in sweep["leave_one_subject_out"].items():
             out.append(f"| {name} | {v['picked']} | {v['held_out_mean']:.2f} | {v['shipped_mean']:.2f} | {v['never_mean']:.2f} |")
-    out += ["", "Failed (named errors): " + ("; ".join(s["failed"]) or "none") + ".", "",
-            "| image | turn yaw/pitch | variant | shift % | scale % | roll deg | cam err deg | rel err deg | exact-landmark cam err deg "
-            "| yaw ours/label | pitch ours/label | warnings |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        t = f"{r['turn'][0]:+d}/{r['turn'][1]:+d}"
-        ex = "" if r.get("exact_lm_err_deg") is None else f"{r['exact_lm_err_deg']:.2f}"
-        if "error" in r:
-            out.append(f"| {r['image']} | {t} | {r['variant']} | {r['error']} | | | | | {ex} | | | |")
-            continue
-        out.append(f"| {r['image']} | {t} | {r['variant']} | {r['shift_pct']:.2f} | {r['scale_pct']:+.2f} | {r['roll_deg']:+.2f} | "
-                   f"{r['camera_err_deg']:.2f} | {r['rel_err_deg']:.2f} | {ex} | {r['yaw'][0]:.1f}/{r['yaw'][1]:.1f} | "
-                   f"{r['pitch'][0]:.1f}/{r['pitch'][1]:.1f} | {', '.join(r['warnings'])} |")
-    return "\n".join(out) + "\n"
+    out += ["", "Failed (named errors): " + ("; ".join(s["failed"]) or "none") + "."]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path, nargs="?")
     p.add_argument("--json", type=Path)
+    p.add_argument("--scan", type=Path, help="a textured head scan's OBJ (its texture and <stem>.ljson of 68 3D landmarks "
+                   "beside it): its renders are a second held-out set (menpo3d's data/james.obj)")
+    p.add_argument("--scan-only", action="store_true", help="with --scan: leave the 2.5D renders out")
     p.add_argument("--quick", action="store_true", help="yaw 0/30/60 only, no mirror or rescale")
     p.add_argument("--md", type=Path, help="write the summary and the table as markdown")
     p.add_argument("--before", type=Path, help="a --json of an earlier run: its summary beside this one's in --md")
     p.add_argument("--load", type=Path, help="a --json of an earlier run: report it instead of measuring")
     a = p.parse_args(argv)
     poses = [(0, 0), (30, 0), (60, 0)] if a.quick else POSES
-    rows = json.loads(a.load.read_text())["rows"] if a.load else measure(a.folder, poses, mirror=not a.quick, rescale=not a.quick)
+    if a.load:
+        rows = json.loads(a.load.read_text())["rows"]
+    else:
+        rows = [] if a.scan_only else measure(a.folder, poses, mirror=not a.quick, rescale=not a.quick)
+        if a.scan:
+            rows += measure_scan(a.scan, poses, mirror=not a.quick, rescale=not a.quick)
     print(f"{'image':<10} {'turn':>9} {'variant':<7} {'shift %':>7} {'scale %':>7} {'roll':>6} {'cam err':>7} {'rel err':>7} {'yaw ours/label':>15} "
           f"{'pitch ours/label':>16} {'sigma':>5} {'exact':>6} warnings")
     for r in rows:
@@ -302,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['image']:<10} {t:>9} {r['variant']:<7} {r['shift_pct']:>7.2f} {r['scale_pct']:>7.2f} {r['roll_deg']:>6.2f} "
               f"{r['camera_err_deg']:>7.2f} {r['rel_err_deg']:>7.2f} {r['yaw'][0]:>7.1f}/{r['yaw'][1]:<7.1f} {r['pitch'][0]:>7.1f}/{r['pitch'][1]:<7.1f} "
               f"{r['sigma_deg']:>5.1f} {r.get('exact_lm_err_deg') or float('nan'):>6.2f} {','.join(r['warnings'])}")
-    s = summary(rows)
+    synth = [r for r in rows if not r["image"].endswith("(scan)")]
+    s = summary(synth) if synth else {}
+    if len(synth) < len(rows):
+        s["scan"] = summary([r for r in rows if r["image"].endswith("(scan)")])
     print(json.dumps(s, indent=1))
     if a.json:
         write_text_atomic(a.json, json.dumps({"rows": rows, "summary": s}, indent=1))
