@@ -138,6 +138,7 @@ def render_scan(scan: HeadScan, R: np.ndarray, pivot: np.ndarray, size: int = 76
     pivot, which projects to the image centre -> (image [size, size, 3] uint8, the 68 landmarks'
     pixel positions [68, 2]). ``focal_px`` defaults to 1.9 x size (a portrait lens: the head spans
     about a third of the frame at 1 m); texture bilinear, ``supersample`` per axis."""
+    from scipy.ndimage import map_coordinates
     W = size * supersample
     f = (1.9 * size if focal_px is None else focal_px) * supersample
     uvp, z = _project(scan.vertices, np.asarray(R, float), np.asarray(pivot, float), distance_mm, f, W)
@@ -167,19 +168,10 @@ def render_scan(scan: HeadScan, R: np.ndarray, pivot: np.ndarray, size: int = 76
     ft = scan.face_uv[tri[hit]]
     a, b = bary[hit][:, :1], bary[hit][:, 1:]
     uv = a * scan.uv[ft[:, 0]] + b * scan.uv[ft[:, 1]] + (1 - a - b) * scan.uv[ft[:, 2]]
-    img[hit] = _bilinear(scan.texture, uv)
+    th, tw = scan.texture.shape[:2]
+    rows, cols = (1 - uv[:, 1]) * (th - 1), uv[:, 0] * (tw - 1)             # OBJ texture v runs up
+    img[hit] = np.stack([map_coordinates(scan.texture[..., c], [rows, cols], order=1, mode="nearest") for c in range(3)], 1)
     img = img.reshape(size, supersample, size, supersample, 3).mean((1, 3))
     landmarks = _project(scan.landmarks, np.asarray(R, float), np.asarray(pivot, float), distance_mm, f, W)[0] / supersample
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), landmarks
 
-
-def _bilinear(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Texture [H, W, 3] at OBJ texture coordinates [N, 2] (v up) -> colours [N, 3]."""
-    h, w = texture.shape[:2]
-    x = np.clip(uv[:, 0] * (w - 1), 0, w - 1)
-    y = np.clip((1 - uv[:, 1]) * (h - 1), 0, h - 1)
-    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
-    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    return (texture[y0, x0] * (1 - fx) * (1 - fy) + texture[y0, x1] * fx * (1 - fy)
-            + texture[y1, x0] * (1 - fx) * fy + texture[y1, x1] * fx * fy)
