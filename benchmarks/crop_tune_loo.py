@@ -7,7 +7,10 @@ the *other* subjects is applied to it, and its figures are printed beside those 
 The renders are cropped once: step (b)'s inputs (dlib's landmarks of the upright crop, step (a)'s
 quad) are recorded, and each pair of constants only re-runs step (b).
 
-Usage: ``python benchmarks/crop_tune_loo.py CROP_SAMPLES_IMG_DIR [--json OUT]``."""
+With ``--scan OBJ`` the head scan of ``crop_heldout.py --scan`` is a fourth subject (its
+reference quad: our crop of its frontal render with the shipped constants).
+
+Usage: ``python benchmarks/crop_tune_loo.py CROP_SAMPLES_IMG_DIR [--scan OBJ] [--json OUT]``."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +26,8 @@ import numpy as np
 import dp360rt.crop.face3d as face3d
 import dp360rt.crop.portrait as portrait
 from dp360rt.crop import crop_portrait, detect_faces
-from dp360rt.crop.recipe import quad_corners, refine_quad
+from dp360rt.crop.recipe import HEAD_CENTRE, quad_corners, refine_quad
+from dp360rt.crop.scan import load_scan, render_scan
 from dp360rt.crop.synth import render_turned, turn
 sys.path.insert(0, str(Path(__file__).parent))
 import crop_heldout as ho  # noqa: E402
@@ -33,7 +37,25 @@ GAINS = [0.8, 0.9, 1.0]
 POSES = [(0, 0), (15, 0), (30, 0), (40, 0), (-30, 0), (0, 20), (0, -20), (25, 15), (-25, -15), (40, -20)]
 
 
-def step_b_inputs(folder: Path | None) -> list[dict]:
+def renders(folder: Path | None, scan: Path | None):
+    """(subject, turn, render, its photo-frame label, reference quad) at POSES: the 2.5D renders of
+    ``crop_heldout.sources`` and, with ``scan``, the head scan's (``crop_heldout.measure_scan``'s)."""
+    for name, photo, R0, ref in ho.sources(folder):
+        lm = detect_faces(photo)[0].landmarks
+        for yaw, pitch in POSES:
+            Rd = turn(yaw, pitch)
+            yield name, (yaw, pitch), render_turned(photo, lm, Rd, ho.HEADS[name], R_source=R0), Rd @ R0, ref
+    if scan is not None:
+        head = load_scan(scan, scan.with_suffix(".ljson"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            front = crop_portrait(render_scan(head, np.eye(3), HEAD_CENTRE)[0])
+        for yaw, pitch in POSES:
+            Rd = turn(yaw, pitch)
+            yield f"{scan.stem} (scan)", (yaw, pitch), render_scan(head, Rd, HEAD_CENTRE)[0], Rd, front.quad
+
+
+def step_b_inputs(folder: Path | None, scan: Path | None = None) -> list[dict]:
     """Per render (and mirror): the subject, turn, photo-frame label and reference quad, and the
     landmarks and quad that crop_portrait hands to step (b) (absent: the crop failed)."""
     seen = []
@@ -46,27 +68,23 @@ def step_b_inputs(folder: Path | None) -> list[dict]:
     out = []
     portrait.refine_quad = spy
     try:
-        for name, photo, R0, ref in ho.sources(folder):
-            lm = detect_faces(photo)[0].landmarks
-            for yaw, pitch in POSES:
-                Rd = turn(yaw, pitch)
-                img = render_turned(photo, lm, Rd, ho.HEADS[name], R_source=R0)
-                cases = [(img, Rd @ R0, ref)]
-                if yaw:
-                    mref = ref.copy()
-                    mref[:, 0] = img.shape[1] - 1 - mref[:, 0]
-                    cases.append((img[:, ::-1].copy(), ho.mirror_rotation(Rd @ R0), mref[[3, 2, 1, 0]]))
-                for im, R_true, rq in cases:
-                    seen.clear()
-                    row = {"image": name, "turn": (yaw, pitch), "R_true": R_true, "ref": rq}
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        try:
-                            crop_portrait(im)
-                            row["step_b"] = seen[-1]
-                        except ValueError:
-                            pass
-                    out.append(row)
+        for name, (yaw, pitch), img, R_true, ref in renders(folder, scan):
+            cases = [(img, R_true, ref)]
+            if yaw:
+                mref = ref.copy()
+                mref[:, 0] = img.shape[1] - 1 - mref[:, 0]
+                cases.append((img[:, ::-1].copy(), ho.mirror_rotation(R_true), mref[[3, 2, 1, 0]]))
+            for im, R, rq in cases:
+                seen.clear()
+                row = {"image": name, "turn": (yaw, pitch), "R_true": R, "ref": rq}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        crop_portrait(im)
+                        row["step_b"] = seen[-1]
+                    except ValueError:
+                        pass
+                out.append(row)
     finally:
         portrait.refine_quad = real
     return out
@@ -104,9 +122,10 @@ def figures(res: list[dict | None]) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("folder", type=Path, nargs="?")
+    p.add_argument("--scan", type=Path, help="a head scan's OBJ (crop_heldout.py --scan): a fourth subject, real 3D")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    rows = step_b_inputs(a.folder)
+    rows = step_b_inputs(a.folder, a.scan)
     defaults = (face3d.BROW_WEIGHT, face3d.DEPTH_GAIN)
     table = {}
     try:
