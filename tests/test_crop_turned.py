@@ -165,10 +165,10 @@ def test_mirror_reading_keeps_the_more_turned(monkeypatch, photo_turn, mirror_tu
     from dp360rt.crop import portrait
     monkeypatch.setattr(portrait, "_mirrored_landmarks", lambda *a: _frame_landmarks(*mirror_turn))
     c, x, y = np.array([300.0, 280.0]), np.array([150.0, 0.0]), np.array([0.0, 150.0])
-    used, fit, disagreement, readings, chose_mirror = portrait._fit_both_readings(
+    used, fit, disagreement, readings = portrait._fit_both_readings(
         None, _frame_landmarks(*photo_turn), c, x, y, portrait.MIN_SCORE)
     want = mirror_turn if kept == "mirror" else photo_turn
-    assert chose_mirror == (kept == "mirror") and fit[3] is readings[int(chose_mirror)]
+    assert fit[3] is readings[1 if kept == "mirror" else 0]
     assert rotation_angle_deg(fit[3].rotation, turn(*want)) < 1e-3
     assert np.allclose(used, _frame_landmarks(*want))
     assert abs(disagreement - rotation_angle_deg(turn(*photo_turn), turn(*mirror_turn))) < 1e-3

@@ -102,8 +102,7 @@ def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SC
     to ``CNN_MAX_SIDE``), and the landmarks start from its box moved to where HOG's would be.
     ``detector="all"`` asks the CNN detector every time and adds the faces it finds that no HOG
     box overlaps (``SAME_FACE_IOU``): a head turned beyond HOG's reach beside a frontal one."""
-    if detector not in DETECTORS:
-        raise ValueError(f"detector={detector!r}: use one of {', '.join(DETECTORS)}")
+    check_detector(detector)
     hog, predictor = _models()
     img = np.ascontiguousarray(image, dtype=np.uint8)
     faces = []
@@ -121,6 +120,12 @@ def detect_faces(image: np.ndarray, upsample: int = 1, min_score: float = MIN_SC
             faces.append(Face((r.left(), r.top(), r.right(), r.bottom()), float(sc), lm, kind))
     faces.sort(key=lambda f: (f.area, f.score), reverse=True)
     return faces
+
+
+def check_detector(detector: str) -> None:
+    """Refuse a ``detector`` that is not one of ``DETECTORS`` (ValueError naming them)."""
+    if detector not in DETECTORS:
+        raise ValueError(f"detector={detector!r}: use one of {', '.join(DETECTORS)}")
 
 
 def _iou(a, b) -> float:

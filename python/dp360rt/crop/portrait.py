@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ..io.images import ImageError, open_image, to_rgb
 from .face3d import MIRROR_ORDER, FacePose, rotation_angle_deg
-from .landmarks import DETECTORS, MIN_SCORE, detect_faces
+from .landmarks import MIN_SCORE, check_detector, detect_faces
 from .recipe import (FIT_SIZE, camera_from_rotation, ffhq_quad, from_quad_frame, quad_corners, quad_crop, refine_quad,
                      to_quad_frame, warp_canvas, yaw_pitch)
 
@@ -267,8 +267,7 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE, face: int | None
     outside the photo), :class:`FaceIndexError` (bad ``face``), all :class:`FaceError`;
     :class:`CropDependencyError` without dlib. Warns :class:`PoseBeyondFitWarning` when the head is
     turned or tilted beyond what the fit was checked for. Returns a :class:`CropResult`."""
-    if detector not in DETECTORS:
-        raise ValueError(f"detector={detector!r}: use one of {', '.join(DETECTORS)}")
+    check_detector(detector)                        # before the photo is read
     t0 = time.perf_counter()
     photo, name = _photo(source)
     faces = detect_faces(photo, min_score=min_score, detector=detector)
@@ -290,8 +289,7 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE, face: int | None
         upright = _upright_landmarks(photo, landmarks, c, x, y, min_score)
         notes.append((RecropWarning, f"step (a) redone with the landmarks of the upright crop (they moved {moved:.0f} px of 512)"))
     first = quad_corners(c, x, y)
-    fit_landmarks, (c, x, y, pose, scale), disagreement, readings, chose_mirror = _fit_both_readings(
-        photo, upright, c, x, y, min_score)
+    fit_landmarks, (c, x, y, pose, scale), disagreement, readings = _fit_both_readings(photo, upright, c, x, y, min_score)
     if not 0.7 <= scale <= 1.3:     # the authors drop such photos: the landmarks do not fit a head
         notes.append((OddScaleWarning, f"step (b) rescaled the quad by {scale:.2f} (the authors' recipe keeps 0.7 "
                       "to 1.3 only): check overlay.png"))
@@ -315,7 +313,7 @@ def crop_portrait(source: Any, *, min_score: float = MIN_SCORE, face: int | None
     if eye_rms > MAX_EYE_RMS_PX:
         why.append(f"the eye landmarks are {eye_rms:.0f} px (of 512) off the fitted face (an eye hidden?)")
     if unstable:
-        kept = "its mirror image's" if chose_mirror else "the photo's"
+        kept = "its mirror image's" if pose is readings[1] else "the photo's"
         why.append(f"the landmarks of the photo and of its mirror image give head poses {disagreement:.0f} deg apart; "
                    f"kept {kept}, the more turned")
     if why:
@@ -335,20 +333,20 @@ def _fit_both_readings(photo: np.ndarray, upright: np.ndarray, c: np.ndarray, x:
                        min_score: float):
     """Step (b) on the upright crop's landmarks [68, 2] and on those of its mirror image -> the
     kept reading's landmarks and its ``refine_quad`` result (centre, x, y, pose, scale), the angle
-    (deg) between the two fits, both fits' poses (the mirror's None without a mirror reading) and
-    whether the mirror's was kept: the photo's unless the two differ by more than
+    (deg) between the two fits and both fits' poses (the mirror's None without a mirror reading;
+    the kept pose is one of them): the photo's is kept unless the two differ by more than
     ``MIRROR_DISAGREE_DEG`` and the mirror's is the more turned (its rotation further from facing
     the camera)."""
     fit = refine_quad(upright, c, x, y)
     mirrored = _mirrored_landmarks(photo, c, x, y, min_score)
     if mirrored is None:
-        return upright, fit, 0.0, (fit[3], None), False
+        return upright, fit, 0.0, (fit[3], None)
     fit_m = refine_quad(mirrored, c, x, y)
     disagreement = rotation_angle_deg(fit[3].rotation, fit_m[3].rotation)
     turned = [rotation_angle_deg(f[3].rotation, np.eye(3)) for f in (fit, fit_m)]
     if disagreement > MIRROR_DISAGREE_DEG and turned[1] > turned[0]:
-        return mirrored, fit_m, disagreement, (fit[3], fit_m[3]), True
-    return upright, fit, disagreement, (fit[3], fit_m[3]), False
+        return mirrored, fit_m, disagreement, (fit[3], fit_m[3])
+    return upright, fit, disagreement, (fit[3], fit_m[3])
 
 
 def _eye_rms(pose: FacePose, landmarks: np.ndarray) -> float:

@@ -441,7 +441,6 @@ def _choice_field(value: Any, name: str, choices: Sequence[str], default: str | 
     return v
 
 
-
 def _crop_event(files: dict[str, bytes]) -> dict[str, Any] | None:
     """What a client needs to judge a crop=auto crop, from its camera.json: the camera's yaw,
     pitch and 1-sigma, the detector, the faces found and the crop's warnings (named, e.g.
