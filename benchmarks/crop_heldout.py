@@ -31,6 +31,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -135,39 +136,23 @@ def one(photo, R_true, ref_quad, label_src, R_rel=None, ref_roll=None):
             "warnings": sorted({type(x.message).__name__ for x in w if issubclass(x.category, UserWarning)})}
 
 
-def _variants(name, img, pose, R_true, ref, label_src, R_rel, roll0, exact_err, mirror, rescale) -> list[dict]:
-    """The rows of one render: itself, its mirror image (turned renders) and a x0.6 copy (two poses)."""
-    yaw, pitch = pose
-    row = {"image": name, "turn": [yaw, pitch], "variant": "render",
-           **one(img, R_true, ref, label_src, R_rel, roll0), "exact_lm_err_deg": exact_err}
-    rows = [row]
-    if mirror and yaw != 0 and "error" not in row:
-        W = img.shape[1]
-        mref = ref.copy()
-        mref[:, 0] = W - 1 - mref[:, 0]
-        mref = mref[[3, 2, 1, 0]]
-        m = {"image": name, "turn": [yaw, pitch], "variant": "mirror",
-             **one(img[:, ::-1].copy(), mirror_rotation(R_true), mref, label_src, mirror_rotation(R_rel), -roll0)}
-        if "R" in m:
-            m["mirror_consistency_deg"] = rotation_angle_deg(np.array(m["R"]), mirror_rotation(np.array(row["R"])))
-        rows.append(m)
-    if rescale and (yaw, pitch) in ((30, 0), (0, 20)):
-        s = 0.6
-        small = np.asarray(Image.fromarray(img).resize((round(img.shape[1] * s), round(img.shape[0] * s)), Image.LANCZOS))
-        rows.append({"image": name, "turn": [yaw, pitch], "variant": "x0.6",
-                     **one(small, R_true, (ref + 0.5) * s - 0.5, label_src, R_rel, roll0)})
-    return rows
+class Render(NamedTuple):
+    """One held-out render: its subject, turn (yaw, pitch), image, photo-frame label, reference
+    quad [4, 2], the exact landmarks [68, 2], the label for the relative error (the turn times our
+    fit of the untouched source) and where the label comes from."""
+
+    name: str
+    pose: tuple[int, int]
+    img: np.ndarray
+    R_true: np.ndarray
+    ref: np.ndarray
+    exact: np.ndarray
+    R_rel: np.ndarray
+    label_src: str
 
 
-def _roll(landmarks: np.ndarray) -> float:
-    """Step (a)'s quad angle (deg) on exact landmarks [68, 2]."""
-    x_axis = ffhq_quad(landmarks)[1]
-    return math.degrees(math.atan2(x_axis[1], x_axis[0]))
-
-
-def measure(folder: Path | None, poses=POSES, mirror=True, rescale=True) -> list[dict]:
-    """Rows of the 2.5D renders of each source (see the module docstring)."""
-    rows = []
+def synth_renders(folder: Path | None, poses=POSES):
+    """The 2.5D renders of each source (see the module docstring) -> :class:`Render`s."""
     for name, photo, R0, ref in sources(folder):
         lm = detect_faces(photo)[0].landmarks
         with warnings.catch_warnings():
@@ -176,18 +161,15 @@ def measure(folder: Path | None, poses=POSES, mirror=True, rescale=True) -> list
         label_src = "PanoHead label" if name != "astronaut" else "fit of the photo"
         for yaw, pitch in poses:
             Rd = turn(yaw, pitch)
-            img = render_turned(photo, lm, Rd, HEADS[name], R_source=R0)
-            R_true = Rd @ R0
-            exact = turned_landmarks(lm, Rd, HEADS[name], R0)
-            rows += _variants(name, img, (yaw, pitch), R_true, ref, label_src, Rd @ R_src, _roll(exact),
-                              exact_fit_err(exact, R_true), mirror, rescale)
-    return rows
+            yield Render(name, (yaw, pitch), render_turned(photo, lm, Rd, HEADS[name], R_source=R0), Rd @ R0, ref,
+                         turned_landmarks(lm, Rd, HEADS[name], R0), Rd @ R_src, label_src)
 
 
-def measure_scan(obj_path: Path, poses=POSES, mirror=True, rescale=True) -> list[dict]:
-    """Rows of a textured head scan (:mod:`dp360rt.crop.scan`; its 68 landmarks in ``<stem>.ljson``
-    beside the OBJ) rendered with perspective at 1 m at each pose. Label: the pose itself (the scan
-    is placed in the generic face's frame); framing reference: our crop of the frontal render."""
+def scan_renders(obj_path: Path, poses=POSES):
+    """A textured head scan (:mod:`dp360rt.crop.scan`; its 68 landmarks in ``<stem>.ljson`` beside
+    the OBJ) rendered with perspective at 1 m at each pose -> :class:`Render`s. Label: the pose
+    itself (the scan is placed in the generic face's frame); framing reference: our crop of the
+    frontal render."""
     scan = load_scan(obj_path, obj_path.with_suffix(".ljson"))
     name = f"{obj_path.stem} (scan)"
     print(f"{name}: placed in the head frame with a landmark residual of {scan.fit_rms_mm:.1f} mm rms", file=sys.stderr)
@@ -195,13 +177,41 @@ def measure_scan(obj_path: Path, poses=POSES, mirror=True, rescale=True) -> list
         warnings.simplefilter("ignore")
         front = crop_portrait(render_scan(scan, np.eye(3), HEAD_CENTRE)[0])
     R_src = photo_rotation(front)
-    rows = []
     for yaw, pitch in poses:
         Rd = turn(yaw, pitch)
         img, exact = render_scan(scan, Rd, HEAD_CENTRE)
-        rows += _variants(name, img, (yaw, pitch), Rd, front.quad, "scan in the head frame", Rd @ R_src, _roll(exact),
-                          exact_fit_err(exact, Rd), mirror, rescale)
+        yield Render(name, (yaw, pitch), img, Rd, front.quad, exact, Rd @ R_src, "scan in the head frame")
+
+
+def _variants(r: Render, mirror: bool, rescale: bool) -> list[dict]:
+    """The rows of one render: itself, its mirror image (turned renders) and a x0.6 copy (two poses)."""
+    yaw, pitch = r.pose
+    x_axis = ffhq_quad(r.exact)[1]
+    roll0 = math.degrees(math.atan2(x_axis[1], x_axis[0]))         # step (a)'s quad angle on the exact landmarks
+    row = {"image": r.name, "turn": [yaw, pitch], "variant": "render",
+           **one(r.img, r.R_true, r.ref, r.label_src, r.R_rel, roll0), "exact_lm_err_deg": exact_fit_err(r.exact, r.R_true)}
+    rows = [row]
+    if mirror and yaw != 0 and "error" not in row:
+        W = r.img.shape[1]
+        mref = r.ref.copy()
+        mref[:, 0] = W - 1 - mref[:, 0]
+        mref = mref[[3, 2, 1, 0]]
+        m = {"image": r.name, "turn": [yaw, pitch], "variant": "mirror",
+             **one(r.img[:, ::-1].copy(), mirror_rotation(r.R_true), mref, r.label_src, mirror_rotation(r.R_rel), -roll0)}
+        if "R" in m:
+            m["mirror_consistency_deg"] = rotation_angle_deg(np.array(m["R"]), mirror_rotation(np.array(row["R"])))
+        rows.append(m)
+    if rescale and (yaw, pitch) in ((30, 0), (0, 20)):
+        s = 0.6
+        small = np.asarray(Image.fromarray(r.img).resize((round(r.img.shape[1] * s), round(r.img.shape[0] * s)), Image.LANCZOS))
+        rows.append({"image": r.name, "turn": [yaw, pitch], "variant": "x0.6",
+                     **one(small, r.R_true, (r.ref + 0.5) * s - 0.5, r.label_src, r.R_rel, roll0)})
     return rows
+
+
+def measure(renders, mirror=True, rescale=True) -> list[dict]:
+    """Rows of every :class:`Render` of ``renders`` (:func:`synth_renders`, :func:`scan_renders`)."""
+    return [row for r in renders for row in _variants(r, mirror, rescale)]
 
 
 def summary(rows: list[dict]) -> dict:
@@ -347,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.load:
         rows = json.loads(a.load.read_text())["rows"]
     else:
-        rows = [] if a.scan_only else measure(a.folder, poses, mirror=not a.quick, rescale=not a.quick)
+        rows = [] if a.scan_only else measure(synth_renders(a.folder, poses), mirror=not a.quick, rescale=not a.quick)
         if a.scan:
-            rows += measure_scan(a.scan, poses, mirror=not a.quick, rescale=not a.quick)
+            rows += measure(scan_renders(a.scan, poses), mirror=not a.quick, rescale=not a.quick)
     print(f"{'image':<10} {'turn':>9} {'variant':<7} {'shift %':>7} {'scale %':>7} {'roll':>6} {'cam err':>7} {'rel err':>7} {'yaw ours/label':>15} "
           f"{'pitch ours/label':>16} {'sigma':>5} {'exact':>6} warnings")
     for r in rows:

@@ -25,34 +25,14 @@ import numpy as np
 
 import dp360rt.crop.face3d as face3d
 import dp360rt.crop.portrait as portrait
-from dp360rt.crop import crop_portrait, detect_faces
-from dp360rt.crop.recipe import HEAD_CENTRE, quad_corners, refine_quad
-from dp360rt.crop.scan import load_scan, render_scan
-from dp360rt.crop.synth import render_turned, turn
+from dp360rt.crop import crop_portrait
+from dp360rt.crop.recipe import quad_corners, refine_quad
 sys.path.insert(0, str(Path(__file__).parent))
 import crop_heldout as ho  # noqa: E402
 
 BROW_WEIGHTS = [1.0, 0.5, 0.3, 0.0]
 GAINS = [0.8, 0.9, 1.0]
 POSES = [(0, 0), (15, 0), (30, 0), (40, 0), (-30, 0), (0, 20), (0, -20), (25, 15), (-25, -15), (40, -20)]
-
-
-def renders(folder: Path | None, scan: Path | None):
-    """(subject, turn, render, its photo-frame label, reference quad) at POSES: the 2.5D renders of
-    ``crop_heldout.sources`` and, with ``scan``, the head scan's (``crop_heldout.measure_scan``'s)."""
-    for name, photo, R0, ref in ho.sources(folder):
-        lm = detect_faces(photo)[0].landmarks
-        for yaw, pitch in POSES:
-            Rd = turn(yaw, pitch)
-            yield name, (yaw, pitch), render_turned(photo, lm, Rd, ho.HEADS[name], R_source=R0), Rd @ R0, ref
-    if scan is not None:
-        head = load_scan(scan, scan.with_suffix(".ljson"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            front = crop_portrait(render_scan(head, np.eye(3), HEAD_CENTRE)[0])
-        for yaw, pitch in POSES:
-            Rd = turn(yaw, pitch)
-            yield f"{scan.stem} (scan)", (yaw, pitch), render_scan(head, Rd, HEAD_CENTRE)[0], Rd, front.quad
 
 
 def step_b_inputs(folder: Path | None, scan: Path | None = None) -> list[dict]:
@@ -68,7 +48,8 @@ def step_b_inputs(folder: Path | None, scan: Path | None = None) -> list[dict]:
     out = []
     portrait.refine_quad = spy
     try:
-        for name, (yaw, pitch), img, R_true, ref in renders(folder, scan):
+        for r in itertools.chain(ho.synth_renders(folder, POSES), ho.scan_renders(scan, POSES) if scan else ()):
+            name, (yaw, pitch), img, R_true, ref = r.name, r.pose, r.img, r.R_true, r.ref
             cases = [(img, R_true, ref)]
             if yaw:
                 mref = ref.copy()
